@@ -1,0 +1,392 @@
+"""Typed configuration: one frozen dataclass per concern, loaded from TOML and validated.
+
+Every check runs in ``__post_init__`` so a bad config fails when it is loaded, with a
+message naming the field (``patches.fovs``, ``model.mix.index``...), never an hour into a
+run. Configs are passed as arguments and never mutated; :func:`replace` derives variants
+(a baseline, a sweep trial) from a base config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type, or inconsistent with another."""
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+PADDING_MODES = ("constant", "reflect")
+RESAMPLE_MODES = ("area", "reference")
+INFERENCE_MODES = ("tiled", "dense")
+
+
+@dataclass(frozen=True)
+class PatchSetConfig:
+    """Geometry of the patch bank (REFERENCE.md, "Geometry")."""
+
+    fovs: tuple[int, ...] = (64, 128, 256)
+    """Field-of-view side lengths in full-resolution pixels, strictly increasing (P1 < ... < PD)."""
+    patch_size: int = 64
+    """Side length every patch is resized to (the segmenter's input)."""
+    xr_scale: int = 16
+    """Downsampling factor s of the low-resolution copy x_r; one candidate location per x_r pixel."""
+    padding: str = "constant"
+    """Out-of-image fill: "constant" (the mean colour, i.e. zero after normalisation) or "reflect"."""
+    resample: str = "area"
+    """"area": area-correct downsampling from a per-scale pyramid (default, fast);
+    "reference": the authors' crop then bilinear resize without antialiasing (parity only)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fovs", tuple(int(f) for f in self.fovs))
+        w = "patches"
+        _check(len(self.fovs) >= 1, f"{w}.fovs", "needs at least one field of view")
+        _check(self.patch_size >= 8, f"{w}.patch_size", f"must be >= 8, got {self.patch_size}")
+        _check(
+            all(a < b for a, b in zip(self.fovs, self.fovs[1:], strict=False)),
+            f"{w}.fovs",
+            f"must be strictly increasing, got {list(self.fovs)}",
+        )
+        _check(
+            self.fovs[0] >= self.patch_size,
+            f"{w}.fovs",
+            f"every FoV must be >= patch_size {self.patch_size} (patches are only ever "
+            f"downsampled), got {list(self.fovs)}",
+        )
+        _check(
+            all(f % 2 == 0 for f in self.fovs),
+            f"{w}.fovs",
+            f"must be even so patches centre on a pixel corner, got {list(self.fovs)}",
+        )
+        _check(
+            self.xr_scale >= 2 and self.xr_scale % 2 == 0,
+            f"{w}.xr_scale",
+            f"must be an even integer >= 2, got {self.xr_scale}",
+        )
+        _check(
+            self.xr_scale <= self.fovs[0],
+            f"{w}.xr_scale",
+            f"must be <= the smallest FoV {self.fovs[0]} or predictions leave gaps",
+        )
+        _check(self.padding in PADDING_MODES, f"{w}.padding", f"must be one of {PADDING_MODES}")
+        _check(self.resample in RESAMPLE_MODES, f"{w}.resample", f"must be one of {RESAMPLE_MODES}")
+
+    @property
+    def depth(self) -> int:
+        """D, the number of patches per location."""
+        return len(self.fovs)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """How the foveation weights combine the D patches (REFERENCE.md, "Mix modes")."""
+
+    mode: str = "soft"
+    """A name from ``foveation.models.mixing.MIXERS``: soft, hard, gumbel, onehot, average, random."""
+    index: int | None = None
+    """For mode "onehot": which patch (0 = smallest FoV)."""
+    straight_through: str = "plain"
+    """For "hard": "plain" (onehot + w - sg(w)) or "inverse" (the authors' onehot + log w - sg(log w))."""
+    gumbel_hard: bool = False
+    """For "gumbel": straight-through one-hot samples instead of relaxed ones."""
+    tau_min: float = 0.1
+    """For "gumbel": the annealed temperature max(tau_min, exp(-step / total_steps))."""
+
+    def __post_init__(self) -> None:
+        from foveation.models.mixing import MIXERS  # lazy: config must not import torch eagerly
+
+        _check(self.mode in MIXERS, "model.mix.mode", f"unknown mix mode {self.mode!r}; known: {sorted(MIXERS)}")
+        if self.mode == "onehot":
+            _check(self.index is not None and self.index >= 0, "model.mix.index", "onehot mode needs index >= 0")
+        _check(
+            self.straight_through in ("plain", "inverse"),
+            "model.mix.straight_through",
+            f"must be 'plain' or 'inverse', got {self.straight_through!r}",
+        )
+        _check(self.tau_min > 0, "model.mix.tau_min", "must be > 0")
+
+    @property
+    def label(self) -> str:
+        """A short run name: "soft", "onehot-2", "average"..."""
+        return f"onehot-{self.index}" if self.mode == "onehot" else self.mode
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The foveated segmenter: foveation net F, mixer, and segmenter on a timm backbone."""
+
+    backbone: str = "hrnet_w18_small"
+    """A name from ``foveation.models.segmenter.BACKBONES`` (or "timm:<name>" for any timm features model)."""
+    num_classes: int = 4
+    head_channels: int | None = None
+    """Width of the head's 3x3 conv; default: the concatenated width / 4 (720 -> 180 for W48)."""
+    fovnet_width: int | None = None
+    """Channels of F's two hidden convs; default 8 * D (40 for D = 5, as the paper)."""
+    pretrained: str | None = None
+    """A local ImageNet checkpoint for the backbone (timm's or the HRNet authors' format)."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mix: MixConfig = field(default_factory=MixConfig)
+
+    def __post_init__(self) -> None:
+        from foveation.models.segmenter import known_backbone
+
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        _check(known_backbone(self.backbone), "model.backbone", f"unknown backbone {self.backbone!r}")
+        _check(self.num_classes >= 2, "model.num_classes", "must be >= 2")
+        _check(len(self.mean) == 3 and len(self.std) == 3, "model.mean/std", "need 3 values (RGB)")
+        _check(all(s > 0 for s in self.std), "model.std", "must be > 0")
+        if self.pretrained is not None:
+            _check(
+                Path(self.pretrained).is_file(),
+                "model.pretrained",
+                f"weight file {self.pretrained!r} does not exist (no weights can be downloaded here; "
+                "give a local timm or HRNet ImageNet checkpoint, or leave it unset for random init)",
+            )
+
+    @property
+    def pad_value(self) -> tuple[int, int, int]:
+        """The mean colour in uint8: padding with it is zero padding after normalisation."""
+        return tuple(round(m * 255) for m in self.mean)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The generated data set (``foveation.data.synthetic``)."""
+
+    n_train: int = 24
+    n_val: int = 4
+    n_test: int = 4
+    size: int = 256
+    """Side length of each generated image in pixels."""
+    region_size: int = 96
+    """Typical side of a class region in pixels."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_val", "n_test"):
+            _check(getattr(self, name) >= 1, f"data.synthetic.{name}", "must be >= 1")
+        _check(self.size >= 32, "data.synthetic.size", "must be >= 32")
+        _check(self.region_size >= 8, "data.synthetic.region_size", "must be >= 8")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "runs/data/synthetic"
+    """Where the image set lives (a path or URI); generated there when missing."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The paper's optimisation (REFERENCE.md, "Training") plus guards against collapse."""
+
+    epochs: int = 8
+    batch_size: int = 2
+    """Images per step; all their sampled locations go through one forward and one backward."""
+    locations_per_image: int = 16
+    lr_encoder: float = 2e-5
+    lr_decoder: float = 2e-5
+    lr_fovnet: float = 2e-5
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 1e-4
+    """Applied to conv / linear weights only, never to BN or biases."""
+    poly_power: float = 0.9
+    grad_clip: float | None = None
+    uniform_warmup_fraction: float = 0.0
+    """Fraction of steps that use the Average mix before F chooses (REFERENCE.md, collapse)."""
+    entropy_weight: float = 0.0
+    """Weight of an entropy bonus on F's weights (positive keeps them spread)."""
+    class_weights: tuple[float, ...] | None = None
+    seed: int = 0
+    device: str = "cpu"
+    """"cpu", "cuda", "cuda:N" or "auto"."""
+
+    def __post_init__(self) -> None:
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", tuple(float(v) for v in self.class_weights))
+        w = "training"
+        for name in ("epochs", "batch_size", "locations_per_image"):
+            _check(getattr(self, name) >= 1, f"{w}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_encoder", "lr_decoder", "lr_fovnet"):
+            _check(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{w}.beta1/beta2", "must be in [0, 1)")
+        _check(0 <= self.uniform_warmup_fraction < 1, f"{w}.uniform_warmup_fraction", "must be in [0, 1)")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"{w}.grad_clip", "must be > 0")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"{w}.device",
+            f"must be 'cpu', 'cuda[:N]' or 'auto', got {self.device!r}",
+        )
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    mode: str = "tiled"
+    """"tiled": stride near the smallest FoV, overlap-add (default); "dense": the paper's stride s."""
+    overlap: float = 0.0
+    """Tiled mode: fraction of the smallest FoV that neighbouring tiles share (0 = none)."""
+    batch_size: int = 16
+    """Locations per segmenter forward."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in INFERENCE_MODES, "inference.mode", f"must be one of {INFERENCE_MODES}")
+        _check(0 <= self.overlap < 1, "inference.overlap", "must be in [0, 1)")
+        _check(self.batch_size >= 1, "inference.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    class_names: tuple[str, ...] = ("benign", "grade3", "grade4", "grade5")
+    kept_classes: tuple[int, ...] = (0, 1, 2)
+    """Classes in the second mean ("kept"); the first mean is over all classes, as the paper's
+    "Overall" (Grade 5 is ~2% of Gleason2019 pixels and left out of the paper's means)."""
+    ignore_index: int = 255
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "kept_classes", tuple(int(c) for c in self.kept_classes))
+        _check(len(self.kept_classes) >= 1, "evaluation.kept_classes", "must name at least one class")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole config of a run; ``config.toml`` of a checkpoint is this, serialised."""
+
+    patches: PatchSetConfig = field(default_factory=PatchSetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    name: str = "run"
+
+    def __post_init__(self) -> None:
+        d, k = self.patches.depth, self.model.num_classes
+        mix = self.model.mix
+        if mix.mode == "onehot":
+            _check(mix.index is not None and mix.index < d, "model.mix.index", f"must be < D = {d} (patches.fovs)")
+        if self.training.class_weights is not None:
+            _check(
+                len(self.training.class_weights) == k,
+                "training.class_weights",
+                f"needs {k} values (model.num_classes), got {len(self.training.class_weights)}",
+            )
+        _check(
+            len(self.evaluation.class_names) == k,
+            "evaluation.class_names",
+            f"needs {k} names (model.num_classes), got {len(self.evaluation.class_names)}",
+        )
+        _check(
+            all(0 <= c < k for c in self.evaluation.kept_classes),
+            "evaluation.kept_classes",
+            f"must be class ids in [0, {k})",
+        )
+        from foveation.models.segmenter import OUTPUT_STRIDE
+
+        _check(
+            self.patches.patch_size % OUTPUT_STRIDE == 0,
+            "patches.patch_size",
+            f"must be a multiple of the segmenter's output stride {OUTPUT_STRIDE}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _drop_none(obj: Any) -> Any:
+    # TOML has no null: an unset optional is simply absent.
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, tuple | list):
+        return [_drop_none(v) for v in obj]
+    return obj
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(source: str | Path) -> Config:
+    """Load and validate a TOML config file; every error names the file and the field."""
+    path = Path(source)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """A validated copy with some fields changed (``replace(cfg.model, mix=MixConfig('average'))``)."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,7 @@
+"""Whole-image inference: region sources in, tiles out to sinks (DESIGN.md contract)."""
+
+from foveation.inference.sinks import ArraySink, Sink
+from foveation.inference.sources import ArraySource, RegionSource
+from foveation.inference.wholeslide import forward_pixels, segment
+
+__all__ = ["ArraySink", "ArraySource", "RegionSource", "Sink", "forward_pixels", "segment"]

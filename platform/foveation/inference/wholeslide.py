@@ -1,0 +1,190 @@
+"""Whole-image inference through a region source into a sink (REFERENCE.md, "Inference").
+
+F runs once per image on the whole x_r (made band by band from the source). Then, band by band
+of location rows, a window of the image is read (padded beyond the border exactly as training
+pads), patch banks are cut for the band's locations, the segmenter runs on batches of them, and
+each location's prediction (the area of its smallest patch, upsampled from stride 4) is added
+into a row accumulator with a coverage count; rows no later location can touch are normalised
+and handed to the sink. Memory is bounded by a band (about twice the largest FoV) times the
+image width, whatever the image height.
+
+Modes: ``tiled`` (default) puts locations every ``F1 (1 - overlap)`` pixels, so the segmenter
+sees about one input pixel per output pixel; ``dense`` is the paper's: every x_r location, a
+(F1 / s)^2-fold overlap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from foveation.config import Config
+from foveation.inference.sinks import Sink
+from foveation.inference.sources import RegionSource, read_window
+from foveation.models.foveated import FoveatedSegmenter
+from foveation.models.mixing import MixContext
+from foveation.patches import (
+    PatchExtractor,
+    alignment,
+    canvas_pads,
+    make_xr,
+    pad_xr,
+    resample_margin,
+    round_up,
+    xr_shape,
+)
+
+
+@dataclass(frozen=True)
+class InferenceStats:
+    locations: int
+    forward_pixels: int  # segmenter input pixels
+    output_pixels: int
+
+    @property
+    def forward_per_output(self) -> float:
+        return self.forward_pixels / max(1, self.output_pixels)
+
+
+def xr_from_source(source: RegionSource, cfg: Config, band_px: int = 1024) -> torch.Tensor:
+    """x_r of a source, made band by band (bands are multiples of s, so it equals make_xr of
+    the whole image)."""
+    s = cfg.patches.xr_scale
+    band = s * max(1, band_px // s)
+    parts = []
+    for top in range(0, source.height, band):
+        n = min(band, source.height - top)
+        region = torch.from_numpy(source.read_region(top, 0, n, source.width).copy()).permute(2, 0, 1)
+        parts.append(make_xr(region, s, cfg.model.mean, cfg.model.std))
+    return torch.cat(parts, dim=1)
+
+
+def grid_indices(n_xr: int, length: int, cfg: Config, mode: str) -> list[int]:
+    """x_r indices along one axis at which locations are evaluated."""
+    if mode == "dense":
+        return list(range(n_xr))
+    s, f1 = cfg.patches.xr_scale, cfg.patches.fovs[0]
+    step = max(1, math.floor(f1 * (1 - cfg.inference.overlap) / s))
+    first = min(n_xr - 1, max(0, math.floor(f1 / (2 * s) - 0.5)))  # first tile starts at or before 0
+    idx = list(range(first, n_xr, step))
+    if (idx[-1] + 0.5) * s + f1 / 2 < length:  # last tile must reach the far border
+        idx.append(n_xr - 1)
+    return idx
+
+
+class _RowAccumulator:
+    """Overlap-add of per-location predictions, over the rows still open."""
+
+    def __init__(self, height: int, width: int, k: int, device) -> None:
+        self.height, self.width, self.k, self.device = height, width, k, device
+        self.top = 0
+        self.acc = torch.zeros((k, 0, width), device=device)
+        self.cov = torch.zeros((0, width), device=device)
+
+    def add(self, top: int, left: int, p: torch.Tensor) -> None:
+        f = p.shape[-1]
+        t0, l0 = max(top, 0), max(left, 0)
+        t1, l1 = min(top + f, self.height), min(left + f, self.width)
+        if t1 <= t0 or l1 <= l0:
+            return
+        if t0 < self.top:
+            raise RuntimeError(f"prediction for rows from {t0} arrived after rows up to {self.top} were written")
+        need = t1 - self.top - self.acc.shape[1]
+        if need > 0:
+            self.acc = torch.cat([self.acc, torch.zeros((self.k, need, self.width), device=self.device)], 1)
+            self.cov = torch.cat([self.cov, torch.zeros((need, self.width), device=self.device)], 0)
+        r0, r1 = t0 - self.top, t1 - self.top
+        self.acc[:, r0:r1, l0:l1] += p[:, t0 - top : t1 - top, l0 - left : l1 - left]
+        self.cov[r0:r1, l0:l1] += 1
+
+    def flush(self, until: int, sink: Sink) -> None:
+        n = min(until, self.height) - self.top
+        if n <= 0:
+            return
+        cov = self.cov[:n]
+        if n > cov.shape[0] or bool((cov == 0).any()):
+            raise RuntimeError(f"rows {self.top}..{self.top + n} are not covered by any prediction")
+        sink.write_rows(self.top, self.acc[:, :n] / cov)
+        self.acc, self.cov = self.acc[:, n:].clone(), self.cov[n:].clone()
+        self.top += n
+
+
+@torch.inference_mode()
+def segment(
+    model: FoveatedSegmenter,
+    source: RegionSource,
+    cfg: Config,
+    sink: Sink,
+    mode: str | None = None,
+    device: torch.device | str = "cpu",
+) -> InferenceStats:
+    """Segment a whole image from ``source`` into ``sink``; returns what the segmenter computed."""
+    mode = mode or cfg.inference.mode
+    pc = cfg.patches
+    s, f1, fmax, P = pc.xr_scale, pc.fovs[0], max(pc.fovs), pc.patch_size
+    H, W = source.height, source.width
+    if H < 1 or W < 1:
+        raise ValueError(f"source: empty image ({H} x {W})")
+    model.eval()
+    device = torch.device(device)
+    k = cfg.model.num_classes
+
+    w_map = model.weights(pad_xr(xr_from_source(source, cfg))[None].to(device))[0]  # [D, h, w]
+    sink.begin(H, W, k)
+    sink.write_weights(w_map, model.apsm(w_map[None])[0])
+
+    h, w = xr_shape(H, W, s)
+    rows, cols = grid_indices(h, H, cfg, mode), grid_indices(w, W, cfg, mode)
+    r = model.output_stride
+    lead, _, _, right = canvas_pads(H, W, pc, r)
+    align, margin = alignment(pc, r), resample_margin(pc)
+    win_left, win_width = -lead, lead + W + right
+
+    # Bands of location rows whose centres span at most the largest FoV.
+    bands, band = [], [rows[0]]
+    for i in rows[1:]:
+        if (i - band[0]) * s > fmax:
+            bands.append(band)
+            band = []
+        band.append(i)
+    bands.append(band)
+
+    acc = _RowAccumulator(H, W, k, device)
+    cols_t = torch.tensor(cols)
+    n_locs = 0
+    ctx = MixContext(cfg.model.mix, training=False)
+    for b, band in enumerate(bands):
+        need_top = math.floor((band[0] + 0.5) * s - fmax / 2) - margin
+        need_bot = math.ceil((band[-1] + 0.5) * s + fmax / 2) + margin
+        top = -lead + (need_top + lead) // align * align  # same residue as the training canvas
+        height = round_up(need_bot - top, align)
+        window = read_window(source, top, win_left, height, win_width, pc.padding, cfg.model.pad_value)
+        ex = PatchExtractor(window, pc, origin=(top, win_left), output_stride=r)
+        locs = torch.stack(
+            [torch.tensor(band).repeat_interleave(len(cols)), cols_t.repeat(len(band))], dim=1
+        )
+        for start in range(0, len(locs), cfg.inference.batch_size):
+            lb = locs[start : start + cfg.inference.batch_size]
+            bank = ex.bank(lb).to(device)
+            wb = w_map[:, lb[:, 0].to(device), lb[:, 1].to(device)].T
+            logits, _ = model(bank, wb, ctx)
+            probs = torch.softmax(logits.float(), dim=1)
+            probs = F.interpolate(probs, size=(f1, f1), mode="bilinear", align_corners=False)
+            for (i, j), p in zip(lb.tolist(), probs, strict=True):
+                acc.add(round((i + 0.5) * s - f1 / 2), round((j + 0.5) * s - f1 / 2), p)
+        n_locs += len(locs)
+        next_top = round((bands[b + 1][0] + 0.5) * s - f1 / 2) if b + 1 < len(bands) else H
+        acc.flush(next_top, sink)
+    sink.close()
+    return InferenceStats(n_locs, n_locs * P * P, H * W)
+
+
+def forward_pixels(height: int, width: int, cfg: Config, mode: str) -> int:
+    """Segmenter input pixels that ``segment`` spends on an image, without running it."""
+    s = cfg.patches.xr_scale
+    h, w = xr_shape(height, width, s)
+    n = len(grid_indices(h, height, cfg, mode)) * len(grid_indices(w, width, cfg, mode))
+    return n * cfg.patches.patch_size**2
