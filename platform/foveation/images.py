@@ -58,7 +58,10 @@ def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> uint8 tensor [3, H, W] (a view where possible)."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    a = np.ascontiguousarray(image)
+    if not a.flags.writeable:  # torch warns on read-only buffers (decoded images are)
+        a = a.copy()
+    return torch.from_numpy(a).permute(2, 0, 1)
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:

@@ -1,0 +1,86 @@
+"""Checkpoints in the directory format DESIGN.md pins:
+
+    <dir>/model.safetensors   fp32 weights of the whole foveated segmenter
+    <dir>/config.toml         the full config that built it
+    <dir>/meta.json           step, epoch, metrics, versions
+    <dir>/deepspeed/          optimiser state (written by distributed training only)
+
+Evaluation and serving load only the safetensors file and the config: no file is unpickled.
+A checkpoint appears whole or not at all (``storage.local_staging_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as _stdlib_platform
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from foveation import __version__, storage
+from foveation.config import Config, ConfigError, config_from_dict
+from foveation.models.foveated import FoveatedSegmenter
+
+WEIGHTS, CONFIG, META = "model.safetensors", "config.toml", "meta.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(uri: str, model: FoveatedSegmenter, cfg: Config, meta: dict | None = None) -> str:
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items() if v.is_floating_point()}
+    state |= {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not v.is_floating_point()}
+    meta = dict(meta or {})
+    meta.setdefault("versions", {"foveation": __version__, "torch": torch.__version__, "python": _stdlib_platform.python_version()})
+    with storage.local_staging_dir(uri) as tmp:
+        save_file(state, os.path.join(tmp, WEIGHTS))
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            f.write(cfg.to_toml())
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(meta, f, indent=1)
+    return uri
+
+
+def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[FoveatedSegmenter, Config, dict]:
+    """(model in eval mode, its config, its metadata) from a checkpoint directory (local or S3)."""
+    import tomllib
+
+    try:
+        cfg_text = storage.read_bytes(storage.join(uri, CONFIG)).decode()
+        weights = storage.read_bytes(storage.join(uri, WEIGHTS))
+    except storage.StorageError as exc:
+        raise CheckpointError(f"checkpoint {uri!r}: incomplete or missing ({exc}); expected {WEIGHTS} and {CONFIG}") from None
+    try:
+        cfg = config_from_dict(tomllib.loads(cfg_text))
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {uri!r}: bad {CONFIG}: {exc}") from None
+    # Pretrained weights are already inside the checkpoint; never require the file again.
+    cfg = _without_pretrained(cfg)
+    meta_uri = storage.join(uri, META)
+    meta = json.loads(storage.read_bytes(meta_uri)) if storage.exists(meta_uri) else {}
+    model = FoveatedSegmenter(cfg)
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(weights)
+        f.flush()
+        try:
+            state = load_file(f.name)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {uri!r}: {WEIGHTS} is not a readable safetensors file ({exc})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {uri!r}: weights do not match its config "
+            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
+        )
+    return model.to(device).eval(), cfg, meta
+
+
+def _without_pretrained(cfg: Config) -> Config:
+    import dataclasses
+
+    if cfg.model.pretrained is None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))

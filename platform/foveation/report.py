@@ -1,0 +1,77 @@
+"""Tables and figures: the Table-1 analogue (per-class IoU, mIoU over all classes and over the
+kept ones, pixel accuracy), APSM maps, and predictions beside the labels. Figures are PNG;
+the report is Markdown; both go to storage through ``storage.write_bytes`` (atomic)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from foveation import storage
+from foveation.config import Config
+
+PALETTE = np.array(
+    [[240, 240, 240], [80, 170, 80], [240, 180, 40], [200, 40, 40]] + [[40, 40, 40]] * 252, dtype=np.uint8
+)
+PALETTE[255] = [0, 0, 0]
+
+
+def metrics_table(rows: list[tuple[str, dict]], cfg: Config) -> str:
+    """Markdown table, one row per run: IoU per class, mIoU (all), mIoU (kept), pixel accuracy."""
+    names = cfg.evaluation.class_names
+    kept = ", ".join(names[i] for i in cfg.evaluation.kept_classes)
+    head = ["run", *[f"IoU {n}" for n in names], f"mIoU (all {len(names)})", f"mIoU ({kept})", "pixel acc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows:
+        cells = [name, *[f"{m['iou'][n]:.3f}" for n in names], f"{m['miou']:.3f}", f"{m['miou_kept']:.3f}", f"{m['pixel_accuracy']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def apsm_figure(apsms: list[np.ndarray], titles: list[str], fovs: tuple[int, ...]) -> bytes:
+    """APSM maps (expected FoV per location) side by side on one colour scale, small FoV bright
+    as in the paper's Fig. 4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(apsms), figsize=(3 * len(apsms) + 1, 3), squeeze=False)
+    im = None
+    for ax, a, t in zip(axes[0], apsms, titles, strict=True):
+        im = ax.imshow(a, cmap="magma_r", vmin=min(fovs), vmax=max(fovs))
+        ax.set_title(t, fontsize=9)
+        ax.axis("off")
+    fig.colorbar(im, ax=axes[0].tolist(), label="average patch size (px)")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def prediction_figure(image: np.ndarray, label: np.ndarray, mask: np.ndarray) -> bytes:
+    """Image | label | prediction, as one PNG (the paper's Fig. 5 form)."""
+    from foveation.images import encode_png
+
+    h = image.shape[0]
+    gap = np.full((h, 4, 3), 255, np.uint8)
+    return encode_png(np.concatenate([image, gap, PALETTE[label], gap, PALETTE[mask]], axis=1))
+
+
+def write_report(out: str, title: str, table: str, figures: dict[str, bytes], notes: list[str]) -> str:
+    """Write figures and ``report.md`` under ``out``; returns the report's URI."""
+    lines = [f"# {title}", "", table, ""]
+    lines += [f"- {n}" for n in notes]
+    lines.append("")
+    for name, data in figures.items():
+        storage.write_bytes(storage.join(out, name), data)
+        lines += [f"![{name}]({name})", ""]
+    uri = storage.join(out, "report.md")
+    storage.write_bytes(uri, "\n".join(lines).encode())
+    return uri
