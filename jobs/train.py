@@ -1,6 +1,6 @@
 """Train, evaluate and report on the embedded default (one machine, local disk, CPU).
 
-    python -m jobs.train --config jobs/configs/debug.toml [--out runs/debug]
+python -m jobs.train --config jobs/configs/debug.toml [--out runs/debug]
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ from foveation.experiment import run_local
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="jobs/configs/debug.toml", help="TOML config (default: %(default)s)")
-    p.add_argument("--out", default=None, help="output directory or URI (default: runs/<config name>)")
+    p.add_argument(
+        "--config", default="jobs/configs/debug.toml", help="TOML config (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out", default=None, help="output directory or URI (default: runs/<config name>)"
+    )
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config)

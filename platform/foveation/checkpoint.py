@@ -30,11 +30,28 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_checkpoint(uri: str, model: FoveatedSegmenter, cfg: Config, meta: dict | None = None) -> str:
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items() if v.is_floating_point()}
-    state |= {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not v.is_floating_point()}
+def save_checkpoint(
+    uri: str, model: FoveatedSegmenter, cfg: Config, meta: dict | None = None
+) -> str:
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+        if v.is_floating_point()
+    }
+    state |= {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not v.is_floating_point()
+    }
     meta = dict(meta or {})
-    meta.setdefault("versions", {"foveation": __version__, "torch": torch.__version__, "python": _stdlib_platform.python_version()})
+    meta.setdefault(
+        "versions",
+        {
+            "foveation": __version__,
+            "torch": torch.__version__,
+            "python": _stdlib_platform.python_version(),
+        },
+    )
     with storage.local_staging_dir(uri) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS))
         with open(os.path.join(tmp, CONFIG), "w") as f:
@@ -44,7 +61,9 @@ def save_checkpoint(uri: str, model: FoveatedSegmenter, cfg: Config, meta: dict 
     return uri
 
 
-def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[FoveatedSegmenter, Config, dict]:
+def load_checkpoint(
+    uri: str, device: str | torch.device = "cpu"
+) -> tuple[FoveatedSegmenter, Config, dict]:
     """(model in eval mode, its config, its metadata) from a checkpoint directory (local or S3)."""
     import tomllib
 
@@ -52,7 +71,9 @@ def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[Fovea
         cfg_text = storage.read_bytes(storage.join(uri, CONFIG)).decode()
         weights = storage.read_bytes(storage.join(uri, WEIGHTS))
     except storage.StorageError as exc:
-        raise CheckpointError(f"checkpoint {uri!r}: incomplete or missing ({exc}); expected {WEIGHTS} and {CONFIG}") from None
+        raise CheckpointError(
+            f"checkpoint {uri!r}: incomplete or missing ({exc}); expected {WEIGHTS} and {CONFIG}"
+        ) from None
     try:
         cfg = config_from_dict(tomllib.loads(cfg_text))
     except (ConfigError, tomllib.TOMLDecodeError) as exc:
@@ -68,13 +89,19 @@ def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[Fovea
         try:
             state = load_file(f.name)
         except Exception as exc:
-            raise CheckpointError(f"checkpoint {uri!r}: {WEIGHTS} is not a readable safetensors file ({exc})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {uri!r}: {WEIGHTS} is not a readable safetensors file ({exc})"
+            ) from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
         raise CheckpointError(
             f"checkpoint {uri!r}: weights do not match its config "
-            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
         )
+    model.load_state_dict(state)
     return model.to(device).eval(), cfg, meta
 
 

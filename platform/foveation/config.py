@@ -107,9 +107,17 @@ class MixConfig:
     def __post_init__(self) -> None:
         from foveation.models.mixing import MIXERS  # lazy: config must not import torch eagerly
 
-        _check(self.mode in MIXERS, "model.mix.mode", f"unknown mix mode {self.mode!r}; known: {sorted(MIXERS)}")
+        _check(
+            self.mode in MIXERS,
+            "model.mix.mode",
+            f"unknown mix mode {self.mode!r}; known: {sorted(MIXERS)}",
+        )
         if self.mode == "onehot":
-            _check(self.index is not None and self.index >= 0, "model.mix.index", "onehot mode needs index >= 0")
+            _check(
+                self.index is not None and self.index >= 0,
+                "model.mix.index",
+                "onehot mode needs index >= 0",
+            )
         _check(
             self.straight_through in ("plain", "inverse"),
             "model.mix.straight_through",
@@ -145,7 +153,9 @@ class ModelConfig:
 
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        _check(known_backbone(self.backbone), "model.backbone", f"unknown backbone {self.backbone!r}")
+        _check(
+            known_backbone(self.backbone), "model.backbone", f"unknown backbone {self.backbone!r}"
+        )
         _check(self.num_classes >= 2, "model.num_classes", "must be >= 2")
         _check(len(self.mean) == 3 and len(self.std) == 3, "model.mean/std", "need 3 values (RGB)")
         _check(all(s > 0 for s in self.std), "model.std", "must be > 0")
@@ -221,11 +231,17 @@ class TrainingConfig:
             object.__setattr__(self, "class_weights", tuple(float(v) for v in self.class_weights))
         w = "training"
         for name in ("epochs", "batch_size", "locations_per_image"):
-            _check(getattr(self, name) >= 1, f"{w}.{name}", f"must be >= 1, got {getattr(self, name)}")
+            _check(
+                getattr(self, name) >= 1, f"{w}.{name}", f"must be >= 1, got {getattr(self, name)}"
+            )
         for name in ("lr_encoder", "lr_decoder", "lr_fovnet"):
             _check(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{w}.beta1/beta2", "must be in [0, 1)")
-        _check(0 <= self.uniform_warmup_fraction < 1, f"{w}.uniform_warmup_fraction", "must be in [0, 1)")
+        _check(
+            0 <= self.uniform_warmup_fraction < 1,
+            f"{w}.uniform_warmup_fraction",
+            "must be in [0, 1)",
+        )
         _check(self.grad_clip is None or self.grad_clip > 0, f"{w}.grad_clip", "must be > 0")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -260,7 +276,9 @@ class EvaluationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "kept_classes", tuple(int(c) for c in self.kept_classes))
-        _check(len(self.kept_classes) >= 1, "evaluation.kept_classes", "must name at least one class")
+        _check(
+            len(self.kept_classes) >= 1, "evaluation.kept_classes", "must name at least one class"
+        )
 
 
 @dataclass(frozen=True)
@@ -279,7 +297,11 @@ class Config:
         d, k = self.patches.depth, self.model.num_classes
         mix = self.model.mix
         if mix.mode == "onehot":
-            _check(mix.index is not None and mix.index < d, "model.mix.index", f"must be < D = {d} (patches.fovs)")
+            _check(
+                mix.index is not None and mix.index < d,
+                "model.mix.index",
+                f"must be < D = {d} (patches.fovs)",
+            )
         if self.training.class_weights is not None:
             _check(
                 len(self.training.class_weights) == k,

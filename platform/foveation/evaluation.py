@@ -34,11 +34,17 @@ def evaluate(
         weight_sum = wmean if weight_sum is None else weight_sum + wmean
         n += 1
         if i < keep_outputs:
-            outputs.append({"slide_id": s.slide_id, "mask": sink.mask, "apsm": sink.apsm, "label": s.label, "image": s.image})
+            outputs.append(
+                {
+                    "slide_id": s.slide_id,
+                    "mask": sink.mask,
+                    "apsm": sink.apsm,
+                    "label": s.label,
+                    "image": s.image,
+                }
+            )
     out = cm.summary(ev.kept_classes, ev.class_names)
     out["confusion_matrix"] = cm.matrix.tolist()
     out["weight_mean"] = (weight_sum / max(n, 1)).tolist() if weight_sum is not None else []
     out["outputs"] = outputs
     return out
-
-

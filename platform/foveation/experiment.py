@@ -29,7 +29,9 @@ def run_local(cfg: Config, out: str, log: Callable[[str], None] = print) -> Expe
     train_set = load_split(cfg.data.root, "train")
     val_set = load_split(cfg.data.root, "val")
     test_set = load_split(cfg.data.root, "test")
-    log(f"data: {len(train_set)} train / {len(val_set)} val / {len(test_set)} test images in {cfg.data.root}")
+    log(
+        f"data: {len(train_set)} train / {len(val_set)} val / {len(test_set)} test images in {cfg.data.root}"
+    )
     result = train(cfg, train_set, val_set, log)
     device = next(result.model.parameters()).device
     metrics = evaluate(result.model, test_set, cfg, device=device, keep_outputs=3)
@@ -39,18 +41,31 @@ def run_local(cfg: Config, out: str, log: Callable[[str], None] = print) -> Expe
         storage.join(out, "checkpoint"),
         result.model,
         cfg,
-        {"step": result.epochs[-1].step, "epoch": len(result.epochs), "metrics": metrics, "run": run},
+        {
+            "step": result.epochs[-1].step,
+            "epoch": len(result.epochs),
+            "metrics": metrics,
+            "run": run,
+        },
     )
     table = metrics_table([(run, metrics)], cfg)
     figures = {
-        "apsm_test.png": apsm_figure([o["apsm"] for o in outputs], [o["slide_id"] for o in outputs], cfg.patches.fovs),
+        "apsm_test.png": apsm_figure(
+            [o["apsm"] for o in outputs], [o["slide_id"] for o in outputs], cfg.patches.fovs
+        ),
         "apsm_epochs.png": apsm_figure(
-            result.apsm_history, [f"epoch {i + 1}" for i in range(len(result.apsm_history))], cfg.patches.fovs
+            result.apsm_history,
+            [f"epoch {i + 1}" for i in range(len(result.apsm_history))],
+            cfg.patches.fovs,
         ),
     }
     for o in outputs:
-        figures[f"prediction_{o['slide_id']}.png"] = prediction_figure(o["image"], o["label"], o["mask"])
-    fovs = ", ".join(f"{f}px {w:.2f}" for f, w in zip(cfg.patches.fovs, metrics["weight_mean"], strict=True))
+        figures[f"prediction_{o['slide_id']}.png"] = prediction_figure(
+            o["image"], o["label"], o["mask"]
+        )
+    fovs = ", ".join(
+        f"{f}px {w:.2f}" for f, w in zip(cfg.patches.fovs, metrics["weight_mean"], strict=True)
+    )
     notes = [
         f"config: {cfg.name}; mix mode {run}; {len(result.epochs)} epochs, {result.epochs[-1].step} steps",
         f"mean foveation weight per FoV on the test images: {fovs}",

@@ -25,7 +25,9 @@ def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
-        raise ImageError(f"{name}: expected an RGB image [H, W, 3] (or grayscale / RGBA), got shape {a.shape}")
+        raise ImageError(
+            f"{name}: expected an RGB image [H, W, 3] (or grayscale / RGBA), got shape {a.shape}"
+        )
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ImageError(f"{name}: image is empty ({a.shape[0]} x {a.shape[1]} pixels)")
     if a.dtype == bool:
@@ -35,7 +37,9 @@ def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
             raise ImageError(f"{name}: contains NaN or infinite values")
         lo, hi = float(a.min()), float(a.max())
         if lo < 0 or hi > 255:
-            raise ImageError(f"{name}: float values must lie in [0, 1] or [0, 255], got [{lo:.3g}, {hi:.3g}]")
+            raise ImageError(
+                f"{name}: float values must lie in [0, 1] or [0, 255], got [{lo:.3g}, {hi:.3g}]"
+            )
         a = a * 255.0 if hi <= 1.0 else a
         a = np.rint(a).astype(np.uint8)
     elif a.dtype == np.uint16:
@@ -44,7 +48,9 @@ def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
         if np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 255:
             a = a.astype(np.uint8)
         else:
-            raise ImageError(f"{name}: expected uint8 pixels, got {a.dtype} with values outside 0..255")
+            raise ImageError(
+                f"{name}: expected uint8 pixels, got {a.dtype} with values outside 0..255"
+            )
     c = a.shape[-1]
     if c in (2, 4):  # gray+alpha / RGBA: composite over white, the background of a slide
         alpha = a[..., -1:].astype(np.float32) / 255.0
@@ -72,7 +78,9 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a readable image (expected PNG, JPEG or TIFF bytes)") from None
+        raise ImageError(
+            f"{name}: not a readable image (expected PNG, JPEG or TIFF bytes)"
+        ) from None
     w, h = im.size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(f"{name}: {w} x {h} pixels exceeds the limit of {max_pixels}")

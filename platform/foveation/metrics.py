@@ -38,7 +38,9 @@ class ConfusionMatrix:
         pred, label = pred[keep], label[keep]
         k = self.num_classes
         if label.size and (label.max() >= k or label.min() < 0):
-            raise ValueError(f"label holds class ids outside [0, {k}) (and not the ignore index {self.ignore_index})")
+            raise ValueError(
+                f"label holds class ids outside [0, {k}) (and not the ignore index {self.ignore_index})"
+            )
         if pred.size and (pred.max() >= k or pred.min() < 0):
             raise ValueError(f"prediction holds class ids outside [0, {k})")
         self.matrix += np.bincount(label * k + pred, minlength=k * k).reshape(k, k)
@@ -66,7 +68,9 @@ class ConfusionMatrix:
         total = self.matrix.sum()
         return float(self.tp.sum() / total) if total else 0.0
 
-    def summary(self, kept: tuple[int, ...] | None = None, names: tuple[str, ...] | None = None) -> dict:
+    def summary(
+        self, kept: tuple[int, ...] | None = None, names: tuple[str, ...] | None = None
+    ) -> dict:
         """All metrics as plain floats: ``miou`` over all classes, ``miou_kept`` over ``kept``."""
         iou = self.iou()
         kept = tuple(range(self.num_classes)) if kept is None else kept
@@ -74,9 +78,13 @@ class ConfusionMatrix:
         return {
             "iou": {n: float(v) for n, v in zip(names, iou, strict=True)},
             "dice": {n: float(v) for n, v in zip(names, self.dice(), strict=True)},
-            "class_accuracy": {n: float(v) for n, v in zip(names, self.class_accuracy(), strict=True)},
+            "class_accuracy": {
+                n: float(v) for n, v in zip(names, self.class_accuracy(), strict=True)
+            },
             "miou": float(iou.mean()),
             "miou_kept": float(iou[list(kept)].mean()),
             "pixel_accuracy": self.pixel_accuracy(),
-            "absent_classes": [names[i] for i in range(self.num_classes) if self.matrix[i].sum() == 0],
+            "absent_classes": [
+                names[i] for i in range(self.num_classes) if self.matrix[i].sum() == 0
+            ],
         }

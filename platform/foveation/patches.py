@@ -105,7 +105,9 @@ def pad_image(image: Tensor, pads: tuple[int, int, int, int], mode: str, value) 
         rows = pad_indices(H, top, bottom)
         cols = pad_indices(W, left, right)
         return image[:, rows[:, None], cols[None, :]]
-    out = torch.empty((C, H + top + bottom, W + left + right), dtype=image.dtype, device=image.device)
+    out = torch.empty(
+        (C, H + top + bottom, W + left + right), dtype=image.dtype, device=image.device
+    )
     fill = torch.as_tensor(value, dtype=image.dtype, device=image.device).reshape(-1, 1, 1)
     out[:] = fill
     out[:, top : top + H, left : left + W] = image
@@ -152,12 +154,14 @@ def _bilinear_gather(img: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
     x1 = (x0 + 1).clamp(max=W - 1)
     f = img.to(torch.float32)
     # Same association order as torch's upsample_bilinear2d, for 1e-6 parity.
-    top = f[:, y0[:, :, None], x0[:, None, :]] * (1 - wx)[None, :, None, :] + f[
-        :, y0[:, :, None], x1[:, None, :]
-    ] * wx[None, :, None, :]
-    bot = f[:, y1[:, :, None], x0[:, None, :]] * (1 - wx)[None, :, None, :] + f[
-        :, y1[:, :, None], x1[:, None, :]
-    ] * wx[None, :, None, :]
+    top = (
+        f[:, y0[:, :, None], x0[:, None, :]] * (1 - wx)[None, :, None, :]
+        + f[:, y0[:, :, None], x1[:, None, :]] * wx[None, :, None, :]
+    )
+    bot = (
+        f[:, y1[:, :, None], x0[:, None, :]] * (1 - wx)[None, :, None, :]
+        + f[:, y1[:, :, None], x1[:, None, :]] * wx[None, :, None, :]
+    )
     out = top * (1 - wy)[None, :, :, None] + bot * wy[None, :, :, None]
     return out.permute(1, 0, 2, 3)
 
@@ -196,7 +200,9 @@ class PatchExtractor:
         output_stride: int = 4,
     ) -> None:
         if canvas.ndim != 3 or canvas.shape[0] != 3:
-            raise ValueError(f"canvas: expected an RGB tensor [3, H, W], got shape {tuple(canvas.shape)}")
+            raise ValueError(
+                f"canvas: expected an RGB tensor [3, H, W], got shape {tuple(canvas.shape)}"
+            )
         self.cfg = cfg
         self.canvas = canvas
         self.origin = origin
@@ -242,25 +248,33 @@ class PatchExtractor:
         """The patch bank [N, D, C, P, P] for x_r locations ``locs`` [N, 2], in the canvas dtype."""
         locs = torch.as_tensor(locs)
         P = self.cfg.patch_size
-        out = []
+        out = torch.empty(
+            (len(locs), self.cfg.depth, self.canvas.shape[0], P, P), dtype=self.canvas.dtype
+        )
         for d, fov in enumerate(self.cfg.fovs):
             start = self._starts(locs, fov)
             if self.cfg.resample == "reference":
                 src = _reference_source_index(fov, P)
-                ys = start[:, 0:1] + src[None]
-                xs = start[:, 1:2] + src[None]
-                patches = _bilinear_gather(self.canvas, ys, xs)
-            else:
-                lv = self.levels[d]
-                # Centre of output pixel a sits at canvas start + (a + 0.5) F/P; in level pixel
-                # coordinates that is that over lv.step, minus 0.5.
-                a = (torch.arange(P, dtype=torch.float64) + 0.5) * (fov / P)
-                ys = (start[:, 0:1] + a[None]) / lv.step - 0.5
-                xs = (start[:, 1:2] + a[None]) / lv.step - 0.5
-                ys, xs = _snap(ys), _snap(xs)
-                patches = _bilinear_gather(lv.pixels, ys, xs)
-            out.append(_as_dtype(patches, self.canvas.dtype))
-        return torch.stack(out, dim=1)
+                patches = _bilinear_gather(
+                    self.canvas, start[:, 0:1] + src[None], start[:, 1:2] + src[None]
+                )
+                out[:, d] = _as_dtype(patches, out.dtype)
+                continue
+            lv = self.levels[d]
+            corner = _snap(start / lv.step)
+            if lv.step == fov / P and bool((corner == corner.floor()).all()):
+                # Aligned (the usual case): each patch is a P x P window of the level, one gather.
+                out[:, d] = _windows(lv.pixels, P)[
+                    :, corner[:, 0].long(), corner[:, 1].long()
+                ].transpose(0, 1)
+                continue
+            # Centre of output pixel a sits at canvas start + (a + 0.5) F/P; in level pixel
+            # coordinates that is that over lv.step, minus 0.5.
+            a = (torch.arange(P, dtype=torch.float64) + 0.5) * (fov / P)
+            ys = _snap((start[:, 0:1] + a[None]) / lv.step - 0.5)
+            xs = _snap((start[:, 1:2] + a[None]) / lv.step - 0.5)
+            out[:, d] = _as_dtype(_bilinear_gather(lv.pixels, ys, xs), out.dtype)
+        return out
 
     def labels(self, locs: Tensor) -> Tensor:
         """Label crops [N, P/r, P/r] (uint8) of the smallest patch, at the output stride r.
@@ -283,6 +297,13 @@ class PatchExtractor:
         ys = (start[:, 0:1] + (a[None] + 0.5) * q).floor().long()
         xs = (start[:, 1:2] + (a[None] + 0.5) * q).floor().long()
         return self.label_canvas[ys[:, :, None], xs[:, None, :]]
+
+
+def _windows(img: Tensor, size: int) -> Tensor:
+    """A view [C, H - size + 1, W - size + 1, size, size] of every size x size window of img."""
+    C, H, W = img.shape
+    sc, sh, sw = img.stride()
+    return img.as_strided((C, H - size + 1, W - size + 1, size, size), (sc, sh, sw, sh, sw))
 
 
 def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -318,7 +339,9 @@ def _area_level(canvas: Tensor, ratio: float) -> _Level:
     return _Level(lv, step)
 
 
-def canvas_pads(height: int, width: int, cfg: PatchSetConfig, output_stride: int = 4) -> tuple[int, int, int, int]:
+def canvas_pads(
+    height: int, width: int, cfg: PatchSetConfig, output_stride: int = 4
+) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) padding so every x_r location's patches lie inside the canvas.
 
     The leading pad is a multiple of every integer FoV ratio and of the label factor, so that

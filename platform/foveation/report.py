@@ -12,7 +12,8 @@ from foveation import storage
 from foveation.config import Config
 
 PALETTE = np.array(
-    [[240, 240, 240], [80, 170, 80], [240, 180, 40], [200, 40, 40]] + [[40, 40, 40]] * 252, dtype=np.uint8
+    [[240, 240, 240], [80, 170, 80], [240, 180, 40], [200, 40, 40]] + [[40, 40, 40]] * 252,
+    dtype=np.uint8,
 )
 PALETTE[255] = [0, 0, 0]
 
@@ -21,10 +22,22 @@ def metrics_table(rows: list[tuple[str, dict]], cfg: Config) -> str:
     """Markdown table, one row per run: IoU per class, mIoU (all), mIoU (kept), pixel accuracy."""
     names = cfg.evaluation.class_names
     kept = ", ".join(names[i] for i in cfg.evaluation.kept_classes)
-    head = ["run", *[f"IoU {n}" for n in names], f"mIoU (all {len(names)})", f"mIoU ({kept})", "pixel acc"]
+    head = [
+        "run",
+        *[f"IoU {n}" for n in names],
+        f"mIoU (all {len(names)})",
+        f"mIoU ({kept})",
+        "pixel acc",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in rows:
-        cells = [name, *[f"{m['iou'][n]:.3f}" for n in names], f"{m['miou']:.3f}", f"{m['miou_kept']:.3f}", f"{m['pixel_accuracy']:.3f}"]
+        cells = [
+            name,
+            *[f"{m['iou'][n]:.3f}" for n in names],
+            f"{m['miou']:.3f}",
+            f"{m['miou_kept']:.3f}",
+            f"{m['pixel_accuracy']:.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -64,7 +77,9 @@ def prediction_figure(image: np.ndarray, label: np.ndarray, mask: np.ndarray) ->
     return encode_png(np.concatenate([image, gap, PALETTE[label], gap, PALETTE[mask]], axis=1))
 
 
-def write_report(out: str, title: str, table: str, figures: dict[str, bytes], notes: list[str]) -> str:
+def write_report(
+    out: str, title: str, table: str, figures: dict[str, bytes], notes: list[str]
+) -> str:
     """Write figures and ``report.md`` under ``out``; returns the report's URI."""
     lines = [f"# {title}", "", table, ""]
     lines += [f"- {n}" for n in notes]

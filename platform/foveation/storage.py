@@ -39,7 +39,9 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(uri)
     except Exception as exc:
-        raise StorageError(f"{uri!r}: unsupported storage URI ({exc}); expected a path, file:// or s3://") from None
+        raise StorageError(
+            f"{uri!r}: unsupported storage URI ({exc}); expected a path, file:// or s3://"
+        ) from None
 
 
 def join(uri: str, *parts: str) -> str:

@@ -41,7 +41,9 @@ def _texture(cls: int, h: int, w: int) -> np.ndarray:
     return t.astype(np.float32)
 
 
-def generate_image(size: int, region_size: int, seed: int, num_classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def generate_image(
+    size: int, region_size: int, seed: int, num_classes: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """One (image uint8 [size, size, 3], label uint8 [size, size]) pair, deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
     # Voronoi regions, one class each; every class appears in most images.
@@ -57,7 +59,10 @@ def generate_image(size: int, region_size: int, seed: int, num_classes: int = 4)
     drift = rng.normal(0, 1, (size // 32 + 2, size // 32 + 2, 3))
     drift = np.kron(drift, np.ones((32, 32, 1)))[:size, :size] * 6.0
     img += drift
-    for colour, count, radius in ((NUCLEUS, size * size // 900, 3.5), (LUMEN, size * size // 12000, 9.0)):
+    for colour, count, radius in (
+        (NUCLEUS, size * size // 900, 3.5),
+        (LUMEN, size * size // 12000, 9.0),
+    ):
         cy, cx = rng.uniform(0, size, (2, count))
         r = rng.uniform(0.6, 1.4, count) * radius
         for y, x, rr in zip(cy, cx, r, strict=True):
@@ -97,7 +102,9 @@ def generate_set(root: str, cfg: SyntheticConfig, num_classes: int = 4) -> str:
             img_png, lab_png = encode_png(image), encode_png(label)
             storage.write_bytes(storage.join(root, split, f"{sid}.png"), img_png)
             storage.write_bytes(storage.join(root, split, f"{sid}_label.png"), lab_png)
-            fractions = np.bincount(label.reshape(-1), minlength=num_classes)[:num_classes] / label.size
+            fractions = (
+                np.bincount(label.reshape(-1), minlength=num_classes)[:num_classes] / label.size
+            )
             entries.append(
                 {
                     "slide_id": sid,

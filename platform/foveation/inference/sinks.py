@@ -56,4 +56,6 @@ class ArraySink:
 
     def close(self) -> None:
         if self.mask is not None and self.rows_written != self.mask.shape[0]:
-            raise RuntimeError(f"sink closed after {self.rows_written} of {self.mask.shape[0]} rows")
+            raise RuntimeError(
+                f"sink closed after {self.rows_written} of {self.mask.shape[0]} rows"
+            )

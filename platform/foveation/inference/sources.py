@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from foveation.images import as_rgb_uint8
+from foveation.images import as_rgb_uint8, to_chw_tensor
 from foveation.patches import pad_image
 
 
@@ -47,7 +47,7 @@ def read_window(
         out = torch.empty((3, height, width), dtype=torch.uint8)
         out[:] = torch.as_tensor(pad_value, dtype=torch.uint8).reshape(3, 1, 1)
         return out
-    inner = torch.from_numpy(np.ascontiguousarray(source.read_region(t0, l0, t1 - t0, l1 - l0))).permute(2, 0, 1)
+    inner = to_chw_tensor(source.read_region(t0, l0, t1 - t0, l1 - l0))
     pads = (t0 - top, top + height - t1, l0 - left, left + width - l1)
     if mode == "reflect":
         # Reflect about the *image* border only: a window edge inside the image is not a border.

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from foveation.config import Config
+from foveation.images import to_chw_tensor
 from foveation.inference.sinks import Sink
 from foveation.inference.sources import RegionSource, read_window
 from foveation.models.foveated import FoveatedSegmenter
@@ -57,7 +58,7 @@ def xr_from_source(source: RegionSource, cfg: Config, band_px: int = 1024) -> to
     parts = []
     for top in range(0, source.height, band):
         n = min(band, source.height - top)
-        region = torch.from_numpy(source.read_region(top, 0, n, source.width).copy()).permute(2, 0, 1)
+        region = to_chw_tensor(source.read_region(top, 0, n, source.width))
         parts.append(make_xr(region, s, cfg.model.mean, cfg.model.std))
     return torch.cat(parts, dim=1)
 
@@ -68,7 +69,9 @@ def grid_indices(n_xr: int, length: int, cfg: Config, mode: str) -> list[int]:
         return list(range(n_xr))
     s, f1 = cfg.patches.xr_scale, cfg.patches.fovs[0]
     step = max(1, math.floor(f1 * (1 - cfg.inference.overlap) / s))
-    first = min(n_xr - 1, max(0, math.floor(f1 / (2 * s) - 0.5)))  # first tile starts at or before 0
+    first = min(
+        n_xr - 1, max(0, math.floor(f1 / (2 * s) - 0.5))
+    )  # first tile starts at or before 0
     idx = list(range(first, n_xr, step))
     if (idx[-1] + 0.5) * s + f1 / 2 < length:  # last tile must reach the far border
         idx.append(n_xr - 1)
@@ -91,10 +94,14 @@ class _RowAccumulator:
         if t1 <= t0 or l1 <= l0:
             return
         if t0 < self.top:
-            raise RuntimeError(f"prediction for rows from {t0} arrived after rows up to {self.top} were written")
+            raise RuntimeError(
+                f"prediction for rows from {t0} arrived after rows up to {self.top} were written"
+            )
         need = t1 - self.top - self.acc.shape[1]
         if need > 0:
-            self.acc = torch.cat([self.acc, torch.zeros((self.k, need, self.width), device=self.device)], 1)
+            self.acc = torch.cat(
+                [self.acc, torch.zeros((self.k, need, self.width), device=self.device)], 1
+            )
             self.cov = torch.cat([self.cov, torch.zeros((need, self.width), device=self.device)], 0)
         r0, r1 = t0 - self.top, t1 - self.top
         self.acc[:, r0:r1, l0:l1] += p[:, t0 - top : t1 - top, l0 - left : l1 - left]
@@ -161,7 +168,9 @@ def segment(
         need_bot = math.ceil((band[-1] + 0.5) * s + fmax / 2) + margin
         top = -lead + (need_top + lead) // align * align  # same residue as the training canvas
         height = round_up(need_bot - top, align)
-        window = read_window(source, top, win_left, height, win_width, pc.padding, cfg.model.pad_value)
+        window = read_window(
+            source, top, win_left, height, win_width, pc.padding, cfg.model.pad_value
+        )
         ex = PatchExtractor(window, pc, origin=(top, win_left), output_stride=r)
         locs = torch.stack(
             [torch.tensor(band).repeat_interleave(len(cols)), cols_t.repeat(len(band))], dim=1

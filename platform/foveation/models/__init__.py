@@ -7,4 +7,12 @@ from foveation.models.fovnet import FoveationNet
 from foveation.models.mixing import MIXERS, Mixer
 from foveation.models.segmenter import BACKBONES, Segmenter
 
-__all__ = ["BACKBONES", "MIXERS", "FoveatedSegmenter", "FoveationNet", "Mixer", "Segmenter", "build_model"]
+__all__ = [
+    "BACKBONES",
+    "MIXERS",
+    "FoveatedSegmenter",
+    "FoveationNet",
+    "Mixer",
+    "Segmenter",
+    "build_model",
+]

@@ -22,7 +22,9 @@ class FoveatedSegmenter(nn.Module):
         m = cfg.model
         self.mean, self.std = m.mean, m.std
         self.mix_cfg = m.mix
-        self.register_buffer("fovs", torch.tensor(cfg.patches.fovs, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "fovs", torch.tensor(cfg.patches.fovs, dtype=torch.float32), persistent=False
+        )
         self.fovnet = FoveationNet(cfg.patches.depth, m.fovnet_width)
         self.segmenter = Segmenter(m.backbone, m.num_classes, m.head_channels)
 
@@ -34,7 +36,9 @@ class FoveatedSegmenter(nn.Module):
         """F's weights [N, D] at the centres of the training batch's 7x7 x_r neighbourhoods."""
         return self.fovnet(xr_neighbourhoods)[:, :, 0, 0]
 
-    def mixing(self, w: Tensor, ctx: MixContext | None = None, mode: MixConfig | None = None) -> Tensor:
+    def mixing(
+        self, w: Tensor, ctx: MixContext | None = None, mode: MixConfig | None = None
+    ) -> Tensor:
         """Mixing coefficients h [N, D] from F's weights w [N, D] under the configured mix mode
         (or ``mode``, e.g. the Average mix during a uniform warm-up)."""
         mcfg = mode or self.mix_cfg
@@ -43,7 +47,9 @@ class FoveatedSegmenter(nn.Module):
             ctx = MixContext(mcfg, ctx.step, ctx.total_steps, ctx.training)
         return MIXERS[mcfg.mode](w, ctx)
 
-    def forward(self, bank: Tensor, w: Tensor, ctx: MixContext | None = None, mode: MixConfig | None = None):
+    def forward(
+        self, bank: Tensor, w: Tensor, ctx: MixContext | None = None, mode: MixConfig | None = None
+    ):
         """Logits [N, K, P/4, P/4] for banks [N, D, 3, P, P] (uint8 or float in 0..255) and F's
         weights w [N, D]; also returns the mixing coefficients h [N, D] used."""
         h = self.mixing(w, ctx, mode)

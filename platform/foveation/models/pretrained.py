@@ -34,7 +34,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle errors, truncated files...
-            raise PretrainedMismatch(f"model.pretrained: cannot read {str(path)!r} as a tensor checkpoint: {exc}") from None
+            raise PretrainedMismatch(
+                f"model.pretrained: cannot read {str(path)!r} as a tensor checkpoint: {exc}"
+            ) from None
     for key in _WRAPPERS:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -58,7 +60,11 @@ def load_pretrained(encoder: nn.Module, path: str | Path) -> None:
     sd = map_keys(read_state_dict(path))
     own = encoder.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    wrong = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
     if missing or wrong:
         raise PretrainedMismatch(
             f"model.pretrained: {str(path)!r} does not match the backbone "

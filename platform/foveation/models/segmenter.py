@@ -49,10 +49,14 @@ def create_backbone(name: str) -> nn.Module:
 
     if name in BACKBONES:
         spec = BACKBONES[name]
-        return timm.create_model(spec.timm_name, features_only=True, pretrained=False, **spec.kwargs)
+        return timm.create_model(
+            spec.timm_name, features_only=True, pretrained=False, **spec.kwargs
+        )
     if name.startswith("timm:"):
         return timm.create_model(name.removeprefix("timm:"), features_only=True, pretrained=False)
-    raise ValueError(f"model.backbone: unknown backbone {name!r}; known: {sorted(BACKBONES)} or 'timm:<name>'")
+    raise ValueError(
+        f"model.backbone: unknown backbone {name!r}; known: {sorted(BACKBONES)} or 'timm:<name>'"
+    )
 
 
 class Segmenter(nn.Module):
@@ -81,5 +85,7 @@ class Segmenter(nn.Module):
         feats = self.encoder(x)
         feats = [feats[i] for i in self.use]
         size = feats[0].shape[-2:]
-        up = [feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]]
+        up = [feats[0]] + [
+            F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]
+        ]
         return self.decoder(torch.cat(up, dim=1))

@@ -23,7 +23,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"training.device is {name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+        raise RuntimeError(
+            f"training.device is {name!r} but no CUDA device is available; use 'cpu' or 'auto'"
+        )
     return torch.device(name)
 
 
@@ -41,7 +43,9 @@ class EpochLog:
 class TrainResult:
     model: FoveatedSegmenter
     epochs: list[EpochLog] = field(default_factory=list)
-    apsm_history: list = field(default_factory=list)  # APSM of the first val image per epoch (Fig. 4)
+    apsm_history: list = field(
+        default_factory=list
+    )  # APSM of the first val image per epoch (Fig. 4)
 
 
 def train(

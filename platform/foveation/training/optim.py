@@ -25,8 +25,12 @@ def param_groups(model: FoveatedSegmenter, cfg: TrainingConfig) -> list[dict]:
                     continue
                 is_weight = pname == "weight" and isinstance(sub, nn.Conv2d | nn.Linear)
                 (decay if is_weight else no_decay).append(p)
-        groups.append({"name": f"{name}", "params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
-        groups.append({"name": f"{name}.no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+        groups.append(
+            {"name": f"{name}", "params": decay, "lr": lr, "weight_decay": cfg.weight_decay}
+        )
+        groups.append(
+            {"name": f"{name}.no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0}
+        )
     return [g for g in groups if g["params"]]
 
 

@@ -40,12 +40,21 @@ def prepare_image(slide_id: str, image, label, cfg: Config) -> PreparedImage:
     img = to_chw_tensor(as_rgb_uint8(image, f"image {slide_id!r}"))
     lab = torch.from_numpy(np.ascontiguousarray(label)).to(torch.uint8)
     if tuple(lab.shape) != tuple(img.shape[1:]):
-        raise ValueError(f"label of {slide_id!r}: shape {tuple(lab.shape)} differs from the image's {tuple(img.shape[1:])}")
+        raise ValueError(
+            f"label of {slide_id!r}: shape {tuple(lab.shape)} differs from the image's {tuple(img.shape[1:])}"
+        )
     ex = PatchExtractor.from_image(
-        img, cfg.patches, cfg.model.pad_value, lab, cfg.model.num_classes, FoveatedSegmenter.output_stride
+        img,
+        cfg.patches,
+        cfg.model.pad_value,
+        lab,
+        cfg.model.num_classes,
+        FoveatedSegmenter.output_stride,
     )
     xr = pad_xr(make_xr(img, cfg.patches.xr_scale, cfg.model.mean, cfg.model.std))
-    return PreparedImage(slide_id, ex, xr, xr_shape(img.shape[1], img.shape[2], cfg.patches.xr_scale))
+    return PreparedImage(
+        slide_id, ex, xr, xr_shape(img.shape[1], img.shape[2], cfg.patches.xr_scale)
+    )
 
 
 @dataclass

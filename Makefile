@@ -1,0 +1,29 @@
+# The two set-up commands of the README. Each creates .venv and installs the project into it
+# when missing or when pyproject.toml changed, then runs.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR)/platform:$(CURDIR)
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)   ## generate the synthetic set, train on CPU, evaluate, write the report
+	$(PY) -m jobs.train --config jobs/configs/debug.toml
+
+test: $(STAMP)   ## lint, then every test
+	$(PY) -m ruff check platform jobs tests
+	$(PY) -m ruff format --check platform jobs tests
+	$(PY) -m pytest
+
+bench: $(STAMP)  ## the benchmark suites
+	$(PY) -m jobs.benchmark patches --json runs/bench-patches.json
+
+clean:
+	rm -rf runs

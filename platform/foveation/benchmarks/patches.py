@@ -1,0 +1,150 @@
+"""The ``patches`` suite: patch-bank extraction and whole-image inference, each against the
+authors'-style baseline measured in the same run on the same inputs.
+
+- extraction: locations per second, vectorised (per-image set-up included) vs a per-location
+  loop doing what the authors' code does (pad the whole image per scale per location, crop,
+  bilinear resize). Target >= 100x.
+- inference: segmenter input pixels per output pixel in tiled vs dense mode (target tiled <=
+  1.3), the wall time of each, and the mIoU difference between them, on a briefly trained model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from foveation.benchmarks import Figure, compared, timed
+from foveation.config import Config, load_config
+from foveation.data.synthetic import Sample, generate_image
+from foveation.images import to_chw_tensor
+from foveation.patches import PatchExtractor, all_locations, location_centres, normalise
+
+
+def authors_loop_bank(image: torch.Tensor, locs: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Per location, per scale: normalise, pad the whole image by F_d - 1, crop, resize
+    (bilinear, align_corners=False, no antialias), as the authors' code does."""
+    pc = cfg.patches
+    x = normalise(image, cfg.model.mean, cfg.model.std)[None]
+    out = []
+    for c in location_centres(locs, pc.xr_scale).tolist():
+        per = []
+        for fov in pc.fovs:
+            pad = fov - 1
+            xp = F.pad(x, (pad, pad, pad, pad))
+            t, left = round(c[0] - fov / 2) + pad, round(c[1] - fov / 2) + pad
+            crop = xp[:, :, t : t + fov, left : left + fov]
+            per.append(
+                F.interpolate(
+                    crop, size=(pc.patch_size,) * 2, mode="bilinear", align_corners=False
+                )[0]
+            )
+        out.append(torch.stack(per))
+    return torch.stack(out)
+
+
+def _extraction(cfg: Config, size: int, n_vec: int, n_loop: int) -> list[Figure]:
+    image, _ = generate_image(size, 96, seed=12345)
+    img = to_chw_tensor(image)
+    gen = torch.Generator().manual_seed(0)
+    locs = all_locations(size, size, cfg.patches.xr_scale)
+    locs = locs[torch.randperm(len(locs), generator=gen)[:n_vec]]
+
+    def vectorised(pc):
+        def run():
+            ex = PatchExtractor.from_image(img, pc, cfg.model.pad_value)
+            return ex.bank(locs)
+
+        return run
+
+    t_loop = timed(lambda: authors_loop_bank(img, locs[:n_loop], cfg), repeat=2) / n_loop
+    t_area = timed(vectorised(cfg.patches)) / n_vec
+    ref = dataclasses.replace(cfg.patches, resample="reference")
+    t_ref = timed(vectorised(ref)) / n_vec
+    note = f"{size}px image, FoVs {list(cfg.patches.fovs)} -> {cfg.patches.patch_size}px, {n_vec} locations, set-up included"
+    return [
+        compared(
+            "extract_area_locations_per_s",
+            1 / t_area,
+            1 / t_loop,
+            "locations/s",
+            "higher",
+            100.0,
+            note,
+        ),
+        compared(
+            "extract_reference_locations_per_s",
+            1 / t_ref,
+            1 / t_loop,
+            "locations/s",
+            "higher",
+            None,
+            note,
+        ),
+    ]
+
+
+def _inference(cfg: Config, size: int) -> list[Figure]:
+    from foveation.data.synthetic import ensure_set, load_split
+    from foveation.evaluation import evaluate
+    from foveation.training.loop import train
+
+    ensure_set(cfg.data.root, cfg.data.synthetic, cfg.model.num_classes)
+    model = train(cfg, load_split(cfg.data.root, "train"), None, log=lambda s: None).model
+    image, label = generate_image(size, cfg.data.synthetic.region_size, seed=54321)
+    test = [Sample("bench", "test", image, label)]
+    res, secs = {}, {}
+    for mode in ("tiled", "dense"):
+        t = time.perf_counter()
+        res[mode] = evaluate(model, test, cfg, mode=mode)
+        secs[mode] = time.perf_counter() - t
+    from foveation.inference import forward_pixels
+
+    fpo = {m: forward_pixels(size, size, cfg, m) / size**2 for m in res}
+    note = f"{size}px image, {cfg.model.backbone}, trained {cfg.training.epochs} epochs"
+    return [
+        Figure(
+            "inference_forward_px_per_output_px_tiled",
+            fpo["tiled"],
+            "px/px",
+            "lower",
+            1.3,
+            note=note,
+        ),
+        Figure(
+            "inference_forward_px_per_output_px_dense", fpo["dense"], "px/px", "lower", note=note
+        ),
+        compared(
+            "inference_seconds_tiled",
+            secs["tiled"],
+            secs["dense"],
+            "s",
+            "lower",
+            None,
+            "baseline: dense mode",
+        ),
+        Figure("inference_miou_tiled", res["tiled"]["miou"], "mIoU", "higher", note=note),
+        Figure("inference_miou_dense", res["dense"]["miou"], "mIoU", "higher", note=note),
+        Figure(
+            "inference_miou_tiled_minus_dense",
+            res["tiled"]["miou"] - res["dense"]["miou"],
+            "mIoU",
+            "higher",
+            note=note,
+        ),
+    ]
+
+
+def run(
+    config: str = "jobs/configs/debug.toml", size: int = 1024, quick: bool = False
+) -> list[Figure]:
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    if quick:  # for smoke tests: tiny sizes, no target is meaningful
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, epochs=1))
+        return _extraction(cfg, 256, 64, 4) + _inference(cfg, 256)
+    return _extraction(cfg, size, 1024, 24) + _inference(cfg, size)

@@ -1,0 +1,147 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from foveation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from foveation.config import Config, TrainingConfig, replace
+from foveation.data.synthetic import generate_image
+from foveation.models import build_model
+from foveation.training.optim import build_optimizer, param_groups, poly_decay
+from foveation.training.step import TrainingDiverged, prepare_image, sample_locations, train_step
+
+
+def prepared(cfg, n=2, size=128):
+    out = []
+    for i in range(n):
+        im, lab = generate_image(size, 48, seed=i)
+        out.append(prepare_image(f"s{i}", im, lab, cfg))
+    return out
+
+
+def test_poly_decay_and_param_groups():
+    f = poly_decay(100, 0.9)
+    assert f(0) == 1.0 and f(100) == 0.0 and f(50) == pytest.approx(0.5**0.9)
+    model = build_model(Config())
+    groups = {
+        g["name"]: g for g in param_groups(model, TrainingConfig(lr_fovnet=0.5, weight_decay=0.1))
+    }
+    assert groups["fovnet"]["lr"] == 0.5 and groups["fovnet.no_decay"]["weight_decay"] == 0.0
+    decayed = {id(p) for g in groups.values() if g["weight_decay"] > 0 for p in g["params"]}
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # BN never decays
+            assert id(m.weight) not in decayed and id(m.bias) not in decayed
+    n_all = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_all
+
+
+def test_one_step_trains_all_locations_in_one_batch():
+    cfg = replace(Config(), training=TrainingConfig(locations_per_image=5))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt, sched = build_optimizer(model, cfg.training, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = train_step(
+        model,
+        opt,
+        sched,
+        prepared(cfg),
+        cfg,
+        0,
+        10,
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
+    )
+    assert res.locations == 10 and math.isfinite(res.loss)
+    assert sum(res.weight_mean) == pytest.approx(1.0)
+    changed = [
+        k
+        for k, v in model.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, before[k])
+    ]
+    assert any(k.startswith("fovnet") for k in changed) and any(
+        k.startswith("segmenter.encoder") for k in changed
+    )
+
+
+def test_uniform_warmup_uses_the_average_mix():
+    cfg = replace(
+        Config(), training=TrainingConfig(uniform_warmup_fraction=0.5, locations_per_image=3)
+    )
+    model = build_model(cfg)
+    opt, sched = build_optimizer(model, cfg.training, 10)
+    gen = torch.Generator().manual_seed(0)
+    ims = prepared(cfg, 1)
+    r0 = train_step(model, opt, sched, ims, cfg, 0, 10, gen, torch.device("cpu"))
+    assert r0.mix_mean == pytest.approx([1 / 3] * 3)
+    r9 = train_step(model, opt, sched, ims, cfg, 9, 10, gen, torch.device("cpu"))
+    assert r9.mix_mean != pytest.approx([1 / 3] * 3)
+
+
+def test_nan_loss_stops_training_naming_the_step():
+    cfg = Config()
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.segmenter.decoder[-1].bias.fill_(float("nan"))
+    opt, sched = build_optimizer(model, cfg.training, 10)
+    with pytest.raises(TrainingDiverged, match="at step 7"):
+        train_step(
+            model, opt, sched, prepared(cfg, 1), cfg, 7, 10, torch.Generator(), torch.device("cpu")
+        )
+
+
+def test_sampling_without_replacement_and_small_images():
+    loc = sample_locations((3, 4), 100, torch.Generator().manual_seed(0))
+    assert len(loc) == 12 and len({tuple(x) for x in loc.tolist()}) == 12
+    cfg = Config()
+    im, lab = generate_image(40, 16, seed=0)  # smaller than the largest FoV (256): padded
+    p = prepare_image("tiny", im, lab, cfg)
+    assert p.extractor.bank(torch.tensor([[0, 0]])).shape == (1, 3, 3, 64, 64)
+    with pytest.raises(ValueError, match="label of 'bad'"):
+        prepare_image("bad", im, lab[:10], cfg)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    cfg = Config()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    uri = save_checkpoint(str(tmp_path / "ckpt"), model, cfg, {"step": 3})
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.toml",
+        "meta.json",
+        "model.safetensors",
+    ]
+    loaded, cfg2, meta = load_checkpoint(uri)
+    assert cfg2 == cfg and meta["step"] == 3 and "torch" in meta["versions"]
+    bank = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)
+    w = torch.full((2, 3), 1 / 3)
+    torch.testing.assert_close(loaded(bank, w)[0], model(bank, w)[0])
+    # overwriting is atomic: the directory is replaced whole
+    save_checkpoint(uri, model, cfg, {"step": 4})
+    assert load_checkpoint(uri)[2]["step"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with pytest.raises(CheckpointError, match="incomplete or missing"):
+        load_checkpoint(str(tmp_path / "nope"))
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(uri)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    cfg = Config()
+    save_checkpoint(str(tmp_path / "a"), build_model(cfg), cfg)
+    other = replace(
+        cfg,
+        model=replace(cfg.model, num_classes=3),
+        evaluation=replace(cfg.evaluation, class_names=("a", "b", "c"), kept_classes=(0, 1)),
+    )
+    (tmp_path / "a" / "config.toml").write_text(other.to_toml())
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(str(tmp_path / "a"))
+
+
+def test_prepare_refuses_nan_images():
+    im = np.full((64, 64, 3), np.nan, np.float32)
+    with pytest.raises(ValueError, match="image 'x': contains NaN"):
+        prepare_image("x", im, np.zeros((64, 64), np.uint8), Config())
