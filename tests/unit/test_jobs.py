@@ -36,7 +36,8 @@ lr_fovnet = 1e-2
 
 
 def run(root, *args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "platform"), str(root)]))
+    path = [str(root / "platform"), str(root), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=cwd or root,

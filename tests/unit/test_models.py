@@ -101,6 +101,17 @@ def test_segmenter_output_stride_and_receptive_field_spans_the_patch():
         assert corner.sum() > 0
 
 
+def test_patch_sizes_that_are_not_multiples_of_32_keep_their_geometry():
+    torch.manual_seed(0)
+    seg = Segmenter("hrnet_w18_small", num_classes=4).eval()
+    x = torch.randn(1, 3, 100, 68)  # like the paper's 1100 px: not a multiple of 32
+    out = seg(x)
+    assert out.shape == (1, 4, 25, 17)
+    # padding only bottom/right: the top-left of the output equals that of the padded input's
+    padded = torch.nn.functional.pad(x, (0, 96 - 68, 0, 128 - 100))
+    torch.testing.assert_close(out, seg(padded)[..., :25, :17])
+
+
 def test_any_timm_features_backbone():
     seg = Segmenter("timm:resnet18", num_classes=3)
     assert seg(torch.randn(2, 3, 64, 64)).shape == (2, 3, 16, 16)

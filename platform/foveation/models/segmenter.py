@@ -72,6 +72,9 @@ class Segmenter(nn.Module):
             raise ValueError(
                 f"model.backbone: {backbone!r} has no stride-{OUTPUT_STRIDE} feature (reductions {reductions})"
             )
+        # HRNet's fuse layers upsample by exact factors of 2, so the input side must be a multiple
+        # of the coarsest reduction (32); the paper's 1100 px patches are not. forward() pads.
+        self.input_multiple = max(reductions)
         width = sum(info.channels()[i] for i in self.use)
         mid = head_channels or max(width // 4, num_classes)
         self.decoder = nn.Sequential(
@@ -82,6 +85,18 @@ class Segmenter(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits [N, K, H/4, W/4] for x [N, 3, H, W] (H, W multiples of 4). Inputs of other
+        sizes are zero-padded (the mean colour after normalisation) on the bottom and right
+        only, so output pixel (a, b) still sits over input pixels (4a, 4b), and cropped back."""
+        H, W = x.shape[-2:]
+        m = self.input_multiple
+        ph, pw = -H % m, -W % m
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        out = self._logits(x)
+        return out[..., : H // OUTPUT_STRIDE, : W // OUTPUT_STRIDE] if ph or pw else out
+
+    def _logits(self, x: Tensor) -> Tensor:
         feats = self.encoder(x)
         feats = [feats[i] for i in self.use]
         size = feats[0].shape[-2:]

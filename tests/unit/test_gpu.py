@@ -1,0 +1,74 @@
+"""The paper-size path on a GPU (skipped without CUDA): HRNetV2-W48, five patches of 1100..4400
+px resized to 1100, one training step on 4400 px images and tiled whole-image inference."""
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def paper_cfg(root):
+    from foveation.config import load_config
+
+    cfg = load_config(root / "jobs/configs/paper.toml")
+    return dataclasses.replace(
+        cfg, training=dataclasses.replace(cfg.training, locations_per_image=2, device="cuda")
+    )
+
+
+@pytest.fixture(scope="module")
+def images():
+    from foveation.data.synthetic import generate_image
+
+    return [generate_image(4400, 2000, seed=i) for i in range(2)]
+
+
+def test_paper_size_train_step_and_inference_on_gpu(paper_cfg, images):
+    from foveation.inference import ArraySink, ArraySource, segment
+    from foveation.models import build_model
+    from foveation.training.optim import build_optimizer
+    from foveation.training.step import prepare_image, train_step
+
+    dev = torch.device("cuda")
+    t0 = time.perf_counter()
+    prepared = [prepare_image(f"p{i}", im, lab, paper_cfg) for i, (im, lab) in enumerate(images)]
+    t_prep = time.perf_counter() - t0
+    model = build_model(paper_cfg).to(dev)
+    n_params = sum(p.numel() for p in model.segmenter.parameters())
+    assert 65.5e6 < n_params < 67e6
+    opt, sched = build_optimizer(model, paper_cfg.training, 10)
+    gen = torch.Generator().manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        res = train_step(model, opt, sched, prepared, paper_cfg, step, 10, gen, dev)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        assert np.isfinite(res.loss) and res.locations == 4
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    # bf16 autocast forward of the same model: finite logits
+    bank = prepared[0].extractor.bank(torch.tensor([[20, 20]])).to(dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        model.eval()
+        logits, _ = model(bank, torch.full((1, 5), 0.2, device=dev))
+    assert logits.shape == (1, 4, 275, 275) and torch.isfinite(logits.float()).all()
+    sink = ArraySink()
+    t = time.perf_counter()
+    stats = segment(model, ArraySource(images[0][0]), paper_cfg, sink, device=dev)
+    t_inf = time.perf_counter() - t
+    assert sink.mask.shape == (4400, 4400) and stats.forward_per_output < 1.3
+    print(
+        f"\nGPU {torch.cuda.get_device_name()}: prepare 2 images {t_prep:.1f}s; train step (4 locations, fp32) "
+        f"{[round(x, 3) for x in times]} s, peak {peak:.1f} GiB; tiled inference 4400px {t_inf:.1f}s, "
+        f"{stats.locations} locations, {stats.forward_per_output:.3f} forward px per output px"
+    )
