@@ -49,6 +49,8 @@ def run_local(cfg: Config, out: str, log: Callable[[str], None] = print) -> Expe
         },
     )
     table = metrics_table([(run, metrics)], cfg)
+    n_ep = len(result.apsm_history)  # the paper's Fig. 4: one slide's APSM at a few epochs
+    epochs = sorted({round(i * (n_ep - 1) / 4) for i in range(5)}) if n_ep else []
     figures = {
         "apsm_test.png": apsm_figure(
             [o["apsm"] for o in outputs], [o["slide_id"] for o in outputs], cfg.patches.fovs
