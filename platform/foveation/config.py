@@ -174,8 +174,8 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class SyntheticConfig:
-    """The generated data set (``foveation.data.synthetic``)."""
+class ToyConfig:
+    """The toy set (``foveation.data.toy``): a class cue at one scale only."""
 
     n_train: int = 24
     n_val: int = 4
@@ -188,16 +188,115 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "n_test"):
-            _check(getattr(self, name) >= 1, f"data.synthetic.{name}", "must be >= 1")
-        _check(self.size >= 32, "data.synthetic.size", "must be >= 32")
-        _check(self.region_size >= 8, "data.synthetic.region_size", "must be >= 8")
+            _check(getattr(self, name) >= 1, f"data.toy.{name}", "must be >= 1")
+        _check(self.size >= 32, "data.toy.size", "must be >= 32")
+        _check(self.region_size >= 8, "data.toy.region_size", "must be >= 8")
+
+
+IMAGE_FORMATS = ("png", "jpg")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The scale-dependent synthetic slides (``foveation.data.synthetic``); tissue scales follow
+    the patch set."""
+
+    n_slides: int = 12
+    size: int = 1024
+    """Side length of each slide in pixels."""
+    seed: int = 0
+    grade5_fraction: float = 0.02
+    texture_contrast: float = 1.0
+    """Grade 4's fine-texture amplitude in units of the luminance noise (near 1: as weak as tissue)."""
+    noise_sigma: float = 5.0
+    n_annotators: int = 6
+    annotators_per_slide: tuple[int, int] = (3, 6)
+    """Each slide is labelled by a random number of annotators in this range (Gleason2019: 3-6)."""
+    image_format: str = "png"
+    """"png" keeps the weak texture cue intact; "jpg" (quality 95) mimics the real data."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "annotators_per_slide", tuple(int(v) for v in self.annotators_per_slide)
+        )
+        w = "data.synthetic"
+        _check(self.n_slides >= 1, f"{w}.n_slides", "must be >= 1")
+        _check(self.size >= 64, f"{w}.size", "must be >= 64")
+        _check(0 <= self.grade5_fraction < 0.5, f"{w}.grade5_fraction", "must be in [0, 0.5)")
+        _check(
+            self.noise_sigma >= 0 and self.texture_contrast >= 0,
+            f"{w}.noise_sigma/texture_contrast",
+            "must be >= 0",
+        )
+        lo, hi = (*self.annotators_per_slide, 0, 0)[:2]
+        _check(
+            len(self.annotators_per_slide) == 2 and 1 <= lo <= hi <= self.n_annotators,
+            f"{w}.annotators_per_slide",
+            f"must be [min, max] with 1 <= min <= max <= n_annotators ({self.n_annotators})",
+        )
+        _check(
+            self.image_format in IMAGE_FORMATS,
+            f"{w}.image_format",
+            f"must be one of {IMAGE_FORMATS}",
+        )
+
+
+COMPRESSIONS = ("jpeg", "deflate", "lzw", "none")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Raw slides (Gleason2019 layout, a folder or an s3:// prefix) -> pyramidal TIFFs, fused
+    label pyramids and a Parquet manifest (``foveation.data.ingest``)."""
+
+    source: str = "runs/data/synthetic-raw"
+    dest: str = "runs/data/ingested"
+    crop_size: int | None = 4400
+    """Side of the central crop (the paper: 4400); unset keeps whole images."""
+    tile_size: int = 256
+    compression: str = "jpeg"
+    quality: int = 90
+    """JPEG quality of image tiles (labels are always stored losslessly)."""
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    test_count: int | None = None
+    """A fixed number of test slides instead of a fraction (the paper: 30 of 298)."""
+    split_seed: int = 0
+    task_cpus: float = 0.5
+    """Logical CPUs per Ray ingest task (fractional on small machines: DESIGN.md)."""
+    max_error_fraction: float = 0.5
+    """The job fails when more than this fraction of slides cannot be ingested."""
+
+    def __post_init__(self) -> None:
+        w = "data.ingest"
+        _check(self.crop_size is None or self.crop_size >= 64, f"{w}.crop_size", "must be >= 64")
+        _check(
+            self.tile_size in (128, 256, 512, 1024),
+            f"{w}.tile_size",
+            "must be 128, 256, 512 or 1024",
+        )
+        _check(
+            self.compression in COMPRESSIONS, f"{w}.compression", f"must be one of {COMPRESSIONS}"
+        )
+        _check(1 <= self.quality <= 100, f"{w}.quality", "must be in [1, 100]")
+        _check(
+            0 <= self.val_fraction < 1
+            and 0 <= self.test_fraction < 1
+            and self.val_fraction + self.test_fraction < 1,
+            f"{w}.val_fraction/test_fraction",
+            "must be in [0, 1) and sum to less than 1",
+        )
+        _check(self.task_cpus > 0, f"{w}.task_cpus", "must be > 0")
+        _check(0 <= self.max_error_fraction <= 1, f"{w}.max_error_fraction", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "runs/data/synthetic"
-    """Where the image set lives (a path or URI); generated there when missing."""
+    root: str = "runs/data/toy"
+    """Where the toy set lives (a path or URI); generated there when missing."""
+    toy: ToyConfig = field(default_factory=ToyConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
 
 
 @dataclass(frozen=True)

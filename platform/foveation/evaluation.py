@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from foveation.config import Config
-from foveation.data.synthetic import Sample
+from foveation.data.toy import Sample
 from foveation.inference import ArraySink, ArraySource, segment
 from foveation.metrics import ConfusionMatrix
 from foveation.models.foveated import FoveatedSegmenter

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from foveation import storage
 from foveation.checkpoint import save_checkpoint
 from foveation.config import Config
-from foveation.data.synthetic import ensure_set, load_split
+from foveation.data.toy import ensure_set, load_split
 from foveation.evaluation import evaluate
 from foveation.report import apsm_figure, metrics_table, prediction_figure, write_report
 from foveation.training.loop import train
@@ -25,7 +25,7 @@ class ExperimentResult:
 
 
 def run_local(cfg: Config, out: str, log: Callable[[str], None] = print) -> ExperimentResult:
-    ensure_set(cfg.data.root, cfg.data.synthetic, cfg.model.num_classes)
+    ensure_set(cfg.data.root, cfg.data.toy, cfg.model.num_classes)
     train_set = load_split(cfg.data.root, "train")
     val_set = load_split(cfg.data.root, "val")
     test_set = load_split(cfg.data.root, "test")

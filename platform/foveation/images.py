@@ -81,6 +81,10 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
         raise ImageError(
             f"{name}: not a readable image (expected PNG, JPEG or TIFF bytes)"
         ) from None
+    except Exception as exc:  # PIL raises OSError / SyntaxError on broken headers
+        raise ImageError(
+            f"{name}: not a readable image (expected PNG, JPEG or TIFF bytes; {exc})"
+        ) from None
     w, h = im.size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(f"{name}: {w} x {h} pixels exceeds the limit of {max_pixels}")
@@ -93,19 +97,36 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
     return as_rgb_uint8(np.asarray(im), name)
 
 
-def encode_png(array: np.ndarray) -> bytes:
+def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """PNG bytes; level 1 by default: most of the size win at a fraction of the time."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality, subsampling=0)
     return buf.getvalue()
 
 
 def decode_label(data: bytes, name: str = "label") -> np.ndarray:
     """A single-channel PNG of class ids -> uint8 [H, W]."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    im = Image.open(io.BytesIO(data))
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except (UnidentifiedImageError, SyntaxError):
+        raise ImageError(
+            f"{name}: not a readable label image (expected a single-channel PNG)"
+        ) from None
+    except Exception as exc:  # truncated data raises OSError from open() or load()
+        raise ImageError(f"{name}: truncated or corrupt label image ({exc})") from None
     a = np.asarray(im)
     if a.ndim != 2:
         raise ImageError(f"{name}: expected a single-channel label map, got shape {a.shape}")

@@ -26,7 +26,7 @@ def paper_cfg(root):
 
 @pytest.fixture(scope="module")
 def images():
-    from foveation.data.synthetic import generate_image
+    from foveation.data.toy import generate_image
 
     return [generate_image(4400, 2000, seed=i) for i in range(2)]
 

@@ -19,7 +19,7 @@ xr_scale = 16
 backbone = "hrnet_w18_small"
 [data]
 root = "{root}"
-[data.synthetic]
+[data.toy]
 n_train = 4
 n_val = 1
 n_test = 2

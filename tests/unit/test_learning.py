@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from foveation.data.synthetic import generate_set, load_split
+from foveation.data.toy import generate_set, load_split
 from foveation.evaluation import evaluate
 from foveation.training.loop import train
 
@@ -15,7 +15,7 @@ def test_short_training_learns_the_cue_and_the_scale_that_carries_it(debug_cfg, 
     cfg = dataclasses.replace(
         debug_cfg, data=dataclasses.replace(debug_cfg.data, root=str(tmp_path / "data"))
     )
-    generate_set(cfg.data.root, cfg.data.synthetic)
+    generate_set(cfg.data.root, cfg.data.toy)
     result = train(cfg, load_split(cfg.data.root, "train"), None, log=lambda s: None)
     m = evaluate(result.model, load_split(cfg.data.root, "test"), cfg)
     # chance for 4 balanced classes is an mIoU near 0.14 (uniform guess) to 0.25 (perfect priors)

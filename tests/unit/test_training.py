@@ -6,7 +6,7 @@ import torch
 
 from foveation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from foveation.config import Config, TrainingConfig, replace
-from foveation.data.synthetic import generate_image
+from foveation.data.toy import generate_image
 from foveation.models import build_model
 from foveation.training.optim import build_optimizer, param_groups, poly_decay
 from foveation.training.step import TrainingDiverged, prepare_image, sample_locations, train_step

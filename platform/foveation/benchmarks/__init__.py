@@ -75,6 +75,7 @@ def timed(fn: Callable[[], object], repeat: int = 3) -> float:
 
 SUITES: dict[str, str] = {
     "patches": "foveation.benchmarks.patches:run",
+    "ingest": "foveation.benchmarks.ingest:run",
 }
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from foveation.benchmarks import Figure, compared, timed
 from foveation.config import Config, load_config
-from foveation.data.synthetic import Sample, generate_image
+from foveation.data.toy import Sample, generate_image
 from foveation.images import to_chw_tensor
 from foveation.patches import PatchExtractor, all_locations, location_centres, normalise
 
@@ -88,13 +88,13 @@ def _extraction(cfg: Config, size: int, n_vec: int, n_loop: int) -> list[Figure]
 
 
 def _inference(cfg: Config, size: int) -> list[Figure]:
-    from foveation.data.synthetic import ensure_set, load_split
+    from foveation.data.toy import ensure_set, load_split
     from foveation.evaluation import evaluate
     from foveation.training.loop import train
 
-    ensure_set(cfg.data.root, cfg.data.synthetic, cfg.model.num_classes)
+    ensure_set(cfg.data.root, cfg.data.toy, cfg.model.num_classes)
     model = train(cfg, load_split(cfg.data.root, "train"), None, log=lambda s: None).model
-    image, label = generate_image(size, cfg.data.synthetic.region_size, seed=54321)
+    image, label = generate_image(size, cfg.data.toy.region_size, seed=54321)
     test = [Sample("bench", "test", image, label)]
     res, secs = {}, {}
     for mode in ("tiled", "dense"):

@@ -1,147 +1,370 @@
-"""A first, minimal synthetic image set whose class cue lives at one scale only.
+"""Synthetic H&E-looking slides whose best field of view differs by class, by construction.
 
-Each image is H&E-looking (pink stroma, purple nuclei, pale lumina) with a label map of
-Voronoi regions. All classes share the same colours, nuclei and noise; a class shows only as a
-fine texture of period 2 px (none / checkerboard / vertical / horizontal stripes) that averages
-to exactly zero over every aligned 2x2 block. So the cue survives only in the smallest-FoV,
-full-resolution patch: area downsampling by 2 or more erases it. A model that learns from it
-must choose the smallest FoV, which is what the "learning" test checks of the foveation net.
-The Data issue grows this into the scale-dependent generator (context and texture classes).
+Scales come from the patch set (``TissueScales.from_patches``), so the debug and the paper
+configs both get a meaningful set. With F1 the smallest FoV:
+
+- **benign** and **grade 3** look the same locally: the same glands (a white lumen ringed by
+  nuclei, the same size), the same stroma, nuclei, colours and noise. Grade 3 places its glands
+  on a lattice (a random orientation per region), benign at random with the same density, so
+  only a window of several glands (a large FoV) tells them apart. Cue: *context*.
+- **grade 4** has grade 3's lattice and mean colour, plus a fine texture whose energy lies
+  only above what 2x area downsampling keeps: a random choice per aligned 2x2 block among
+  zero-mean 2x2 patterns, at a contrast near the noise level. Only a full-resolution patch
+  sees it, and diluting it (an averaged bank) drowns it. Cue: *texture*.
+- **grade 5** (about 2% of pixels): solid sheets of packed nuclei, no glands; visible at any
+  FoV. Cue: *either*.
+
+Regions are Voronoi cells from about the middle FoV to twice the largest, so every slide
+holds several classes. Each slide comes with its true label map, its cue map (0 context,
+1 texture, 2 either), and the maps of 3 to 6 of the data set's 6 simulated annotators, who
+shift boundaries by a few to tens of pixels and confuse neighbouring grades at 2-15%.
+``write_gleason_layout`` writes all of it in the Gleason2019 challenge's layout.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from foveation import storage
-from foveation.config import SyntheticConfig
-from foveation.images import decode_image, decode_label, encode_png
+from foveation.config import PatchSetConfig, SyntheticConfig
 
-STROMA = np.array([232.0, 170.0, 200.0])
-NUCLEUS = np.array([120.0, 70.0, 160.0])
-LUMEN = np.array([245.0, 240.0, 245.0])
-TEXTURE_AMPLITUDE = 14.0
-NOISE_SIGMA = 5.0
+STROMA = np.array([232.0, 170.0, 200.0], np.float32)
+NUCLEUS = np.array([105.0, 55.0, 150.0], np.float32)
+LUMEN = np.array([246.0, 240.0, 246.0], np.float32)
 
-
-def _texture(cls: int, h: int, w: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w]
-    if cls == 1:
-        t = ((yy + xx) % 2) * 2 - 1
-    elif cls == 2:
-        t = (xx % 2) * 2 - 1
-    elif cls == 3:
-        t = (yy % 2) * 2 - 1
-    else:
-        t = np.zeros((h, w))
-    return t.astype(np.float32)
-
-
-def generate_image(
-    size: int, region_size: int, seed: int, num_classes: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """One (image uint8 [size, size, 3], label uint8 [size, size]) pair, deterministic in ``seed``."""
-    rng = np.random.default_rng(seed)
-    # Voronoi regions, one class each; every class appears in most images.
-    n_regions = max(2, round((size / region_size) ** 2))
-    pts = rng.uniform(0, size, size=(n_regions, 2))
-    classes = rng.permutation(np.arange(n_regions) % num_classes)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    d2 = (yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2
-    label = classes[d2.argmin(-1)].astype(np.uint8)
-
-    # Tissue: stroma with smooth colour drift, nuclei and lumina placed the same way for all classes.
-    img = np.broadcast_to(STROMA, (size, size, 3)).astype(np.float32).copy()
-    drift = rng.normal(0, 1, (size // 32 + 2, size // 32 + 2, 3))
-    drift = np.kron(drift, np.ones((32, 32, 1)))[:size, :size] * 6.0
-    img += drift
-    for colour, count, radius in (
-        (NUCLEUS, size * size // 900, 3.5),
-        (LUMEN, size * size // 12000, 9.0),
-    ):
-        cy, cx = rng.uniform(0, size, (2, count))
-        r = rng.uniform(0.6, 1.4, count) * radius
-        for y, x, rr in zip(cy, cx, r, strict=True):
-            y0, y1 = int(max(0, y - rr - 1)), int(min(size, y + rr + 2))
-            x0, x1 = int(max(0, x - rr - 1)), int(min(size, x + rr + 2))
-            m = (yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2 <= rr * rr
-            img[y0:y1, x0:x1][m] = colour
-    for c in range(1, num_classes):
-        m = label == c
-        img[m] += TEXTURE_AMPLITUDE * _texture(c, size, size)[m][:, None]
-    img += rng.normal(0, NOISE_SIGMA, img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
+CUE_CONTEXT, CUE_TEXTURE, CUE_EITHER = 0, 1, 2
+CUE_OF_CLASS = np.array([CUE_CONTEXT, CUE_CONTEXT, CUE_TEXTURE, CUE_EITHER], np.uint8)
 
 
 @dataclass(frozen=True)
-class Sample:
-    slide_id: str
-    split: str
+class TissueScales:
+    """Pixel sizes of the tissue, derived from the patch set."""
+
+    gland_spacing: float  # lattice spacing d; a smallest-FoV patch holds about 2-3 glands
+    lumen_radius: float
+    nucleus_radius: float
+    region_min: float  # region (Voronoi cell) side range: about the middle FoV ...
+    region_max: float  # ... to twice the largest
+    grade5_radius: float
+
+    @classmethod
+    def from_patches(cls, pc: PatchSetConfig) -> TissueScales:
+        f1, fmid, fd = pc.fovs[0], pc.fovs[len(pc.fovs) // 2], pc.fovs[-1]
+        d = 0.6 * f1
+        return cls(
+            gland_spacing=d,
+            lumen_radius=0.22 * d,
+            nucleus_radius=max(1.5, f1 / 48),
+            region_min=float(fmid),
+            region_max=2.0 * fd,
+            grade5_radius=0.5 * fmid,
+        )
+
+
+@dataclass(frozen=True)
+class GeneratorParams:
+    grade5_fraction: float = 0.02
+    texture_contrast: float = 1.0  # grade-4 texture amplitude, in units of the luminance noise
+    noise_sigma: float = 5.0
+    stroma_nuclei_spacing: float = 9.0  # mean distance between stroma nuclei, in nucleus radii
+    grade5_density: float = 6.0  # nuclei density of grade 5 relative to stroma
+
+
+@dataclass
+class SyntheticSlide:
     image: np.ndarray  # uint8 [H, W, 3]
-    label: np.ndarray  # uint8 [H, W]
+    truth: np.ndarray  # uint8 [H, W], class ids 0..3
+    cue: np.ndarray  # uint8 [H, W], CUE_*
+    regions: np.ndarray  # int32 [H, W], region ids
+    region_class: np.ndarray  # uint8 [R], class of each region
+    glands: dict[int, np.ndarray]  # class -> gland centres [n, 2] (row, col), for statistics
 
 
-SPLITS = ("train", "val", "test")
+# -- geometry helpers -----------------------------------------------------------------------
 
 
-def generate_set(root: str, cfg: SyntheticConfig, num_classes: int = 4) -> str:
-    """Write the image set under ``root`` (PNG images and labels, ``index.json`` last, so a set
-    with an index is complete). Returns the index URI. Deterministic in ``cfg.seed``."""
-    entries = []
-    counts = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    seed_base = cfg.seed * 100_003
-    i = 0
-    for split in SPLITS:
-        for _ in range(counts[split]):
-            sid = f"syn{i:04d}"
-            image, label = generate_image(cfg.size, cfg.region_size, seed_base + i, num_classes)
-            img_png, lab_png = encode_png(image), encode_png(label)
-            storage.write_bytes(storage.join(root, split, f"{sid}.png"), img_png)
-            storage.write_bytes(storage.join(root, split, f"{sid}_label.png"), lab_png)
-            fractions = (
-                np.bincount(label.reshape(-1), minlength=num_classes)[:num_classes] / label.size
-            )
-            entries.append(
-                {
-                    "slide_id": sid,
-                    "split": split,
-                    "image": f"{split}/{sid}.png",
-                    "label": f"{split}/{sid}_label.png",
-                    "width": cfg.size,
-                    "height": cfg.size,
-                    "class_fractions": [float(f) for f in fractions],
-                    "checksum": hashlib.sha256(img_png).hexdigest(),
-                }
-            )
-            i += 1
-    index = {"generator": "foveation.data.synthetic", "config": cfg.__dict__, "samples": entries}
-    uri = storage.join(root, "index.json")
-    storage.write_bytes(uri, json.dumps(index, indent=1).encode())
-    return uri
+def _disc_offsets(radius: float) -> np.ndarray:
+    r = math.ceil(radius)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    m = yy**2 + xx**2 <= radius**2
+    return np.stack([yy[m], xx[m]], 1)
 
 
-def ensure_set(root: str, cfg: SyntheticConfig, num_classes: int = 4) -> str:
-    """Generate the set unless a complete one made with the same settings is already there."""
-    uri = storage.join(root, "index.json")
-    if storage.exists(uri):
-        index = json.loads(storage.read_bytes(uri))
-        if index.get("config") == cfg.__dict__:
-            return uri
-    return generate_set(root, cfg, num_classes)
+def _stamp(
+    img: np.ndarray, centres: np.ndarray, radius: float, colour, mask: np.ndarray | None = None
+) -> None:
+    """Paint discs of ``radius`` at ``centres`` [n, 2] (vectorised; clipped at the border)."""
+    if len(centres) == 0:
+        return
+    off = _disc_offsets(radius)
+    pts = (np.rint(centres).astype(np.int64)[:, None, :] + off[None]).reshape(-1, 2)
+    H, W = img.shape[:2]
+    ok = (pts[:, 0] >= 0) & (pts[:, 0] < H) & (pts[:, 1] >= 0) & (pts[:, 1] < W)
+    pts = pts[ok]
+    if mask is not None:
+        mask[pts[:, 0], pts[:, 1]] = True
+    else:
+        img[pts[:, 0], pts[:, 1]] = colour
 
 
-def load_split(root: str, split: str) -> list[Sample]:
-    """Decode every sample of one split into memory (small sets only; slides stream elsewhere)."""
-    index = json.loads(storage.read_bytes(storage.join(root, "index.json")))
-    out = []
-    for e in index["samples"]:
-        if e["split"] != split:
+def _smooth_field(rng, shape: tuple[int, int], cell: float, channels: int = 1) -> np.ndarray:
+    """Low-frequency noise: a coarse N(0, 1) grid bilinearly upsampled, [channels, H, W]."""
+    H, W = shape
+    gh, gw = max(2, math.ceil(H / cell) + 1), max(2, math.ceil(W / cell) + 1)
+    g = torch.from_numpy(rng.standard_normal((1, channels, gh, gw)).astype(np.float32))
+    up = F.interpolate(g, size=(H, W), mode="bilinear", align_corners=True)
+    return up[0].numpy()
+
+
+def hex_lattice(
+    shape: tuple[int, int], spacing: float, angle: float, offset: np.ndarray
+) -> np.ndarray:
+    """Points of a hexagonal lattice covering ``shape``, rotated by ``angle``, [n, 2]."""
+    H, W = shape
+    R = math.hypot(H, W)
+    n = int(R / spacing) + 2
+    i, j = np.mgrid[-n : n + 1, -n : n + 1]
+    x = (i + 0.5 * (j % 2)) * spacing
+    y = j * spacing * math.sqrt(3) / 2
+    c, s = math.cos(angle), math.sin(angle)
+    pts = np.stack([x * s + y * c, x * c - y * s], -1).reshape(-1, 2) + offset
+    ok = (pts[:, 0] >= 0) & (pts[:, 0] < H) & (pts[:, 1] >= 0) & (pts[:, 1] < W)
+    return pts[ok]
+
+
+def random_hardcore(rng, shape: tuple[int, int], count: int, min_dist: float) -> np.ndarray:
+    """``count`` uniform points at least ``min_dist`` apart (random sequential adsorption)."""
+    H, W = shape
+    cell = min_dist / math.sqrt(2)
+    gh, gw = int(H / cell) + 1, int(W / cell) + 1
+    grid = -np.ones((gh, gw), np.int64)
+    pts: list[tuple[float, float]] = []
+    tries = 0
+    while len(pts) < count and tries < 30 * count + 100:
+        batch = rng.uniform((0, 0), (H, W), size=(256, 2))
+        for y, x in batch:
+            tries += 1
+            gy, gx = int(y / cell), int(x / cell)
+            ok = True
+            for yy in range(max(0, gy - 2), min(gh, gy + 3)):
+                for xx in range(max(0, gx - 2), min(gw, gx + 3)):
+                    k = grid[yy, xx]
+                    if k >= 0 and (pts[k][0] - y) ** 2 + (pts[k][1] - x) ** 2 < min_dist**2:
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if ok:
+                grid[gy, gx] = len(pts)
+                pts.append((y, x))
+                if len(pts) >= count:
+                    break
+    return np.array(pts, np.float64).reshape(-1, 2)
+
+
+def _voronoi(rng, shape: tuple[int, int], side: float, step: int) -> np.ndarray:
+    """Region ids [H, W] of Voronoi cells of mean side ``side``, boundaries wobbled by smooth
+    noise; computed on a grid of ``step`` px and upsampled (nearest)."""
+    H, W = shape
+    n = max(2, round(H * W / side**2))
+    seeds = torch.from_numpy(rng.uniform((0, 0), (H, W), size=(n, 2)).astype(np.float32))
+    h, w = math.ceil(H / step), math.ceil(W / step)
+    yy = (torch.arange(h, dtype=torch.float32) + 0.5) * step
+    xx = (torch.arange(w, dtype=torch.float32) + 0.5) * step
+    d = (yy[None, :, None] - seeds[:, 0, None, None]) ** 2 + (
+        xx[None, None, :] - seeds[:, 1, None, None]
+    ) ** 2
+    wobble = torch.from_numpy(_smooth_field(rng, (h, w), max(2.0, side / (3 * step)), n)) * (
+        0.15 * side
+    )
+    ids = (d.sqrt() + wobble).argmin(0).numpy().astype(np.int32)
+    return np.repeat(np.repeat(ids, step, 0), step, 1)[:H, :W]
+
+
+# -- the generator --------------------------------------------------------------------------
+
+
+def generate_slide(
+    height: int,
+    width: int,
+    scales: TissueScales,
+    seed: int,
+    params: GeneratorParams = GeneratorParams(),
+) -> SyntheticSlide:
+    """One synthetic slide, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    H, W = height, width
+    shape = (H, W)
+    side = float(np.clip(min(H, W) / 2.5, scales.region_min, scales.region_max))
+    regions = _voronoi(rng, shape, side, step=max(1, round(scales.gland_spacing / 8)))
+    n_reg = int(regions.max()) + 1
+    # Benign, grade 3 and grade 4 in equal shares; at least two classes when there are two cells.
+    region_class = rng.integers(0, 3, n_reg).astype(np.uint8)
+    if n_reg >= 2 and len(set(region_class.tolist())) == 1:
+        region_class[rng.integers(0, n_reg)] = (region_class[0] + 1 + rng.integers(0, 2)) % 3
+    # Grade 5 sheets: discs whose expected total area is grade5_fraction of the slide.
+    r5 = scales.grade5_radius
+    n5 = rng.poisson(params.grade5_fraction * H * W / (math.pi * r5**2))
+    g5 = np.zeros(shape, bool)
+    for c in rng.uniform((0, 0), (H, W), size=(n5, 2)):
+        _stamp(g5, c[None], r5 * rng.uniform(0.7, 1.3), True, mask=g5)
+    if n5:
+        regions = np.where(g5, n_reg, regions)
+        region_class = np.append(region_class, np.uint8(3))
+    truth = region_class[regions]
+
+    # Glands: lattice in grade 3 / 4 regions, random at the same density in benign ones.
+    d = scales.gland_spacing
+    density = 2 / (math.sqrt(3) * d * d)
+    glands: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
+    for r in range(n_reg):
+        cls = int(region_class[r])
+        sub = max(1, int(d / 4))
+        ys, xs = np.nonzero(regions[::sub, ::sub] == r)
+        if len(ys) == 0:
             continue
-        image = decode_image(storage.read_bytes(storage.join(root, e["image"])), e["image"])
-        label = decode_label(storage.read_bytes(storage.join(root, e["label"])), e["label"])
-        out.append(Sample(e["slide_id"], split, image, label))
-    return out
+        y0, x0 = max(0, ys.min() * sub - sub), max(0, xs.min() * sub - sub)
+        box = (min(H, ys.max() * sub + 2 * sub) - y0, min(W, xs.max() * sub + 2 * sub) - x0)
+        if cls in (1, 2):
+            pts = hex_lattice(box, d, rng.uniform(0, math.pi / 3), rng.uniform(0, d, 2))
+            pts = pts + rng.normal(0, 0.06 * d, pts.shape)
+        else:
+            pts = random_hardcore(rng, box, int(rng.poisson(density * box[0] * box[1])), 0.6 * d)
+        pts = pts + np.array([y0, x0])
+        pts = pts[(pts[:, 0] >= 0) & (pts[:, 0] < H) & (pts[:, 1] >= 0) & (pts[:, 1] < W)]
+        ii = np.clip(pts.astype(np.int64), 0, [H - 1, W - 1])
+        pts = pts[(regions[ii[:, 0], ii[:, 1]] == r)]
+        glands[cls].append(pts)
+    gland_pts = {k: (np.concatenate(v) if v else np.zeros((0, 2))) for k, v in glands.items()}
+
+    # Paint: stroma with colour drift, stroma nuclei (denser in grade 5), glands.
+    drift = _smooth_field(rng, shape, 8 * d, 3).transpose(1, 2, 0) * 5.0
+    img = STROMA[None, None] + drift
+    rn = scales.nucleus_radius
+    spacing = params.stroma_nuclei_spacing * rn
+    n_nuc = rng.poisson(H * W / spacing**2)
+    nuc = rng.uniform((0, 0), (H, W), size=(n_nuc, 2))
+    if n5:
+        extra = rng.uniform(
+            (0, 0), (H, W), size=(rng.poisson(H * W * (params.grade5_density - 1) / spacing**2), 2)
+        )
+        ii = extra.astype(np.int64)
+        nuc = np.concatenate([nuc, extra[g5[ii[:, 0], ii[:, 1]]]])
+    all_glands = np.concatenate(list(gland_pts.values()))
+    ii = np.clip(all_glands.astype(np.int64), 0, [H - 1, W - 1])
+    all_glands = all_glands[~g5[ii[:, 0], ii[:, 1]]]
+    for k in gland_pts:
+        jj = np.clip(gland_pts[k].astype(np.int64), 0, [H - 1, W - 1])
+        gland_pts[k] = gland_pts[k][~g5[jj[:, 0], jj[:, 1]]]
+    _stamp(img, nuc, rn, NUCLEUS)
+    rl = scales.lumen_radius
+    _stamp(img, all_glands, rl + 2.2 * rn, STROMA + 8.0)  # a paler rim around each gland
+    ring_r = rl + 1.2 * rn
+    n_ring = max(6, round(2 * math.pi * ring_r / (2.3 * rn)))
+    phase = rng.uniform(0, 2 * math.pi, (len(all_glands), 1))
+    ang = phase + np.arange(n_ring)[None] * 2 * math.pi / n_ring
+    ring = all_glands[:, None, :] + ring_r * np.stack([np.sin(ang), np.cos(ang)], -1)
+    _stamp(img, ring.reshape(-1, 2), rn, NUCLEUS)
+    _stamp(img, all_glands, rl, LUMEN)
+
+    # Grade 4's fine texture: zero mean over every aligned 2x2 block, near the noise level.
+    sigma = params.noise_sigma
+    g4 = truth == 2
+    if g4.any():
+        kernels = np.array([[[1, -1], [-1, 1]], [[1, 1], [-1, -1]], [[1, -1], [1, -1]]], np.float32)
+        hb, wb = (H + 1) // 2, (W + 1) // 2
+        pick = (
+            kernels[rng.integers(0, 3, (hb, wb))]
+            * rng.choice([-1.0, 1.0], (hb, wb))[..., None, None]
+        )
+        tex = pick.transpose(0, 2, 1, 3).reshape(2 * hb, 2 * wb)[:H, :W]
+        img += (params.texture_contrast * sigma * tex * g4)[..., None]
+    img += rng.normal(0, sigma, (H, W, 1)).astype(np.float32)  # luminance noise
+    img += rng.normal(0, 0.4 * sigma, (H, W, 3)).astype(np.float32)  # chroma noise
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return SyntheticSlide(image, truth, CUE_OF_CLASS[truth], regions, region_class, gland_pts)
+
+
+# -- simulated annotators -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Annotator:
+    index: int
+    shift_px: float  # typical boundary displacement
+    confusion: float  # rate at which a region is called a neighbouring grade
+
+
+def make_annotators(seed: int, n: int = 6) -> list[Annotator]:
+    """A data set's annotators, each with its own skill (seeded)."""
+    rng = np.random.default_rng(seed + 7_777_777)
+    return [
+        Annotator(i + 1, float(rng.uniform(3, 30)), float(rng.uniform(0.02, 0.15)))
+        for i in range(n)
+    ]
+
+
+def annotate(slide: SyntheticSlide, who: Annotator, seed: int) -> np.ndarray:
+    """One annotator's label map [H, W] uint8: regions relabelled to a neighbouring grade with
+    probability ``confusion``, boundaries displaced by a smooth field of about ``shift_px``."""
+    rng = np.random.default_rng(seed * 31 + who.index)
+    cls = slide.region_class.astype(np.int64).copy()
+    flip = rng.random(len(cls)) < who.confusion
+    step = rng.choice([-1, 1], len(cls))
+    cls = np.where(flip, np.clip(cls + step, 0, 3), cls)
+    H, W = slide.truth.shape
+    disp = _smooth_field(rng, (H, W), max(16.0, 6 * who.shift_px), 2) * who.shift_px
+    yy = np.clip(np.arange(H)[:, None] + np.rint(disp[0]).astype(np.int64), 0, H - 1)
+    xx = np.clip(np.arange(W)[None, :] + np.rint(disp[1]).astype(np.int64), 0, W - 1)
+    return cls[slide.regions[yy, xx]].astype(np.uint8)
+
+
+# -- the data set in the Gleason2019 layout ------------------------------------------------
+
+
+def write_synthetic_set(
+    dest: str, cfg: SyntheticConfig, patches: PatchSetConfig, log=print
+) -> list[str]:
+    """Generate ``cfg.n_slides`` slides into ``dest`` in the Gleason2019 layout (each slide by a
+    random 3 to 6 of the set's annotators; true labels and cue maps beside). Deterministic in
+    ``cfg.seed``. Returns the slide ids."""
+    from foveation.data import gleason
+    from foveation.images import encode_jpeg, encode_png
+
+    scales = TissueScales.from_patches(patches)
+    params = GeneratorParams(cfg.grade5_fraction, cfg.texture_contrast, cfg.noise_sigma)
+    annotators = make_annotators(cfg.seed, cfg.n_annotators)
+    lo, hi = cfg.annotators_per_slide
+    rng = np.random.default_rng(cfg.seed + 1)
+    raw_lut = np.array([gleason.CLASS_TO_RAW[c] for c in range(4)], np.uint8)
+    ids = []
+    for i in range(cfg.n_slides):
+        sid = gleason.slide_id(i)
+        seed = cfg.seed * 1_000_003 + i
+        s = generate_slide(cfg.size, cfg.size, scales, seed, params)
+        k = int(rng.integers(lo, hi + 1))
+        who = sorted(rng.choice(len(annotators), size=k, replace=False).tolist())
+        ext = "png" if cfg.image_format == "png" else "jpg"
+        data = encode_png(s.image) if ext == "png" else encode_jpeg(s.image, 95)
+        storage.write_bytes(storage.join(dest, gleason.IMAGE_DIR, f"{sid}.{ext}"), data)
+        for a in who:
+            m = raw_lut[annotate(s, annotators[a], seed)]
+            name = f"{sid}{gleason.MAP_SUFFIX}"
+            storage.write_bytes(
+                storage.join(dest, f"Maps{annotators[a].index}_T", name), encode_png(m)
+            )
+        storage.write_bytes(
+            storage.join(dest, gleason.TRUTH_DIR, f"{sid}{gleason.TRUTH_SUFFIX}"),
+            encode_png(s.truth),
+        )
+        storage.write_bytes(
+            storage.join(dest, gleason.CUE_DIR, f"{sid}{gleason.CUE_SUFFIX}"), encode_png(s.cue)
+        )
+        ids.append(sid)
+        log(f"  generated {sid} ({cfg.size} px, annotators {[annotators[a].index for a in who]})")
+    return ids

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from foveation.config import Config
-from foveation.data.synthetic import Sample
+from foveation.data.toy import Sample
 from foveation.evaluation import evaluate
 from foveation.models.foveated import FoveatedSegmenter, build_model
 from foveation.training.optim import build_optimizer

@@ -1,0 +1,62 @@
+"""Ingest raw slides (Gleason2019 layout, a folder or s3:// prefix) into object storage:
+pyramidal TIFFs, STAPLE-fused label pyramids, and the Parquet manifest. Slides run as Ray tasks.
+
+    python -m jobs.ingest --config jobs/configs/debug.toml [--source DIR_OR_S3] [--dest URI]
+        [--generate]   # first write the synthetic set to the source if it holds no slides
+        [--serial]     # one process, no Ray (the benchmark's baseline)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from foveation.config import ConfigError, load_config
+from foveation.data.gleason import DataError, scan
+from foveation.data.ingest import IngestError, ingest, serial_map
+from foveation.data.synthetic import write_synthetic_set
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="jobs/configs/debug.toml")
+    p.add_argument("--source", help="default: data.ingest.source")
+    p.add_argument("--dest", help="default: data.ingest.dest")
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="write the synthetic set first if the source is empty",
+    )
+    p.add_argument("--serial", action="store_true", help="one process instead of Ray tasks")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ic = cfg.data.ingest
+    source, dest = args.source or ic.source, args.dest or ic.dest
+    if args.generate:
+        try:
+            scan(source)
+        except DataError:
+            write_synthetic_set(source, cfg.data.synthetic, cfg.patches)
+    if args.serial:
+        map_fn = serial_map
+    else:
+        from foveation.raycluster import ray_map
+
+        def map_fn(fn, items):
+            return ray_map(fn, items, num_cpus=ic.task_cpus, desc="ingest")
+
+    try:
+        summary = ingest(source, dest, ic, cfg.model.num_classes, map_fn=map_fn)
+    except (DataError, IngestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary.text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

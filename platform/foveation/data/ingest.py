@@ -1,0 +1,316 @@
+"""Ingest: raw slides in the Gleason2019 layout (a folder or an s3:// prefix) -> object storage:
+
+    <dest>/slides/<id>.tif            pyramidal tiled TIFF (a level at every power of 2)
+    <dest>/labels/<id>.tif            the STAPLE-fused label map, a pyramid shrunk by mode
+    <dest>/annotators/<id>_mapK.png   each annotator's map (class ids), cropped like the slide
+    <dest>/truth/<id>.png, cues/<id>.png   synthetic sets only
+    <dest>/rows/<id>.json             one manifest row per finished slide (resume / skip)
+    <dest>/manifest.parquet           written last, atomically: the only entry point for readers
+    <dest>/ingest-summary.json        what landed, what was skipped and why
+
+Slides run in parallel as Ray tasks (``ingest`` takes any ``map_fn``; the job passes Ray's);
+one bad slide is reported and skipped; a slide already ingested from a source with the same
+checksum is skipped. The manifest schema is DESIGN.md's (``MANIFEST_SCHEMA``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from foveation import storage
+from foveation.config import IngestConfig
+from foveation.data.gleason import (
+    DataError,
+    RawSlide,
+    assign_splits,
+    central_crop,
+    map_labels,
+    scan,
+)
+from foveation.data.staple import staple
+from foveation.images import ImageError, decode_image, decode_label, encode_png
+
+SCHEMA_VERSION = 1
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("schema_version", pa.int32()),
+        ("slide_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("mpp", pa.float64()),
+        ("level_downsamples", pa.list_(pa.float64())),
+        ("label_uri", pa.string()),
+        ("annotator_uris", pa.list_(pa.string())),
+        ("truth_uri", pa.string()),
+        ("cue_uri", pa.string()),
+        ("split", pa.string()),
+        ("class_fractions", pa.list_(pa.float64())),
+        ("checksum", pa.string()),
+    ]
+)
+
+
+class IngestError(RuntimeError):
+    pass
+
+
+@dataclass
+class SlideOutcome:
+    slide_id: str
+    status: str  # "ingested", "unchanged" or "failed"
+    row: dict | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    megapixels: float = 0.0
+
+
+@dataclass
+class IngestSummary:
+    dest: str
+    manifest_uri: str | None
+    ingested: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    megapixels: float = 0.0
+
+    def text(self) -> str:
+        lines = [
+            f"ingest into {self.dest}: {len(self.ingested)} ingested, {len(self.unchanged)} unchanged, "
+            f"{len(self.failed)} failed ({self.megapixels:.1f} MP in {self.seconds:.1f}s)"
+        ]
+        lines += [f"  skipped {sid}: {why}" for sid, why in sorted(self.failed.items())]
+        if self.manifest_uri:
+            lines.append(f"manifest: {self.manifest_uri}")
+        return "\n".join(lines)
+
+
+# -- one slide ------------------------------------------------------------------------------
+
+
+def _row_uri(dest: str, sid: str) -> str:
+    return storage.join(dest, "rows", f"{sid}.json")
+
+
+def _previous_row(dest: str, sid: str) -> dict | None:
+    uri = _row_uri(dest, sid)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (ValueError, storage.StorageError):
+        return None
+
+
+def _tiff_bytes(image: np.ndarray, cfg: IngestConfig, label: bool) -> tuple[bytes, list[float]]:
+    """Encode a pyramidal tiled TIFF (labels: lossless, pyramid shrunk by mode) and read back
+    the downsample of every level."""
+    import pyvips
+
+    bands = 1 if image.ndim == 2 else image.shape[2]
+    im = pyvips.Image.new_from_memory(
+        np.ascontiguousarray(image).data, image.shape[1], image.shape[0], bands, "uchar"
+    )
+    opts = {
+        "tile": True,
+        "pyramid": True,
+        "tile_width": cfg.tile_size,
+        "tile_height": cfg.tile_size,
+        "bigtiff": True,
+    }
+    if label:
+        opts |= {"compression": "deflate", "region_shrink": "mode"}
+    elif cfg.compression == "jpeg":
+        opts |= {"compression": "jpeg", "Q": cfg.quality}
+    else:
+        opts |= {"compression": cfg.compression}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "x.tif")
+        im.tiffsave(path, **opts)
+        w0 = image.shape[1]
+        downs = [w0 / pyvips.Image.new_from_file(path, page=p).width for p in range(_n_pages(path))]
+        with open(path, "rb") as f:
+            return f.read(), downs
+
+
+def _n_pages(path: str) -> int:
+    import pyvips
+
+    im = pyvips.Image.new_from_file(path)
+    return im.get("n-pages") if im.get_typeof("n-pages") else 1
+
+
+def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int = 4) -> SlideOutcome:
+    """Ingest one slide; never raises for bad input: a failed outcome names the file and why."""
+    t0 = time.perf_counter()
+    sid = raw.slide_id
+    try:
+        data = storage.read_bytes(raw.image_uri)
+        checksum = hashlib.sha256(data).hexdigest()
+        prev = _previous_row(dest, sid)
+        if (
+            prev
+            and prev.get("checksum") == checksum
+            and storage.exists(prev["image_uri"])
+            and storage.exists(prev["label_uri"])
+        ):
+            return SlideOutcome(sid, "unchanged", prev, seconds=time.perf_counter() - t0)
+        if not raw.annotator_uris:
+            raise DataError(f"{raw.image_uri}: no annotator map for {sid} in any MapsK_T folder")
+        image = decode_image(data, raw.image_uri)
+        H, W = image.shape[:2]
+        maps = []
+        for uri in raw.annotator_uris:
+            m = map_labels(decode_label(storage.read_bytes(uri), uri), uri)
+            if m.shape != (H, W):
+                raise DataError(
+                    f"{uri}: label map is {m.shape[1]} x {m.shape[0]}, expected the slide's {W} x {H}"
+                )
+            maps.append(central_crop(m, cfg.crop_size))
+        image = central_crop(image, cfg.crop_size)
+        fused = staple(maps, num_classes)
+
+        slide_bytes, downs = _tiff_bytes(image, cfg, label=False)
+        label_bytes, _ = _tiff_bytes(fused, cfg, label=True)
+        image_uri = storage.join(dest, "slides", f"{sid}.tif")
+        label_uri = storage.join(dest, "labels", f"{sid}.tif")
+        storage.write_bytes(image_uri, slide_bytes)
+        storage.write_bytes(label_uri, label_bytes)
+        ann_uris = []
+        for k, m in zip(raw.annotators, maps, strict=True):
+            u = storage.join(dest, "annotators", f"{sid}_map{k}.png")
+            storage.write_bytes(u, encode_png(m))
+            ann_uris.append(u)
+        extra = {}
+        for key, src, folder in (
+            ("truth_uri", raw.truth_uri, "truth"),
+            ("cue_uri", raw.cue_uri, "cues"),
+        ):
+            if src is None:
+                extra[key] = None
+                continue
+            a = central_crop(decode_label(storage.read_bytes(src), src), cfg.crop_size)
+            u = storage.join(dest, folder, f"{sid}.png")
+            storage.write_bytes(u, encode_png(a))
+            extra[key] = u
+        fractions = np.bincount(fused.reshape(-1), minlength=num_classes)[:num_classes] / fused.size
+        row = {
+            "schema_version": SCHEMA_VERSION,
+            "slide_id": sid,
+            "image_uri": image_uri,
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "mpp": None,
+            "level_downsamples": downs,
+            "label_uri": label_uri,
+            "annotator_uris": ann_uris,
+            **extra,
+            "split": None,
+            "class_fractions": [float(f) for f in fractions],
+            "checksum": checksum,
+        }
+        storage.write_bytes(_row_uri(dest, sid), json.dumps(row).encode())
+        mp = image.shape[0] * image.shape[1] / 1e6
+        return SlideOutcome(sid, "ingested", row, seconds=time.perf_counter() - t0, megapixels=mp)
+    except (DataError, ImageError, storage.StorageError) as exc:  # messages already name the file
+        return SlideOutcome(sid, "failed", error=str(exc), seconds=time.perf_counter() - t0)
+    except Exception as exc:  # anything else still fails only this slide, named
+        err = f"{raw.image_uri}: {type(exc).__name__}: {exc}"
+        return SlideOutcome(sid, "failed", error=err, seconds=time.perf_counter() - t0)
+
+
+# -- the whole set --------------------------------------------------------------------------
+
+
+def serial_map(fn: Callable, items: Iterable) -> Iterable:
+    """The one-process baseline of ``ingest``'s ``map_fn``."""
+    for it in items:
+        yield fn(it)
+
+
+def ingest(
+    source: str,
+    dest: str,
+    cfg: IngestConfig,
+    num_classes: int = 4,
+    map_fn: Callable[[Callable, list], Iterable[SlideOutcome]] = serial_map,
+    log: Callable[[str], None] = print,
+) -> IngestSummary:
+    """Ingest every slide under ``source`` into ``dest`` and write the manifest last."""
+    t0 = time.perf_counter()
+    slides = scan(source)
+    log(f"ingest: {len(slides)} slides from {source}")
+    summary = IngestSummary(dest, None)
+    rows = []
+
+    def one(raw: RawSlide) -> SlideOutcome:
+        return ingest_slide(raw, dest, cfg, num_classes)
+
+    for out in map_fn(one, slides):
+        if out.status == "failed":
+            summary.failed[out.slide_id] = out.error or "unknown error"
+            log(f"  FAILED {out.slide_id}: {out.error}")
+            continue
+        (summary.ingested if out.status == "ingested" else summary.unchanged).append(out.slide_id)
+        summary.megapixels += out.megapixels
+        rows.append(out.row)
+    summary.seconds = time.perf_counter() - t0
+    if len(summary.failed) > cfg.max_error_fraction * len(slides) or not rows:
+        raise IngestError(
+            f"{len(summary.failed)} of {len(slides)} slides failed (more than data.ingest.max_error_fraction = "
+            f"{cfg.max_error_fraction}); no manifest written.\n{summary.text()}"
+        )
+    splits = assign_splits(
+        [r["slide_id"] for r in rows],
+        cfg.val_fraction,
+        cfg.test_fraction,
+        cfg.test_count,
+        cfg.split_seed,
+    )
+    for r in rows:
+        r["split"] = splits[r["slide_id"]]
+    rows.sort(key=lambda r: r["slide_id"])
+    summary.manifest_uri = write_manifest(dest, rows)
+    storage.write_bytes(
+        storage.join(dest, "ingest-summary.json"), json.dumps(asdict(summary), indent=1).encode()
+    )
+    return summary
+
+
+def write_manifest(dest: str, rows: list[dict]) -> str:
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    uri = storage.join(dest, "manifest.parquet")
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def read_manifest(dest_or_uri: str) -> pa.Table:
+    uri = (
+        dest_or_uri
+        if dest_or_uri.endswith(".parquet")
+        else storage.join(dest_or_uri, "manifest.parquet")
+    )
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    except storage.StorageError as exc:
+        raise DataError(f"{uri}: no manifest ({exc}); run `python -m jobs.ingest` first") from None
+    missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise DataError(
+            f"{uri}: not a manifest of this platform (missing columns {sorted(missing)})"
+        )
+    return table

@@ -1,0 +1,156 @@
+"""The Gleason2019 layout (written by the generator, read by the one reader) and ingest into
+local storage, in one process. (Ray tasks and S3: tests/integration/test_ingest.py.)"""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from foveation.config import IngestConfig, PatchSetConfig, SyntheticConfig
+from foveation.data.gleason import DataError, assign_splits, central_crop, map_labels, scan
+from foveation.data.ingest import MANIFEST_SCHEMA, IngestError, ingest, ingest_slide, read_manifest
+from foveation.data.synthetic import write_synthetic_set
+from foveation.images import decode_label, encode_png
+
+PC = PatchSetConfig()
+SYN = SyntheticConfig(n_slides=5, size=256, seed=3)
+ING = IngestConfig(
+    crop_size=192, tile_size=128, compression="deflate", val_fraction=0.2, test_fraction=0.2
+)
+
+
+@pytest.fixture(scope="module")
+def raw_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    write_synthetic_set(str(root), SYN, PC, log=lambda s: None)
+    return root
+
+
+def copy_set(raw_set, tmp_path):
+    dst = tmp_path / "raw"
+    shutil.copytree(raw_set, dst)
+    return dst
+
+
+def test_the_synthetic_set_reads_back_through_the_gleason_reader(raw_set):
+    slides = scan(str(raw_set))
+    assert [s.slide_id for s in slides] == [
+        "slide001_core001",
+        "slide001_core002",
+        "slide001_core003",
+        "slide001_core004",
+        "slide002_core001",
+    ]
+    for s in slides:
+        assert s.image_uri.endswith(f"Train Imgs/{s.slide_id}.png")
+        assert 3 <= len(s.annotator_uris) <= 6 and len(s.annotators) == len(s.annotator_uris)
+        assert all(f"Maps{k}_T/" in u for k, u in zip(s.annotators, s.annotator_uris, strict=True))
+        assert s.truth_uri and s.cue_uri
+        raw = decode_label(Path(s.annotator_uris[0]).read_bytes())
+        assert set(np.unique(raw)) <= {1, 3, 4, 5}  # the challenge's raw values
+
+
+def test_label_mapping_crop_and_splits():
+    raw = np.array([[0, 1, 2, 6], [3, 4, 5, 1]], np.uint8)
+    assert map_labels(raw, "m.png").tolist() == [[0, 0, 0, 0], [1, 2, 3, 0]]
+    with pytest.raises(DataError, match=r"m\.png: unknown label values \[7, 9\]"):
+        map_labels(np.array([[7, 9]], np.uint8), "m.png")
+    a = np.arange(100).reshape(10, 10)
+    assert central_crop(a, 4).tolist() == a[3:7, 3:7].tolist() and central_crop(a, 40).shape == (
+        10,
+        10,
+    )
+    ids = [f"s{i:03d}" for i in range(298)]
+    split = assign_splits(ids, 0.0, 0.1, 30, seed=0)
+    assert (
+        sum(v == "test" for v in split.values()) == 30
+        and sum(v == "train" for v in split.values()) == 268
+    )
+    assert split == assign_splits(list(reversed(ids)), 0.0, 0.1, 30, seed=0)  # order-independent
+    assert split != assign_splits(ids, 0.0, 0.1, 30, seed=1)
+
+
+def test_scan_errors_name_the_place(tmp_path, raw_set):
+    with pytest.raises(DataError, match="no slides found"):
+        scan(str(tmp_path))
+    root = copy_set(raw_set, tmp_path)
+    (root / "Maps6_T").mkdir(exist_ok=True)
+    for f in (root / "Maps6_T").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match="Maps6_T"):
+        scan(str(root))
+
+
+def test_ingest_writes_pyramids_and_the_manifest_and_is_idempotent(raw_set, tmp_path):
+    import pyvips
+
+    dest = str(tmp_path / "out")
+    summary = ingest(str(raw_set), dest, ING, log=lambda s: None)
+    assert len(summary.ingested) == 5 and not summary.failed
+    table = read_manifest(dest)
+    assert table.schema.equals(MANIFEST_SCHEMA)
+    rows = table.to_pylist()
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    for r in rows:
+        assert (r["width"], r["height"]) == (192, 192) and r["schema_version"] == 1
+        assert r["level_downsamples"][0] == 1.0 and len(r["level_downsamples"]) >= 2
+        for page, down in enumerate(r["level_downsamples"]):
+            im = pyvips.Image.new_from_file(r["image_uri"], page=page)
+            assert im.width == round(192 / down) and im.bands == 3
+        lab = pyvips.Image.new_from_file(r["label_uri"], page=1).numpy()
+        assert set(np.unique(lab)) <= {0, 1, 2, 3}  # shrunk by mode: no averaged class ids
+        assert abs(sum(r["class_fractions"]) - 1) < 1e-6 and r["truth_uri"] and r["cue_uri"]
+    before = (tmp_path / "out" / "manifest.parquet").read_bytes()
+    again = ingest(str(raw_set), dest, ING, log=lambda s: None)
+    assert again.ingested == [] and len(again.unchanged) == 5
+    assert pq.read_table(tmp_path / "out" / "manifest.parquet").equals(
+        pq.read_table(__import__("io").BytesIO(before))
+    )
+
+
+def test_bad_slides_are_reported_and_skipped_and_the_rest_land(raw_set, tmp_path):
+    root = copy_set(raw_set, tmp_path)
+    slides = {s.slide_id: s for s in scan(str(root))}
+    (root / "Train Imgs" / "slide001_core001.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n garbage"
+    )  # corrupt
+    png = (root / "Train Imgs" / "slide001_core002.png").read_bytes()
+    (root / "Train Imgs" / "slide001_core002.png").write_bytes(png[: len(png) // 3])  # truncated
+    bad_map = slides["slide001_core003"].annotator_uris[0]
+    Path(bad_map).write_bytes(encode_png(np.full((100, 100), 1, np.uint8)))  # wrong size
+    bad_vals = slides["slide001_core004"].annotator_uris[0]
+    Path(bad_vals).write_bytes(encode_png(np.full((256, 256), 9, np.uint8)))  # unknown value
+    cfg = dataclasses.replace(ING, max_error_fraction=0.9)
+    summary = ingest(str(root), str(tmp_path / "out"), cfg, log=lambda s: None)
+    assert summary.ingested == ["slide002_core001"]
+    f = summary.failed
+    assert (
+        "slide001_core001.png" in f["slide001_core001"]
+        and "not a readable image" in f["slide001_core001"]
+    )
+    assert "truncated or corrupt" in f["slide001_core002"]
+    assert (
+        bad_map in f["slide001_core003"]
+        and "expected the slide's 256 x 256" in f["slide001_core003"]
+    )
+    assert bad_vals in f["slide001_core004"] and "unknown label values [9]" in f["slide001_core004"]
+    assert [r["slide_id"] for r in read_manifest(str(tmp_path / "out")).to_pylist()] == [
+        "slide002_core001"
+    ]
+    assert "4 failed" in summary.text()
+    # too many failures: no manifest at all, and a summary in the error
+    with pytest.raises(IngestError, match="4 of 5 slides failed"):
+        ingest(str(root), str(tmp_path / "out2"), ING, log=lambda s: None)
+    assert not (tmp_path / "out2" / "manifest.parquet").exists()
+
+
+def test_a_slide_without_annotator_maps_fails_by_name(raw_set, tmp_path):
+    root = copy_set(raw_set, tmp_path)
+    s = scan(str(root))[0]
+    for u in s.annotator_uris:
+        __import__("os").unlink(u)
+    out = ingest_slide(scan(str(root))[0], str(tmp_path / "o"), ING)
+    assert out.status == "failed" and "no annotator map for slide001_core001" in out.error
