@@ -1,0 +1,461 @@
+"""``foveation.storage`` on local disk and on a real S3 endpoint (moto's server on 127.0.0.1):
+round trips, atomic writes, error messages, dead endpoints failing fast, and retries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+
+import pyarrow.fs as pafs
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from foveation import storage
+from foveation.storage import ErrorKind, RetryPolicy
+
+
+@pytest.fixture(autouse=True)
+def _restore_storage_options() -> Iterator[None]:
+    previous = storage.configure()
+    yield
+    storage.configure(previous)
+
+
+@pytest.fixture(params=["path", "file-uri", "s3"])
+def base(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A fresh, empty location in each of the three URI forms."""
+    if request.param == "path":
+        return str(tmp_path / "base")
+    if request.param == "file-uri":
+        return f"file://{tmp_path / 'base'}"
+    return request.getfixturevalue("s3_bucket") + "/base"
+
+
+def _free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+
+
+# ------------------------------------------------------------------------------ round trips
+
+
+def test_round_trip(base: str, tmp_path) -> None:
+    payload = bytes(range(256)) * 40
+    uri = storage.join(base, "slides", "a.bin")
+    storage.write_bytes(uri, payload)
+
+    assert storage.exists(uri)
+    assert storage.exists(storage.join(base, "slides"))
+    assert not storage.exists(storage.join(base, "slides", "nope.bin"))
+    assert storage.read_bytes(uri) == payload
+    assert storage.size(uri) == len(payload)
+
+    with storage.open_input(uri) as f:  # ranged reads, as a slide reader does them
+        assert f.seekable()
+        assert f.read_at(10, 1000) == payload[1000:1010]
+        f.seek(5000)
+        assert f.read(7) == payload[5000:5007]
+        assert f.size() == len(payload)
+
+    local = tmp_path / "downloaded" / "a.bin"
+    storage.download_file(uri, local)
+    assert local.read_bytes() == payload
+    storage.upload_file(local, storage.join(base, "slides", "sub", "B.SVS"))
+    storage.write_bytes(storage.join(base, "label.png"), b"png")
+    storage.write_bytes(storage.join(base, ".hidden", "x.bin"), b"hidden")
+
+    everything = storage.list_files(base)
+    assert everything == [
+        storage.join(base, "label.png"),
+        storage.join(base, "slides", "a.bin"),
+        storage.join(base, "slides", "sub", "B.SVS"),
+    ]
+    assert storage.list_files(base, suffixes=[".svs", ".png"]) == [
+        storage.join(base, "label.png"),
+        storage.join(base, "slides", "sub", "B.SVS"),
+    ]
+    assert storage.list_files(uri) == [uri]
+
+    storage.delete(uri)
+    assert not storage.exists(uri)
+    storage.delete(storage.join(base, "slides"))
+    assert storage.list_files(base) == [storage.join(base, "label.png")]
+    with pytest.raises(storage.StorageNotFound, match="nope"):
+        storage.delete(storage.join(base, "nope"))
+    storage.delete(storage.join(base, "nope"), missing_ok=True)
+
+
+def test_large_streamed_write_round_trip(base: str) -> None:
+    """20 MiB through ``open_output``: on S3 a multipart upload (over the 8 MiB threshold)."""
+    chunk = os.urandom(1 << 20)
+    uri = storage.join(base, "big.tif")
+    with storage.open_output(uri) as f:
+        for _ in range(20):
+            f.write(chunk)
+    assert storage.size(uri) == 20 << 20
+    with storage.open_input(uri) as f:
+        assert f.read_at(len(chunk), 19 * len(chunk)) == chunk
+
+
+def test_staging_dir_appears_only_on_success(base: str) -> None:
+    uri = storage.join(base, "checkpoint")
+    with pytest.raises(RuntimeError), storage.local_staging_dir(uri) as tmp:
+        with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
+            f.write(b"weights")
+        raise RuntimeError("crash while saving")
+    assert not storage.exists(uri)
+
+    with storage.local_staging_dir(uri) as tmp:
+        os.makedirs(os.path.join(tmp, "deepspeed"))
+        for name in ("model.safetensors", "meta.json", "deepspeed/state.pt"):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(name.encode())
+    assert storage.list_files(uri) == [
+        storage.join(uri, "deepspeed", "state.pt"),
+        storage.join(uri, "meta.json"),
+        storage.join(uri, "model.safetensors"),
+    ]
+    assert storage.read_bytes(storage.join(uri, "meta.json")) == b"meta.json"
+
+
+# -------------------------------------------------------------------------------- atomicity
+
+
+def _spool_files() -> set[str]:
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(".foveation-upload-")}
+
+
+def test_write_failing_midway_leaves_old_content_and_no_temp_files(base: str, s3_client) -> None:
+    uri = storage.join(base, "dir", "report.md")
+    fresh = storage.join(base, "dir", "fresh.md")
+    storage.write_bytes(uri, b"old")
+    spools_before = _spool_files()
+
+    for target in (uri, fresh):
+        with pytest.raises(RuntimeError, match="midway"), storage.open_output(target) as f:
+            f.write(b"new" * (3 << 20))
+            raise RuntimeError("failed midway")
+
+    assert storage.read_bytes(uri) == b"old"
+    assert not storage.exists(fresh)
+    assert storage.list_files(base) == [uri]
+    assert _spool_files() == spools_before
+    if base.startswith("s3://"):
+        bucket = base.removeprefix("s3://").split("/")[0]
+        assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=bucket)
+    else:
+        directory = storage.resolve(storage.join(base, "dir"))[1]
+        assert sorted(os.listdir(directory)) == ["report.md"]  # hidden temp files included
+
+
+class _FailingSource:
+    """A readable file that breaks after ``limit`` bytes, as a dying disk or pipe does."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.done = limit, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.done >= self.limit:
+            raise OSError("source broke after 20 MiB")
+        n = 1 << 20 if n is None or n < 0 else n
+        self.done += n
+        return b"x" * n
+
+    def __enter__(self) -> _FailingSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_s3_upload_failing_midway_is_aborted_not_completed(s3_bucket: str, s3_client) -> None:
+    """The upload primitive itself: a multipart upload whose source breaks after two parts
+    leaves no object and no pending upload (pyarrow's output stream would complete it)."""
+    uri = f"{s3_bucket}/broken.tif"
+    with pytest.raises(storage.StorageError, match="source broke"):
+        storage._put_object(storage._locate(uri), lambda: _FailingSource(20 << 20))
+    assert not storage.exists(uri)
+    assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=s3_bucket[5:])
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def test_bad_local_paths_and_schemes_are_named(tmp_path) -> None:
+    path = str(tmp_path / "nope.png")
+    with pytest.raises(storage.StorageNotFound, match=r"nope\.png.*expected an existing file"):
+        storage.read_bytes(path)
+    with pytest.raises(storage.StorageNotFound, match=r"nope\.png"):
+        storage.list_files(path)
+    with pytest.raises(storage.StorageNotFound, match="no such local file"):
+        storage.upload_file(path, str(tmp_path / "copy.png"))
+    with pytest.raises(storage.StorageError, match="is a directory"):
+        storage.write_bytes(str(tmp_path), b"x")
+    assert not [n for n in os.listdir(tmp_path.parent) if n.startswith(f".{tmp_path.name}.")]
+    with pytest.raises(storage.StorageError, match=r"unsupported storage URI.*s3://"):
+        storage.read_bytes("gs://bucket/key")
+
+
+def test_missing_key_is_reported_at_once(s3_bucket: str, caplog) -> None:
+    uri = f"{s3_bucket}/slides/nope.svs"
+    with pytest.raises(storage.StorageNotFound) as err:
+        storage.read_bytes(uri)
+    message = str(err.value)
+    assert uri in message and "expected an existing file" in message
+    assert "bucket" not in message
+    for call in (storage.size, storage.open_input, storage.list_files):
+        with pytest.raises(storage.StorageNotFound, match=r"nope\.svs"):
+            call(uri)
+    assert _retry_warnings(caplog) == []  # a 404 is never retried
+
+
+def test_missing_bucket_is_named(s3_endpoint: str, caplog) -> None:
+    uri = "s3://no-such-bucket-here/slides/a.svs"
+    expected = f"bucket 'no-such-bucket-here' does not exist at {s3_endpoint}"
+    for call in (
+        storage.read_bytes,
+        storage.list_files,
+        storage.makedirs,
+        lambda u: storage.write_bytes(u, b"x"),
+    ):
+        with pytest.raises(storage.StorageNotFound, match=re.escape(expected)):
+            call(uri)
+    assert not storage.exists(uri)
+    assert _retry_warnings(caplog) == []
+
+
+def _set_moto_auth(endpoint: str, free_requests: str) -> None:
+    """moto checks signatures and IAM policies after ``free_requests`` more requests."""
+    request = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth",
+        data=free_requests.encode(),
+        method="POST",
+        headers={"Content-Type": "text/plain"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        response.read()
+
+
+@contextmanager
+def _user_denied_objects(endpoint: str) -> Iterator[dict[str, str]]:
+    """Credentials of an IAM user that may list buckets but neither get nor put objects,
+    with moto enforcing IAM for the duration."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+    user = f"reader-{uuid.uuid4().hex[:8]}"
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+            {"Effect": "Deny", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": "*"},
+        ],
+    }
+    _set_moto_auth(endpoint, "3")  # the three IAM calls below run before IAM is enforced
+    try:
+        iam.create_user(UserName=user)
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        iam.put_user_policy(UserName=user, PolicyName="deny", PolicyDocument=json.dumps(policy))
+        yield {
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+        }
+    finally:
+        _set_moto_auth(endpoint, "inf")
+
+
+def test_denied_access_is_a_permission_error(s3_bucket, s3_endpoint, monkeypatch, caplog) -> None:
+    uri = f"{s3_bucket}/slides/a.svs"
+    storage.write_bytes(uri, b"slide")
+    with _user_denied_objects(s3_endpoint) as credentials:
+        for name, value in credentials.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(storage.StoragePermissionError) as err:
+            storage.read_bytes(uri)
+        assert uri in str(err.value) and "access denied" in str(err.value)
+        assert "AWS_ACCESS_KEY_ID" in str(err.value)
+        with pytest.raises(storage.StoragePermissionError, match="access denied"):
+            storage.write_bytes(f"{s3_bucket}/new.bin", b"x")
+    assert _retry_warnings(caplog) == []  # a 403 is never retried
+    monkeypatch.undo()
+    assert storage.read_bytes(uri) == b"slide"  # the original identity's client is back
+
+
+def test_closed_port_fails_fast_naming_the_endpoint() -> None:
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    storage.configure(endpoint_url=endpoint)
+    for call in (
+        storage.exists,
+        storage.read_bytes,
+        storage.list_files,
+        lambda u: storage.write_bytes(u, b"x"),
+    ):
+        start = time.monotonic()
+        with pytest.raises(storage.StorageUnavailable) as err:
+            call("s3://bucket/key.bin")
+        assert time.monotonic() - start < 10
+        assert endpoint in str(err.value) and "s3://bucket/key.bin" in str(err.value)
+
+
+def test_silent_endpoint_fails_fast() -> None:
+    """A server that accepts connections but never answers: the request timeout bounds each
+    of the attempts, so the whole call fails in seconds."""
+    with closing(socket.socket()) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        storage.configure(endpoint_url=endpoint, request_timeout_s=1.0)
+        start = time.monotonic()
+        with pytest.raises(storage.StorageUnavailable, match=re.escape(endpoint)):
+            storage.exists("s3://bucket/key.bin")
+        assert time.monotonic() - start < 10
+
+
+# ---------------------------------------------------------------------------------- retries
+
+
+def test_backoff_retries_transient_failures_then_succeeds(caplog) -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionError("connection reset")
+        return "ok"
+
+    policy = RetryPolicy(attempts=3, base_delay_s=0.05, max_delay_s=1.0)
+    with caplog.at_level(logging.WARNING, logger="foveation.storage"):
+        assert storage.with_retries(flaky, policy, what="read s3://b/k") == "ok"
+    assert len(calls) == 3
+    # Delays of at least half the doubling cap (0.05 s, then 0.1 s): the backoff grows.
+    assert calls[1] - calls[0] >= 0.025 and calls[2] - calls[1] >= 0.05
+    assert len(_retry_warnings(caplog)) == 2
+
+
+def test_backoff_gives_up_and_never_retries_permanent_failures() -> None:
+    policy = RetryPolicy(attempts=3, base_delay_s=0.01)
+    for exc, expected_calls in [
+        (ConnectionError("down"), 3),
+        (FileNotFoundError("no such key"), 1),
+        (PermissionError("denied"), 1),
+        (ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"), 1),
+        (ValueError("a bug"), 1),
+    ]:
+        calls: list[int] = []
+
+        def failing(exc: Exception = exc, calls: list[int] = calls) -> None:
+            calls.append(1)
+            raise exc
+
+        with pytest.raises(type(exc)):
+            storage.with_retries(failing, policy)
+        assert len(calls) == expected_calls, exc
+
+
+def _pyarrow_error(code: str) -> OSError:
+    """An error as pyarrow's S3 filesystem raises it (format copied from real failures)."""
+    return OSError(
+        f"When reading information for key 'k' in bucket 'b': AWS Error {code} during "
+        "HeadObject operation: Please try again. (Request ID: 403Z500Q)"
+    )
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    response = {
+        "Error": {"Code": code, "Message": code},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(response, "GetObject")
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        # pyarrow's messages, with request ids that hold "403" and "500" to be ignored
+        (_pyarrow_error("SLOW_DOWN"), ErrorKind.TRANSIENT),
+        (_pyarrow_error("SERVICE_UNAVAILABLE"), ErrorKind.TRANSIENT),
+        (_pyarrow_error("INTERNAL_FAILURE"), ErrorKind.TRANSIENT),
+        (_pyarrow_error("NETWORK_CONNECTION"), ErrorKind.TRANSIENT),
+        (_pyarrow_error("ACCESS_DENIED"), ErrorKind.DENIED),
+        (_pyarrow_error("INVALID_ACCESS_KEY_ID"), ErrorKind.DENIED),
+        (_pyarrow_error("NO_SUCH_BUCKET"), ErrorKind.NOT_FOUND),
+        # botocore's
+        (_client_error("SlowDown", 503), ErrorKind.TRANSIENT),
+        (_client_error("InternalError", 500), ErrorKind.TRANSIENT),
+        (_client_error("Whatever", 502), ErrorKind.TRANSIENT),
+        (_client_error("AccessDenied", 403), ErrorKind.DENIED),
+        (_client_error("NoSuchKey", 404), ErrorKind.NOT_FOUND),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), ErrorKind.TRANSIENT),
+        (OSError("disk full"), ErrorKind.OTHER),
+    ],
+)
+def test_error_classification(exc: BaseException, kind: ErrorKind) -> None:
+    assert storage.classify_error(exc) is kind
+
+
+def test_read_retries_until_the_endpoint_comes_up(s3_bucket: str, caplog) -> None:
+    """A real transient failure: the endpoint refuses connections for 0.5 s, then a server
+    (sharing the first one's in-process state) starts listening there."""
+    from moto.server import ThreadedMotoServer
+
+    uri = f"{s3_bucket}/slides/a.svs"
+    storage.write_bytes(uri, b"slide")
+    port = _free_port()
+    late = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    starter = threading.Timer(0.5, late.start)
+    storage.configure(
+        endpoint_url=f"http://127.0.0.1:{port}",
+        retry=RetryPolicy(attempts=10, base_delay_s=0.1, max_delay_s=0.4),
+    )
+    starter.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="foveation.storage"):
+            assert storage.read_bytes(uri) == b"slide"
+    finally:
+        starter.join()
+        late.stop()
+    assert _retry_warnings(caplog), "the first attempts should have failed and been retried"
+
+
+# ------------------------------------------------------------------------- configuration
+
+
+def test_endpoint_sources_and_client_cache(s3_bucket: str, s3_endpoint: str) -> None:
+    uri = f"{s3_bucket}/k.bin"
+    storage.write_bytes(uri, b"data")  # endpoint from AWS_ENDPOINT_URL
+    fs, path = storage.resolve(uri)
+    assert isinstance(fs, pafs.S3FileSystem) and path == uri[5:]
+    assert storage.resolve(f"{s3_bucket}/other")[0] is fs  # cached per endpoint
+
+    storage.configure(endpoint_url=f"http://127.0.0.1:{_free_port()}")  # a dead one
+    assert storage.resolve(uri)[0] is not fs
+    explicit, _ = storage.resolve(uri, endpoint_url=s3_endpoint)  # the argument wins
+    with explicit.open_input_stream(path) as f:
+        assert f.read() == b"data"
+
+
+def test_import_has_no_side_effects() -> None:
+    code = (
+        "import sys, foveation.storage as s;"
+        "assert s._s3_filesystem.cache_info().currsize == 0;"
+        "assert 'boto3' not in sys.modules"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
