@@ -56,8 +56,8 @@ def run_local(cfg: Config, out: str, log: Callable[[str], None] = print) -> Expe
             [o["apsm"] for o in outputs], [o["slide_id"] for o in outputs], cfg.patches.fovs
         ),
         "apsm_epochs.png": apsm_figure(
-            result.apsm_history,
-            [f"epoch {i + 1}" for i in range(len(result.apsm_history))],
+            [result.apsm_history[i] for i in epochs],
+            [f"epoch {i + 1}" for i in epochs],
             cfg.patches.fovs,
         ),
     }

@@ -16,16 +16,43 @@ from typing import Any
 DEFAULT_LOGICAL_CPUS = 4
 
 
+# Storage settings the driver has and its tasks need (the S3 endpoint and credentials): passed
+# to every worker of the job through its runtime_env, never logged.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
 def init_ray(logical_cpus: int = DEFAULT_LOGICAL_CPUS, address: str | None = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray; idempotent."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # A cluster started with `ray start` has token auth on (Ray 2.60); joining needs this
+        # set before Ray is first imported. Users may still set RAY_AUTH_MODE themselves.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=logical_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(
+            num_cpus=logical_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
 
 
 def ray_map(

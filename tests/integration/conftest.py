@@ -9,6 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
+# Ray 2.60 turns token authentication on when a cluster starts; a driver joining it needs
+# RAY_AUTH_MODE=token in its environment before Ray is first imported (DESIGN.md).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -59,3 +63,37 @@ def s3_bucket(s3_client) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory) -> Iterator[str]:
+    """One local Ray head node for the whole session (``ray start --head``, as a user's cluster
+    would be), with 4 logical CPUs on this 2-core machine (DESIGN.md); this process joins it."""
+    import shutil
+    import subprocess
+    import sys
+
+    import ray
+
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    port = _free_port()
+    env = dict(os.environ)
+    start = [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--disable-usage-stats"]
+    subprocess.run(
+        [*start, "--include-dashboard=false"], check=True, env=env, capture_output=True, timeout=180
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
