@@ -50,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
             return ray_map(fn, items, num_cpus=ic.task_cpus, desc="ingest")
 
     try:
-        summary = ingest(source, dest, ic, cfg.model.num_classes, map_fn=map_fn)
+        summary = ingest(
+            source,
+            dest,
+            ic,
+            cfg.model.num_classes,
+            map_fn=map_fn,
+            kept_classes=cfg.evaluation.kept_classes,
+            class_names=cfg.evaluation.class_names,
+        )
     except (DataError, IngestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -8,9 +8,12 @@ with a message naming the input and what was expected.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where used: ingest workers never need it (1 s each)
+    import torch
 
 
 class ImageError(ValueError):
@@ -19,7 +22,7 @@ class ImageError(ValueError):
 
 def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
     """Any 2-D or 3-D array-like -> contiguous uint8 [H, W, 3]."""
-    a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    a = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
     if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
         a = np.moveaxis(a, 0, -1)  # CHW -> HWC
     if a.ndim == 2:
@@ -64,6 +67,8 @@ def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> uint8 tensor [3, H, W] (a view where possible)."""
+    import torch
+
     a = np.ascontiguousarray(image)
     if not a.flags.writeable:  # torch warns on read-only buffers (decoded images are)
         a = a.copy()

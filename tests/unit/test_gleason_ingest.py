@@ -90,6 +90,10 @@ def test_ingest_writes_pyramids_and_the_manifest_and_is_idempotent(raw_set, tmp_
     dest = str(tmp_path / "out")
     summary = ingest(str(raw_set), dest, ING, log=lambda s: None)
     assert len(summary.ingested) == 5 and not summary.failed
+    # the average expert: every annotator scored against the STAPLE map, IoU averaged
+    ae = summary.average_expert
+    assert ae is not None and len(ae["annotators"]) >= 3
+    assert 0.5 < ae["miou"] < 1.0 and "average expert vs STAPLE" in summary.text()
     table = read_manifest(dest)
     assert table.schema.equals(MANIFEST_SCHEMA)
     rows = table.to_pylist()

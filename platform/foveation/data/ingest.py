@@ -38,8 +38,9 @@ from foveation.data.gleason import (
     map_labels,
     scan,
 )
-from foveation.data.staple import staple
+from foveation.data.staple import annotator_confusions, average_expert, staple
 from foveation.images import ImageError, decode_image, decode_label, encode_png
+from foveation.metrics import ConfusionMatrix
 
 SCHEMA_VERSION = 1
 MANIFEST_SCHEMA = pa.schema(
@@ -74,6 +75,9 @@ class SlideOutcome:
     error: str | None = None
     seconds: float = 0.0
     megapixels: float = 0.0
+    annotator_confusion: dict[int, list] = field(
+        default_factory=dict
+    )  # annotator -> matrix vs fused
 
 
 @dataclass
@@ -85,6 +89,7 @@ class IngestSummary:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     megapixels: float = 0.0
+    average_expert: dict | None = None  # the paper's last Table-1 row, over newly ingested slides
 
     def text(self) -> str:
         lines = [
@@ -92,6 +97,11 @@ class IngestSummary:
             f"{len(self.failed)} failed ({self.megapixels:.1f} MP in {self.seconds:.1f}s)"
         ]
         lines += [f"  skipped {sid}: {why}" for sid, why in sorted(self.failed.items())]
+        if self.average_expert:
+            ious = ", ".join(f"{k} {v:.3f}" for k, v in self.average_expert["iou"].items())
+            lines.append(
+                f"average expert vs STAPLE: IoU {ious}; mIoU {self.average_expert['miou']:.3f}"
+            )
         if self.manifest_uri:
             lines.append(f"manifest: {self.manifest_uri}")
         return "\n".join(lines)
@@ -181,6 +191,12 @@ def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int =
             maps.append(central_crop(m, cfg.crop_size))
         image = central_crop(image, cfg.crop_size)
         fused = staple(maps, num_classes)
+        confusion = {
+            k: cm.matrix.tolist()
+            for k, cm in zip(
+                raw.annotators, annotator_confusions(maps, fused, num_classes), strict=True
+            )
+        }
 
         slide_bytes, downs = _tiff_bytes(image, cfg, label=False)
         label_bytes, _ = _tiff_bytes(fused, cfg, label=True)
@@ -223,7 +239,7 @@ def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int =
         }
         storage.write_bytes(_row_uri(dest, sid), json.dumps(row).encode())
         mp = image.shape[0] * image.shape[1] / 1e6
-        return SlideOutcome(sid, "ingested", row, seconds=time.perf_counter() - t0, megapixels=mp)
+        return SlideOutcome(sid, "ingested", row, None, time.perf_counter() - t0, mp, confusion)
     except (DataError, ImageError, storage.StorageError) as exc:  # messages already name the file
         return SlideOutcome(sid, "failed", error=str(exc), seconds=time.perf_counter() - t0)
     except Exception as exc:  # anything else still fails only this slide, named
@@ -247,6 +263,8 @@ def ingest(
     num_classes: int = 4,
     map_fn: Callable[[Callable, list], Iterable[SlideOutcome]] = serial_map,
     log: Callable[[str], None] = print,
+    kept_classes: tuple[int, ...] = (0, 1, 2),
+    class_names: tuple[str, ...] = ("benign", "grade3", "grade4", "grade5"),
 ) -> IngestSummary:
     """Ingest every slide under ``source`` into ``dest`` and write the manifest last."""
     t0 = time.perf_counter()
@@ -254,6 +272,7 @@ def ingest(
     log(f"ingest: {len(slides)} slides from {source}")
     summary = IngestSummary(dest, None)
     rows = []
+    per_annotator: dict[int, ConfusionMatrix] = {}
 
     def one(raw: RawSlide) -> SlideOutcome:
         return ingest_slide(raw, dest, cfg, num_classes)
@@ -266,6 +285,9 @@ def ingest(
         (summary.ingested if out.status == "ingested" else summary.unchanged).append(out.slide_id)
         summary.megapixels += out.megapixels
         rows.append(out.row)
+        for k, m in out.annotator_confusion.items():
+            cm = per_annotator.setdefault(int(k), ConfusionMatrix(num_classes))
+            cm.matrix += np.asarray(m, dtype=np.int64)
     summary.seconds = time.perf_counter() - t0
     if len(summary.failed) > cfg.max_error_fraction * len(slides) or not rows:
         raise IngestError(
@@ -282,6 +304,8 @@ def ingest(
     for r in rows:
         r["split"] = splits[r["slide_id"]]
     rows.sort(key=lambda r: r["slide_id"])
+    if per_annotator:
+        summary.average_expert = average_expert(per_annotator, kept_classes, class_names)
     summary.manifest_uri = write_manifest(dest, rows)
     storage.write_bytes(
         storage.join(dest, "ingest-summary.json"), json.dumps(asdict(summary), indent=1).encode()
