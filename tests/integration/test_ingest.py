@@ -138,3 +138,22 @@ quality = 90
             [sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300
         )
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_an_unreachable_s3_endpoint_is_a_clear_error(s3_endpoint):
+    import socket
+    import time
+
+    from foveation.data.gleason import DataError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    previous = storage.configure(endpoint_url=closed)
+    try:
+        t = time.perf_counter()
+        with pytest.raises(DataError, match=r"s3://slides/raw.*cannot list the source"):
+            scan("s3://slides/raw")
+        assert time.perf_counter() - t < 15
+    finally:
+        storage.configure(previous)
