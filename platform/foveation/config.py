@@ -291,12 +291,46 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """The Ray Data pipeline from a manifest to training batches (``foveation.data.pipeline``)."""
+
+    reader_actors: int = 2
+    """Actors that read patch banks (each caches its open slides)."""
+    actor_cpus: float = 0.5
+    """Logical CPUs per reader actor (fractional on a laptop: DESIGN.md)."""
+    batch_size: int = 16
+    """Locations per ``map_batches`` call."""
+    tissue_threshold: float = 225.0
+    """x_r pixels whose mean luminance is at or above this are background and never sampled."""
+    block_size: int = 1 << 20
+    """Bytes per ranged GET block of S3 slides."""
+    max_blocks: int = 32
+    """Blocks each open S3 slide keeps cached."""
+    max_error_fraction: float = 0.1
+    """The epoch fails (with a summary) when more than this fraction of slides cannot be read."""
+
+    def __post_init__(self) -> None:
+        w = "data.pipeline"
+        _check(self.reader_actors >= 1, f"{w}.reader_actors", "must be >= 1")
+        _check(self.actor_cpus > 0, f"{w}.actor_cpus", "must be > 0")
+        _check(self.batch_size >= 1, f"{w}.batch_size", "must be >= 1")
+        _check(0 < self.tissue_threshold <= 256, f"{w}.tissue_threshold", "must be in (0, 256]")
+        _check(
+            self.block_size >= 4096 and self.max_blocks >= 1,
+            f"{w}.block_size/max_blocks",
+            "too small",
+        )
+        _check(0 <= self.max_error_fraction <= 1, f"{w}.max_error_fraction", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     root: str = "runs/data/toy"
     """Where the toy set lives (a path or URI); generated there when missing."""
     toy: ToyConfig = field(default_factory=ToyConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ def init_ray(logical_cpus: int = DEFAULT_LOGICAL_CPUS, address: str | None = Non
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # a new local instance, never a stray `ray start` one found by chance
             num_cpus=logical_cpus,
             include_dashboard=False,
             runtime_env=runtime_env,

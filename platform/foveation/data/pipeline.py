@@ -1,0 +1,239 @@
+"""The Ray Data pipeline: manifest -> slides -> sampled locations -> patch banks -> batches.
+
+    manifest rows of a split
+      -> flat_map(sample)        per slide: a cheap tissue mask from a low pyramid level, then
+                                 ``locations_per_image`` x_r locations on tissue, seeded by
+                                 (seed, epoch, slide id)
+      -> map_batches(BankReader) a pool of reader actors, each caching its open slides, cuts
+                                 DESIGN.md's training batch (bank, xr, label, loc, slide_id)
+      -> iter_torch_batches      on a Ray Train worker (its shard) or the driver
+
+Streaming and bounded: only location rows and in-flight batches exist at once, never a whole
+slide, so memory does not grow with the number of slides. A slide that cannot be opened or
+read is retried once with a fresh reader, then skipped and logged; at the end of an epoch
+``Pipeline.check`` fails the job with a summary if more than ``max_error_fraction`` of the
+slides were skipped.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from foveation.config import Config, config_from_dict
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+def tissue_locations(reader, cfg: Config) -> np.ndarray:
+    """x_r locations [M, 2] whose area-mean luminance is below the background threshold,
+    from the finest level not finer than x_r (a few KB to read)."""
+    import torch
+    import torch.nn.functional as F
+
+    s = cfg.patches.xr_scale
+    h, w = -(-reader.height // s), -(-reader.width // s)
+    k = reader.level_for(s, 1)
+    lv = reader.levels[k]
+    img = reader.read_level(k, 0, 0, lv.height, lv.width)
+    lum = torch.from_numpy(img[..., :3].astype(np.float32).mean(-1))[None, None]
+    # Cover the level with the x_r grid (pad the partial last block with white: background).
+    step = s / lv.downsample
+    ph, pw = round(h * step) - lv.height, round(w * step) - lv.width
+    lum = F.pad(lum, (0, max(0, pw), 0, max(0, ph)), value=255.0)
+    grid = F.adaptive_avg_pool2d(lum, (h, w))[0, 0]
+    mask = grid < cfg.data.pipeline.tissue_threshold
+    return torch.nonzero(mask).numpy()
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    cfg_dict: dict
+    epoch: int
+    seed: int
+    errors: object  # the _ErrorLog actor handle
+
+    def __call__(self, row: dict) -> list[dict]:
+        from foveation.slides import open_slide
+
+        cfg = config_from_dict(self.cfg_dict)
+        try:
+            reader = open_slide(
+                row["image_uri"], cfg.data.pipeline.block_size, cfg.data.pipeline.max_blocks
+            )
+            locs = tissue_locations(reader, cfg)
+        except Exception as exc:  # any unreadable slide: logged and skipped, never fatal here
+            self.errors.record.remote(row["slide_id"], "sample", f"{type(exc).__name__}: {exc}")
+            return []
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(row["slide_id"].encode())])
+        n = min(cfg.training.locations_per_image, len(locs))
+        pick = locs[rng.choice(len(locs), size=n, replace=False)] if n else locs[:0]
+        return [
+            {
+                "slide_id": row["slide_id"],
+                "image_uri": row["image_uri"],
+                "label_uri": row["label_uri"] or "",
+                "row": int(i),
+                "col": int(j),
+            }
+            for i, j in pick
+        ]
+
+
+class BankReader:
+    """A Ray Data actor: cuts training batches for batches of location rows."""
+
+    def __init__(self, cfg_dict: dict, errors, cache_slides: int = 8) -> None:
+        self.cfg = config_from_dict(cfg_dict)
+        self.errors = errors
+        self.cache: OrderedDict[str, object] = OrderedDict()
+        self.cache_slides = cache_slides
+
+    def _reader(self, image_uri: str, label_uri: str, fresh: bool = False):
+        from foveation.data.slidebank import SlideBankReader
+        from foveation.slides import SlideReader
+
+        if fresh or image_uri not in self.cache:
+            pc = self.cfg.data.pipeline
+            image = SlideReader(image_uri, block_size=pc.block_size, max_blocks=pc.max_blocks)
+            label = (
+                SlideReader(label_uri, block_size=pc.block_size, max_blocks=pc.max_blocks)
+                if label_uri
+                else None
+            )
+            self.cache[image_uri] = SlideBankReader(self.cfg, image, label)
+            while len(self.cache) > self.cache_slides:  # bounded: at most a few open slides
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(image_uri)
+        return self.cache[image_uri]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = []
+        sids = batch["slide_id"]
+        for sid in list(dict.fromkeys(sids.tolist())):
+            sel = sids == sid
+            locs = np.stack([batch["row"][sel], batch["col"][sel]], 1)
+            image_uri, label_uri = str(batch["image_uri"][sel][0]), str(batch["label_uri"][sel][0])
+            for attempt in range(
+                2
+            ):  # a failing read gets one fresh reader, then the slide is skipped
+                try:
+                    parts.append(
+                        self._reader(image_uri, label_uri, fresh=attempt > 0).batch(locs, sid)
+                    )
+                    break
+                except Exception as exc:
+                    if attempt == 1:
+                        self.errors.record.remote(sid, "read", f"{type(exc).__name__}: {exc}")
+                        self.cache.pop(image_uri, None)
+        if not parts:
+            return _empty_batch(self.cfg)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _empty_batch(cfg: Config) -> dict[str, np.ndarray]:
+    pc = cfg.patches
+    P, n = pc.patch_size, pc.patch_size // 4
+    return {
+        "bank": np.zeros((0, pc.depth, 3, P, P), np.uint8),
+        "xr": np.zeros((0, 3, 7, 7), np.float32),
+        "loc": np.zeros((0, 2), np.int32),
+        "label": np.zeros((0, n, n), np.uint8),
+        "slide_id": np.array([], dtype="<U1"),
+    }
+
+
+def _error_log_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class _ErrorLog:
+        def __init__(self) -> None:
+            self.errors: dict[str, list[str]] = {}
+
+        def record(self, slide_id: str, stage: str, error: str) -> None:
+            self.errors.setdefault(slide_id, []).append(f"{stage}: {error}")
+
+        def get(self) -> dict[str, list[str]]:
+            return self.errors
+
+    return _ErrorLog
+
+
+class Pipeline:
+    """One split of a manifest as a Ray Data pipeline; ``epoch(e)`` gives that epoch's dataset."""
+
+    def __init__(self, manifest: str, split: str, cfg: Config, seed: int | None = None) -> None:
+        from foveation.data.ingest import read_manifest
+
+        self.cfg = cfg
+        self.seed = cfg.training.seed if seed is None else seed
+        rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == split]
+        if not rows:
+            raise PipelineError(f"{manifest}: no slides in split {split!r}")
+        self.rows = [
+            {"slide_id": r["slide_id"], "image_uri": r["image_uri"], "label_uri": r["label_uri"]}
+            for r in rows
+        ]
+        self.errors = _error_log_class().remote()
+
+    def epoch(self, epoch: int = 0):
+        import ray.data
+
+        pc = self.cfg.data.pipeline
+        cfg_dict = self.cfg.to_dict()
+        ds = ray.data.from_items(
+            self.rows, override_num_blocks=min(len(self.rows), 4 * pc.reader_actors)
+        )
+        ds = ds.flat_map(_Sampler(cfg_dict, epoch, self.seed, self.errors), num_cpus=pc.actor_cpus)
+        return ds.map_batches(
+            BankReader,
+            fn_constructor_kwargs={"cfg_dict": cfg_dict, "errors": self.errors},
+            batch_size=pc.batch_size,
+            concurrency=pc.reader_actors,
+            num_cpus=pc.actor_cpus,
+            batch_format="numpy",
+        )
+
+    def skipped(self) -> dict[str, list[str]]:
+        import ray
+
+        return ray.get(self.errors.get.remote())
+
+    def check(self) -> dict[str, list[str]]:
+        """Raise with a summary when too many slides were skipped; else return the skipped."""
+        skipped = self.skipped()
+        limit = self.cfg.data.pipeline.max_error_fraction * len(self.rows)
+        if len(skipped) > limit:
+            lines = [f"  {sid}: {'; '.join(errs)}" for sid, errs in sorted(skipped.items())]
+            raise PipelineError(
+                f"{len(skipped)} of {len(self.rows)} slides could not be read (more than "
+                f"data.pipeline.max_error_fraction = {self.cfg.data.pipeline.max_error_fraction}):\n"
+                + "\n".join(lines)
+            )
+        return skipped
+
+
+def collate(batch: dict[str, np.ndarray]) -> dict:
+    """numpy batch -> torch tensors (uint8 stays uint8 until the device), slide ids as a list."""
+    import torch
+
+    out = {
+        k: torch.from_numpy(np.array(v)) for k, v in batch.items() if k != "slide_id"
+    }  # own, writable
+    out["slide_id"] = [str(s) for s in batch.get("slide_id", [])]
+    return out
+
+
+def torch_batches(ds, batch_size: int, local_shuffle_buffer_size: int | None = None):
+    """Training batches from a pipeline dataset (or a Ray Train worker's shard of it)."""
+    return ds.iter_torch_batches(
+        batch_size=batch_size,
+        collate_fn=collate,
+        local_shuffle_buffer_size=local_shuffle_buffer_size,
+    )
