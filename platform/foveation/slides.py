@@ -87,19 +87,40 @@ class SlideReader:
 
     # -- opening ------------------------------------------------------------------------------
     def _open_pyvips(self, uri: str, block_size: int, max_blocks: int) -> None:
+        self.backend = "pyvips"
+        pyramid, self.range_file = self._pyvips_pyramid(uri, block_size, max_blocks)
+        w0 = pyramid[0].width
+        # A companion pyramid at 1/sqrt(2) (written by ingest) adds the levels in between, so
+        # a FoV is read from a level at most sqrt(2) finer than it needs (benchmark `io`).
+        companion = companion_uri(uri)
+        if companion and storage.exists(companion):
+            extra, self._companion_file = self._pyvips_pyramid(companion, block_size, max_blocks)
+            pyramid = sorted(
+                pyramid + [im for im in extra if im.width < w0], key=lambda im: -im.width
+            )
+        self._pages = pyramid
+        self.levels = [Level(im.width, im.height, w0 / im.width, _tile_of(im)) for im in pyramid]
+        xres = pyramid[0].get("xres") if pyramid[0].get_typeof("xres") else 0.0
+        # libvips stores pixels per mm; 1.0 is its "unknown" default.
+        self.mpp = 1000.0 / xres if xres and abs(xres - 1.0) > 1e-6 else None
+        self.bands = pyramid[0].bands
+
+    @staticmethod
+    def _pyvips_pyramid(uri: str, block_size: int, max_blocks: int):
+        """The pages of one file that form a pyramid, and its range file (S3) or None."""
         import pyvips
 
-        self.backend = "pyvips"
+        range_file = None
         try:
             if storage.is_remote(uri):
                 from foveation.rangeio import BlockCachedFile, vips_source
 
-                self.range_file = BlockCachedFile(uri, block_size=block_size, max_blocks=max_blocks)
+                range_file = BlockCachedFile(uri, block_size=block_size, max_blocks=max_blocks)
 
                 def page(k: int):
                     opts = {"page": k} if k else {}  # JPEG / PNG loaders take no page argument
                     return pyvips.Image.new_from_source(
-                        vips_source(self.range_file), "", access="random", **opts
+                        vips_source(range_file), "", access="random", **opts
                     )
             else:
                 path = uri.removeprefix("file://")
@@ -120,13 +141,7 @@ class SlideReader:
         for im in images[1:]:
             if im.width < pyramid[-1].width and im.bands == pyramid[0].bands:
                 pyramid.append(im)
-        self._pages = pyramid
-        w0 = pyramid[0].width
-        self.levels = [Level(im.width, im.height, w0 / im.width, _tile_of(im)) for im in pyramid]
-        xres = pyramid[0].get("xres") if pyramid[0].get_typeof("xres") else 0.0
-        # libvips stores pixels per mm; 1.0 is its "unknown" default.
-        self.mpp = 1000.0 / xres if xres and abs(xres - 1.0) > 1e-6 else None
-        self.bands = pyramid[0].bands
+        return pyramid, range_file
 
     def _open_openslide(self, path: str) -> None:
         try:
@@ -247,8 +262,9 @@ class SlideReader:
         return LevelSource(self, level, pad_value)
 
     def close(self) -> None:
-        if self.range_file is not None:
-            self.range_file.close()
+        for f in (self.range_file, getattr(self, "_companion_file", None)):
+            if f is not None:
+                f.close()
 
 
 class LevelSource:
@@ -262,6 +278,34 @@ class LevelSource:
     def read_region(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         a = self.reader.read_level(self.level, top, left, height, width, self.pad_value)
         return a if a.shape[-1] == 3 else np.repeat(a[..., :1], 3, -1)
+
+
+COMPANION_SUFFIX = ".s2.tif"
+
+
+def companion_uri(uri: str) -> str | None:
+    """``x.tif`` -> ``x.s2.tif``, the 1/sqrt(2) pyramid ingest writes beside a slide."""
+    if uri.endswith(COMPANION_SUFFIX) or not uri.lower().endswith(".tif"):
+        return None
+    return uri[: -len(".tif")] + COMPANION_SUFFIX
+
+
+def write_pyramid(
+    image, path: str, tile: int, compression: str = "jpeg", quality: int = 90, sqrt2: bool = True
+) -> None:
+    """A pyramidal tiled TIFF of a pyvips image at ``path`` and, with ``sqrt2``, its companion
+    pyramid at 1/sqrt(2) (area-correct: libvips' linear reduce averages its footprint)."""
+    opts = {"tile": True, "pyramid": True, "tile_width": tile, "tile_height": tile, "bigtiff": True}
+    opts |= (
+        {"compression": "jpeg", "Q": quality}
+        if compression == "jpeg"
+        else {"compression": compression}
+    )
+    image.tiffsave(path, **opts)
+    if sqrt2:
+        image.resize(1 / math.sqrt(2), kernel="linear").tiffsave(
+            path[: -len(".tif")] + COMPANION_SUFFIX, **opts
+        )
 
 
 def _roi_resize(win: np.ndarray, top: float, left: float, size: float, out: int) -> np.ndarray:

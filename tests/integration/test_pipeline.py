@@ -58,15 +58,17 @@ def test_same_region_from_disk_and_s3_and_from_any_level(sets):
     row_l = read_manifest(sets["local"]).to_pylist()[0]
     row_s = read_manifest(sets["s3"]).to_pylist()[0]
     a, b = SlideReader(row_l["image_uri"]), SlideReader(row_s["image_uri"])
-    assert (
-        [lv.downsample for lv in a.levels] == [lv.downsample for lv in b.levels] == [1.0, 2.0, 4.0]
-    )
+    downs = [lv.downsample for lv in a.levels]
+    assert downs == [lv.downsample for lv in b.levels]
+    assert [d for d in downs if d in (1.0, 2.0, 4.0)] == [1.0, 2.0, 4.0] and len(
+        downs
+    ) > 3  # + sqrt(2) levels
     for centre, fov, out in (((100, 120), 64, 64), ((200, 200), 256, 64), ((0, 380), 128, 32)):
         ra, rb = a.read_region(centre, fov, out), b.read_region(centre, fov, out)
         assert np.array_equal(ra, rb)  # the same bytes, read through ranged GETs
     # a level-1 read, area-resized, matches level 0 area-resized, within JPEG tolerance
     lv0 = a.read_level(0, 64, 64, 256, 256).astype(np.float32)
-    lv1 = a.read_level(1, 32, 32, 128, 128).astype(np.float32)
+    lv1 = a.read_level(downs.index(2.0), 32, 32, 128, 128).astype(np.float32)
     pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(lv0).permute(2, 0, 1)[None], 4)[
         0
     ].permute(1, 2, 0)

@@ -2,6 +2,7 @@
 local storage, in one process. (Ray tasks and S3: tests/integration/test_ingest.py.)"""
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from foveation.data.gleason import DataError, assign_splits, central_crop, map_l
 from foveation.data.ingest import MANIFEST_SCHEMA, IngestError, ingest, ingest_slide, read_manifest
 from foveation.data.synthetic import write_synthetic_set
 from foveation.images import decode_label, encode_png
+from foveation.slides import SlideReader
 
 PC = PatchSetConfig()
 SYN = SyntheticConfig(n_slides=5, size=256, seed=3)
@@ -100,10 +102,20 @@ def test_ingest_writes_pyramids_and_the_manifest_and_is_idempotent(raw_set, tmp_
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     for r in rows:
         assert (r["width"], r["height"]) == (192, 192) and r["schema_version"] == 1
-        assert r["level_downsamples"][0] == 1.0 and len(r["level_downsamples"]) >= 2
-        for page, down in enumerate(r["level_downsamples"]):
-            im = pyvips.Image.new_from_file(r["image_uri"], page=page)
-            assert im.width == round(192 / down) and im.bands == 3
+        downs = r["level_downsamples"]
+        assert downs[0] == 1.0 and downs == sorted(downs)
+        # every power of 2 in the slide's TIFF, the levels in between in its sqrt(2) companion
+        main = [d for d in downs if abs(math.log2(d) - round(math.log2(d))) < 1e-3]
+        between = [d for d in downs if d not in main]
+        assert len(main) >= 2 and len(between) >= 1
+        for uri, levels in (
+            (r["image_uri"], main),
+            (r["image_uri"].replace(".tif", ".s2.tif"), between),
+        ):
+            for page, down in enumerate(levels):
+                im = pyvips.Image.new_from_file(uri, page=page)
+                assert abs(im.width - 192 / down) < 1 and im.bands == 3
+        assert [lv.downsample for lv in SlideReader(r["image_uri"]).levels] == pytest.approx(downs)
         lab = pyvips.Image.new_from_file(r["label_uri"], page=1).numpy()
         assert set(np.unique(lab)) <= {0, 1, 2, 3}  # shrunk by mode: no averaged class ids
         assert abs(sum(r["class_fractions"]) - 1) < 1e-6 and r["truth_uri"] and r["cue_uri"]

@@ -76,6 +76,7 @@ def timed(fn: Callable[[], object], repeat: int = 3) -> float:
 SUITES: dict[str, str] = {
     "patches": "foveation.benchmarks.patches:run",
     "ingest": "foveation.benchmarks.ingest:run",
+    "io": "foveation.benchmarks.io:run",
 }
 
 

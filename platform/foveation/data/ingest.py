@@ -41,6 +41,7 @@ from foveation.data.gleason import (
 from foveation.data.staple import annotator_confusions, average_expert, staple
 from foveation.images import ImageError, decode_image, decode_label, encode_png
 from foveation.metrics import ConfusionMatrix
+from foveation.slides import companion_uri
 
 SCHEMA_VERSION = 1
 MANIFEST_SCHEMA = pa.schema(
@@ -124,35 +125,49 @@ def _previous_row(dest: str, sid: str) -> dict | None:
         return None
 
 
-def _tiff_bytes(image: np.ndarray, cfg: IngestConfig, label: bool) -> tuple[bytes, list[float]]:
-    """Encode a pyramidal tiled TIFF (labels: lossless, pyramid shrunk by mode) and read back
-    the downsample of every level."""
+def _tiff_bytes(
+    image: np.ndarray, cfg: IngestConfig, label: bool
+) -> tuple[bytes, bytes | None, list[float]]:
+    """Encode a pyramidal tiled TIFF (labels: lossless, pyramid shrunk by mode, never averaged)
+    and, for images with ``sqrt2_levels``, its 1/sqrt(2) companion pyramid; returns both and
+    the downsample of every level of the two, merged."""
     import pyvips
+
+    from foveation.slides import COMPANION_SUFFIX, write_pyramid
 
     bands = 1 if image.ndim == 2 else image.shape[2]
     im = pyvips.Image.new_from_memory(
         np.ascontiguousarray(image).data, image.shape[1], image.shape[0], bands, "uchar"
     )
-    opts = {
-        "tile": True,
-        "pyramid": True,
-        "tile_width": cfg.tile_size,
-        "tile_height": cfg.tile_size,
-        "bigtiff": True,
-    }
-    if label:
-        opts |= {"compression": "deflate", "region_shrink": "mode"}
-    elif cfg.compression == "jpeg":
-        opts |= {"compression": "jpeg", "Q": cfg.quality}
-    else:
-        opts |= {"compression": cfg.compression}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "x.tif")
-        im.tiffsave(path, **opts)
+        if label:
+            opts = {
+                "tile": True,
+                "pyramid": True,
+                "tile_width": cfg.tile_size,
+                "tile_height": cfg.tile_size,
+            }
+            im.tiffsave(path, bigtiff=True, compression="deflate", region_shrink="mode", **opts)
+        else:
+            write_pyramid(
+                im, path, cfg.tile_size, cfg.compression, cfg.quality, sqrt2=cfg.sqrt2_levels
+            )
         w0 = image.shape[1]
-        downs = [w0 / pyvips.Image.new_from_file(path, page=p).width for p in range(_n_pages(path))]
+        companion = path[: -len(".tif")] + COMPANION_SUFFIX
+        paths = [path] + ([companion] if os.path.exists(companion) else [])
+        downs = sorted(
+            w0 / pyvips.Image.new_from_file(q, page=p).width
+            for q in paths
+            for p in range(_n_pages(q))
+        )
         with open(path, "rb") as f:
-            return f.read(), downs
+            main = f.read()
+        extra = None
+        if len(paths) > 1:
+            with open(companion, "rb") as f:
+                extra = f.read()
+        return main, extra, downs
 
 
 def _n_pages(path: str) -> int:
@@ -198,10 +213,12 @@ def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int =
             )
         }
 
-        slide_bytes, downs = _tiff_bytes(image, cfg, label=False)
-        label_bytes, _ = _tiff_bytes(fused, cfg, label=True)
+        slide_bytes, companion_bytes, downs = _tiff_bytes(image, cfg, label=False)
+        label_bytes, _, _ = _tiff_bytes(fused, cfg, label=True)
         image_uri = storage.join(dest, "slides", f"{sid}.tif")
         label_uri = storage.join(dest, "labels", f"{sid}.tif")
+        if companion_bytes is not None:  # first, so a reader never sees the slide without it
+            storage.write_bytes(companion_uri(image_uri), companion_bytes)
         storage.write_bytes(image_uri, slide_bytes)
         storage.write_bytes(label_uri, label_bytes)
         ann_uris = []
