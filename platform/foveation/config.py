@@ -302,8 +302,6 @@ class PipelineConfig:
     """Actors that read patch banks (each caches its open slides)."""
     actor_cpus: float = 0.5
     """Logical CPUs per reader actor (fractional on a laptop: DESIGN.md)."""
-    batch_size: int = 16
-    """Locations per ``map_batches`` call."""
     tissue_threshold: float = 225.0
     """x_r pixels whose mean luminance is at or above this are background and never sampled."""
     block_size: int = 1 << 20
@@ -317,7 +315,6 @@ class PipelineConfig:
         w = "data.pipeline"
         _check(self.reader_actors >= 1, f"{w}.reader_actors", "must be >= 1")
         _check(self.actor_cpus > 0, f"{w}.actor_cpus", "must be > 0")
-        _check(self.batch_size >= 1, f"{w}.batch_size", "must be >= 1")
         _check(0 < self.tissue_threshold <= 256, f"{w}.tissue_threshold", "must be in (0, 256]")
         _check(
             self.block_size >= 4096 and self.max_blocks >= 1,

@@ -22,7 +22,7 @@ from foveation.slides import SlideError, SlideReader
 CFG = dataclasses.replace(
     Config(),
     training=TrainingConfig(locations_per_image=6),
-    data=dataclasses.replace(Config().data, pipeline=PipelineConfig(reader_actors=2, batch_size=8)),
+    data=dataclasses.replace(Config().data, pipeline=PipelineConfig(reader_actors=2)),
 )
 ING = IngestConfig(
     crop_size=None,

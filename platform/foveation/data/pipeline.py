@@ -1,11 +1,11 @@
 """The Ray Data pipeline: manifest -> slides -> sampled locations -> patch banks -> batches.
 
     manifest rows of a split
-      -> flat_map(sample)        per slide: a cheap tissue mask from a low pyramid level, then
-                                 ``locations_per_image`` x_r locations on tissue, seeded by
-                                 (seed, epoch, slide id)
-      -> map_batches(BankReader) a pool of reader actors, each caching its open slides, cuts
-                                 DESIGN.md's training batch (bank, xr, label, loc, slide_id)
+        -> map_batches(BankReader) a pool of reader actors, each caching its open slides; per
+                                 slide: a cheap tissue mask from a low pyramid level,
+                                 ``locations_per_image`` x_r locations on tissue (seeded by
+                                 seed, epoch and slide id), and DESIGN.md's training batch
+                                 (bank, xr, label, loc, slide_id) for them
       -> iter_torch_batches      on a Ray Train worker (its shard) or the driver
 
 Streaming and bounded: only location rows and in-flight batches exist at once, never a whole
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,45 +50,14 @@ def tissue_locations(reader, cfg: Config) -> np.ndarray:
     return torch.nonzero(mask).numpy()
 
 
-@dataclass(frozen=True)
-class _Sampler:
-    cfg_dict: dict
-    epoch: int
-    seed: int
-    errors: object  # the _ErrorLog actor handle
-
-    def __call__(self, row: dict) -> list[dict]:
-        from foveation.slides import open_slide
-
-        cfg = config_from_dict(self.cfg_dict)
-        try:
-            reader = open_slide(
-                row["image_uri"], cfg.data.pipeline.block_size, cfg.data.pipeline.max_blocks
-            )
-            locs = tissue_locations(reader, cfg)
-        except Exception as exc:  # any unreadable slide: logged and skipped, never fatal here
-            self.errors.record.remote(row["slide_id"], "sample", f"{type(exc).__name__}: {exc}")
-            return []
-        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(row["slide_id"].encode())])
-        n = min(cfg.training.locations_per_image, len(locs))
-        pick = locs[rng.choice(len(locs), size=n, replace=False)] if n else locs[:0]
-        return [
-            {
-                "slide_id": row["slide_id"],
-                "image_uri": row["image_uri"],
-                "label_uri": row["label_uri"] or "",
-                "row": int(i),
-                "col": int(j),
-            }
-            for i, j in pick
-        ]
-
-
 class BankReader:
     """A Ray Data actor: cuts training batches for batches of location rows."""
 
-    def __init__(self, cfg_dict: dict, errors, cache_slides: int = 8) -> None:
+    def __init__(
+        self, cfg_dict: dict, errors, epoch: int, seed: int, cache_slides: int = 8
+    ) -> None:
         self.cfg = config_from_dict(cfg_dict)
+        self.epoch, self.seed = epoch, seed
         self.errors = errors
         self.cache: OrderedDict[str, object] = OrderedDict()
         self.cache_slides = cache_slides
@@ -112,20 +80,27 @@ class BankReader:
         self.cache.move_to_end(image_uri)
         return self.cache[image_uri]
 
+    def sample(self, slide_id: str, image_uri: str, label_uri: str) -> np.ndarray:
+        """This epoch's locations [n, 2] of one slide: tissue only, seeded by (seed, epoch, id)."""
+        reader = self._reader(image_uri, label_uri).image
+        locs = tissue_locations(reader, self.cfg)
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(slide_id.encode())])
+        n = min(self.cfg.training.locations_per_image, len(locs))
+        return locs[rng.choice(len(locs), size=n, replace=False)] if n else locs[:0]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Slide rows in, training-batch rows out (``locations_per_image`` per slide)."""
         parts = []
-        sids = batch["slide_id"]
-        for sid in list(dict.fromkeys(sids.tolist())):
-            sel = sids == sid
-            locs = np.stack([batch["row"][sel], batch["col"][sel]], 1)
-            image_uri, label_uri = str(batch["image_uri"][sel][0]), str(batch["label_uri"][sel][0])
-            for attempt in range(
-                2
-            ):  # a failing read gets one fresh reader, then the slide is skipped
+        for sid, image_uri, label_uri in zip(
+            batch["slide_id"], batch["image_uri"], batch["label_uri"], strict=True
+        ):
+            sid, image_uri, label_uri = str(sid), str(image_uri), str(label_uri)
+            for attempt in range(2):  # a failing slide gets one fresh reader, then it is skipped
                 try:
-                    parts.append(
-                        self._reader(image_uri, label_uri, fresh=attempt > 0).batch(locs, sid)
-                    )
+                    if attempt:
+                        self.cache.pop(image_uri, None)
+                    locs = self.sample(sid, image_uri, label_uri)
+                    parts.append(self._reader(image_uri, label_uri).batch(locs, sid))
                     break
                 except Exception as exc:
                     if attempt == 1:
@@ -187,14 +162,18 @@ class Pipeline:
 
         pc = self.cfg.data.pipeline
         cfg_dict = self.cfg.to_dict()
-        ds = ray.data.from_items(
-            self.rows, override_num_blocks=min(len(self.rows), 4 * pc.reader_actors)
-        )
-        ds = ds.flat_map(_Sampler(cfg_dict, epoch, self.seed, self.errors), num_cpus=pc.actor_cpus)
+        # One block per slide, so slides spread over the reader actors; each actor samples a
+        # slide's locations and cuts their banks in one go (no separate sampling stage).
+        ds = ray.data.from_items(self.rows, override_num_blocks=len(self.rows))
         return ds.map_batches(
             BankReader,
-            fn_constructor_kwargs={"cfg_dict": cfg_dict, "errors": self.errors},
-            batch_size=pc.batch_size,
+            fn_constructor_kwargs={
+                "cfg_dict": cfg_dict,
+                "errors": self.errors,
+                "epoch": epoch,
+                "seed": self.seed,
+            },
+            batch_size=1,
             concurrency=pc.reader_actors,
             num_cpus=pc.actor_cpus,
             batch_format="numpy",
@@ -219,21 +198,26 @@ class Pipeline:
         return skipped
 
 
-def collate(batch: dict[str, np.ndarray]) -> dict:
-    """numpy batch -> torch tensors (uint8 stays uint8 until the device), slide ids as a list."""
-    import torch
+def _collate_class():
+    from ray.data.collate_fn import NumpyBatchCollateFn
 
-    out = {
-        k: torch.from_numpy(np.array(v)) for k, v in batch.items() if k != "slide_id"
-    }  # own, writable
-    out["slide_id"] = [str(s) for s in batch.get("slide_id", [])]
-    return out
+    class Collate(NumpyBatchCollateFn):
+        """numpy batch -> torch tensors (uint8 stays uint8 until the device), slide ids a list."""
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+            import torch
+
+            out = {k: torch.from_numpy(np.array(v)) for k, v in batch.items() if k != "slide_id"}
+            out["slide_id"] = [str(x) for x in batch.get("slide_id", [])]
+            return out
+
+    return Collate
 
 
 def torch_batches(ds, batch_size: int, local_shuffle_buffer_size: int | None = None):
     """Training batches from a pipeline dataset (or a Ray Train worker's shard of it)."""
     return ds.iter_torch_batches(
         batch_size=batch_size,
-        collate_fn=collate,
+        collate_fn=_collate_class()(),
         local_shuffle_buffer_size=local_shuffle_buffer_size,
     )
