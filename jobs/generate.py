@@ -8,20 +8,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from foveation.config import ConfigError, load_config
 from foveation.data.synthetic import write_synthetic_set
+from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="jobs/configs/debug.toml")
+    add_config_arg(p)
     p.add_argument("--dest", help="where to write (default: data.ingest.source of the config)")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_or_none(args.config)
+    if cfg is None:
+        return BAD_CONFIG
     dest = args.dest or cfg.data.ingest.source
     ids = write_synthetic_set(dest, cfg.data.synthetic, cfg.patches)
     print(f"wrote {len(ids)} synthetic slides to {dest}")

@@ -11,15 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from foveation.config import ConfigError, load_config
 from foveation.data.gleason import DataError, scan
 from foveation.data.ingest import IngestError, ingest, serial_map
 from foveation.data.synthetic import write_synthetic_set
+from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="jobs/configs/debug.toml")
+    add_config_arg(p)
     p.add_argument("--source", help="default: data.ingest.source")
     p.add_argument("--dest", help="default: data.ingest.dest")
     p.add_argument(
@@ -29,11 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--serial", action="store_true", help="one process instead of Ray tasks")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_or_none(args.config)
+    if cfg is None:
+        return BAD_CONFIG
     ic = cfg.data.ingest
     source, dest = args.source or ic.source, args.dest or ic.dest
     if args.generate:

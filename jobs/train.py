@@ -8,24 +8,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from foveation.config import ConfigError, load_config
 from foveation.experiment import run_local
+from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--config", default="jobs/configs/debug.toml", help="TOML config (default: %(default)s)"
-    )
+    add_config_arg(p)
     p.add_argument(
         "--out", default=None, help="output directory or URI (default: runs/<config name>)"
     )
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_or_none(args.config)
+    if cfg is None:
+        return BAD_CONFIG
     out = args.out or f"runs/{cfg.name}"
     res = run_local(cfg, out)
     print()

@@ -377,3 +377,28 @@ def alignment(cfg: PatchSetConfig, output_stride: int = 4) -> int:
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def authors_loop_bank(
+    image: Tensor, locs: Tensor, cfg: PatchSetConfig, pad_value: float = 0.0
+) -> Tensor:
+    """What the authors' code does, location by location and scale by scale: pad the whole
+    image by F_d - 1, crop F_d x F_d, bilinear resize to P (align_corners=False, no antialias).
+
+    Kept as the parity oracle of ``resample = "reference"`` and the baseline of the ``patches``
+    benchmark; never used on a hot path."""
+    out = []
+    for cy, cx in location_centres(locs, cfg.xr_scale).tolist():
+        per = []
+        for fov in cfg.fovs:
+            pad = fov - 1
+            xp = F.pad(image[None].to(torch.float32), (pad, pad, pad, pad), value=pad_value)
+            t, left = round(cy - fov / 2) + pad, round(cx - fov / 2) + pad
+            crop = xp[:, :, t : t + fov, left : left + fov]
+            per.append(
+                F.interpolate(
+                    crop, size=(cfg.patch_size,) * 2, mode="bilinear", align_corners=False
+                )[0]
+            )
+        out.append(torch.stack(per))
+    return torch.stack(out)

@@ -11,6 +11,7 @@ from foveation.patches import (
     IGNORE_INDEX,
     PatchExtractor,
     all_locations,
+    authors_loop_bank,
     location_centres,
     make_xr,
     pad_xr,
@@ -87,26 +88,6 @@ def test_label_crop_lines_up_with_the_smallest_patch():
         assert (lab[n][~inside] == IGNORE_INDEX).all()
 
 
-def authors_loop(image, locs, cfg, pad_value=0.0):
-    """What the authors' code does, location by location: pad the whole image by F_d - 1,
-    crop F_d x F_d, bilinear resize to P (align_corners=False, no antialias)."""
-    out = []
-    for cy, cx in location_centres(locs, cfg.xr_scale).tolist():
-        per = []
-        for fov in cfg.fovs:
-            pad = fov - 1
-            xp = F.pad(image[None], (pad, pad, pad, pad), value=pad_value)
-            t, left = round(cy - fov / 2) + pad, round(cx - fov / 2) + pad
-            crop = xp[:, :, t : t + fov, left : left + fov]
-            per.append(
-                F.interpolate(
-                    crop, size=(cfg.patch_size,) * 2, mode="bilinear", align_corners=False
-                )[0]
-            )
-        out.append(torch.stack(per))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("fovs", [(64, 128, 256), (64, 96, 160, 250)])
 def test_reference_mode_equals_the_authors_loop(fovs):
     cfg = PatchSetConfig(fovs=fovs, patch_size=64, xr_scale=16, resample="reference")
@@ -114,7 +95,7 @@ def test_reference_mode_equals_the_authors_loop(fovs):
     img = torch.rand((3, 150, 190), generator=g)
     locs = border_locations(150, 190, 16)
     ex = PatchExtractor.from_image(img, cfg, pad_value=(0.0, 0.0, 0.0))
-    torch.testing.assert_close(ex.bank(locs), authors_loop(img, locs, cfg), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ex.bank(locs), authors_loop_bank(img, locs, cfg), atol=1e-5, rtol=0)
 
 
 def test_area_mode_is_area_correct():

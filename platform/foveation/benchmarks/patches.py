@@ -15,35 +15,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from foveation.benchmarks import Figure, compared, timed
 from foveation.config import Config, load_config
 from foveation.data.toy import Sample, generate_image
 from foveation.images import to_chw_tensor
-from foveation.patches import PatchExtractor, all_locations, location_centres, normalise
-
-
-def authors_loop_bank(image: torch.Tensor, locs: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Per location, per scale: normalise, pad the whole image by F_d - 1, crop, resize
-    (bilinear, align_corners=False, no antialias), as the authors' code does."""
-    pc = cfg.patches
-    x = normalise(image, cfg.model.mean, cfg.model.std)[None]
-    out = []
-    for c in location_centres(locs, pc.xr_scale).tolist():
-        per = []
-        for fov in pc.fovs:
-            pad = fov - 1
-            xp = F.pad(x, (pad, pad, pad, pad))
-            t, left = round(c[0] - fov / 2) + pad, round(c[1] - fov / 2) + pad
-            crop = xp[:, :, t : t + fov, left : left + fov]
-            per.append(
-                F.interpolate(
-                    crop, size=(pc.patch_size,) * 2, mode="bilinear", align_corners=False
-                )[0]
-            )
-        out.append(torch.stack(per))
-    return torch.stack(out)
+from foveation.patches import PatchExtractor, all_locations, authors_loop_bank, normalise
 
 
 def _extraction(cfg: Config, size: int, n_vec: int, n_loop: int) -> list[Figure]:
@@ -60,7 +37,8 @@ def _extraction(cfg: Config, size: int, n_vec: int, n_loop: int) -> list[Figure]
 
         return run
 
-    t_loop = timed(lambda: authors_loop_bank(img, locs[:n_loop], cfg), repeat=2) / n_loop
+    x = normalise(img, cfg.model.mean, cfg.model.std)  # the authors normalise first, pad with 0
+    t_loop = timed(lambda: authors_loop_bank(x, locs[:n_loop], cfg.patches), repeat=2) / n_loop
     t_area = timed(vectorised(cfg.patches)) / n_vec
     ref = dataclasses.replace(cfg.patches, resample="reference")
     t_ref = timed(vectorised(ref)) / n_vec
