@@ -31,6 +31,7 @@ def _check(cond: bool, where: str, msg: str) -> None:
 PADDING_MODES = ("constant", "reflect")
 RESAMPLE_MODES = ("area", "reference")
 INFERENCE_MODES = ("tiled", "dense")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,8 @@ class TrainingConfig:
     """Weight of an entropy bonus on F's weights (positive keeps them spread)."""
     class_weights: tuple[float, ...] | None = None
     seed: int = 0
+    precision: str = "fp32"
+    """"fp32" or "bf16" (autocast of the forward; weights and optimiser stay fp32)."""
     device: str = "cpu"
     """"cpu", "cuda", "cuda:N" or "auto"."""
 
@@ -377,6 +380,7 @@ class TrainingConfig:
             "must be in [0, 1)",
         )
         _check(self.grad_clip is None or self.grad_clip > 0, f"{w}.grad_clip", "must be > 0")
+        _check(self.precision in PRECISIONS, f"{w}.precision", f"must be one of {PRECISIONS}")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"{w}.device",

@@ -145,3 +145,12 @@ def test_prepare_refuses_nan_images():
     im = np.full((64, 64, 3), np.nan, np.float32)
     with pytest.raises(ValueError, match="image 'x': contains NaN"):
         prepare_image("x", im, np.zeros((64, 64), np.uint8), Config())
+
+
+def test_bf16_autocast_step_on_cpu():
+    cfg = replace(Config(), training=TrainingConfig(locations_per_image=3, precision="bf16"))
+    model = build_model(cfg)
+    opt, sched = build_optimizer(model, cfg.training, 10)
+    res = train_step(model, opt, sched, prepared(cfg, 1), cfg, 0, 10, torch.Generator(), torch.device("cpu"))
+    assert math.isfinite(res.loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32

@@ -99,7 +99,8 @@ def train_step(
 
     warmup = step < int(tc.uniform_warmup_fraction * total_steps)
     ctx = MixContext(cfg.model.mix, step, total_steps, training=True)
-    logits, h = model(bank, w, ctx, mode=MixConfig("average") if warmup else None)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+        logits, h = model(bank, w, ctx, mode=MixConfig("average") if warmup else None)
     class_w = torch.tensor(tc.class_weights, device=device) if tc.class_weights else None
     loss = F.cross_entropy(logits.float(), label, weight=class_w, ignore_index=IGNORE_INDEX)
     if tc.entropy_weight:
