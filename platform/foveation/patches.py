@@ -57,17 +57,25 @@ def normalise(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
 
 
 def make_xr(
-    image: Tensor, xr_scale: int, mean: tuple[float, ...], std: tuple[float, ...], pad_value=None
+    image: Tensor,
+    xr_scale: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    inside: Tensor | None = None,
 ) -> Tensor:
     """The low-resolution copy x_r of a uint8 image [3, H, W]: normalised, [3, h, w] float32.
 
     The one function that makes x_r, for training, evaluation and serving alike. Area mean
     over each ``s x s`` block (the authors' bilinear resize without antialias aliases); a last,
-    partial block is completed with the mean colour, i.e. zero after normalisation.
+    partial block is completed with the mean colour, i.e. zero after normalisation. ``inside``
+    ([H, W] bool) marks the pixels of a window that lie in the image; the rest count as that
+    padding too, so a window's x_r equals the whole image's.
     """
     _, H, W = image.shape
     h, w = xr_shape(H, W, xr_scale)
     x = normalise(image, mean, std).unsqueeze(0)
+    if inside is not None:  # a window that reaches beyond the image: outside counts as padding
+        x = x * inside.to(x.dtype)
     x = F.pad(x, (0, w * xr_scale - W, 0, h * xr_scale - H))  # zero == mean colour
     return F.avg_pool2d(x, xr_scale)[0]
 

@@ -62,20 +62,31 @@ def ray_map(
     num_cpus: float = 0.5,
     desc: str = "tasks",
     max_retries: int = 2,
+    on_error: Callable[[Any, Exception], Any] | None = None,
 ) -> Iterator[Any]:
     """Run ``fn`` on every item as a Ray task; yield results as they finish, with a progress bar.
 
     ``max_retries`` covers crashed workers (system failures); ``fn`` itself should turn bad
-    input into a result rather than raise."""
+    input into a result rather than raise; what still fails goes to ``on_error(item, exc)``,
+    whose result is yielded instead (without it, the error is raised)."""
     import ray
     from tqdm import tqdm
 
     init_ray()
     task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
-    pending = [task.remote(it) for it in items]
+    item_of = {}
+    for it in items:
+        item_of[task.remote(it)] = it
+    pending = list(item_of)
     with tqdm(total=len(pending), desc=desc, file=sys.stderr, disable=None) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 bar.update(1)
-                yield ray.get(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:  # a worker that died (OOM, a crash in native code)
+                    if on_error is None:
+                        raise
+                    result = on_error(item_of[ref], exc)
+                yield result

@@ -67,8 +67,12 @@ class SlideReader:
         block_size: int = 1 << 20,
         max_blocks: int = 64,
         cache_dir: str | None = None,
+        rgb: bool = True,
     ):
+        """``rgb``: present every slide as 3-band RGB (grey expanded, alpha flattened onto
+        white); label maps pass False to keep their single band of class ids."""
         self.uri = uri
+        self.rgb = rgb
         self.counters = ReadCounters()
         self.range_file = None
         suffix = os.path.splitext(uri.lower().split("?")[0])[1]
@@ -89,21 +93,23 @@ class SlideReader:
     def _open_pyvips(self, uri: str, block_size: int, max_blocks: int) -> None:
         self.backend = "pyvips"
         pyramid, self.range_file = self._pyvips_pyramid(uri, block_size, max_blocks)
-        w0 = pyramid[0].width
+        w0 = pyramid[0][0].width
         # A companion pyramid at 1/sqrt(2) (written by ingest) adds the levels in between, so
         # a FoV is read from a level at most sqrt(2) finer than it needs (benchmark `io`).
         companion = companion_uri(uri)
         if companion and storage.exists(companion):
             extra, self._companion_file = self._pyvips_pyramid(companion, block_size, max_blocks)
             pyramid = sorted(
-                pyramid + [im for im in extra if im.width < w0], key=lambda im: -im.width
+                pyramid + [p for p in extra if p[0].width < w0], key=lambda p: -p[0].width
             )
-        self._pages = pyramid
-        self.levels = [Level(im.width, im.height, w0 / im.width, _tile_of(im)) for im in pyramid]
-        xres = pyramid[0].get("xres") if pyramid[0].get_typeof("xres") else 0.0
+        self._sources = [src for _, src in pyramid]
+        self._pages = [_as_rgb(im) if self.rgb else im for im, _ in pyramid]
+        self.levels = [Level(im.width, im.height, w0 / im.width, _tile_of(im)) for im, _ in pyramid]
+        first = pyramid[0][0]
+        xres = first.get("xres") if first.get_typeof("xres") else 0.0
         # libvips stores pixels per mm; 1.0 is its "unknown" default.
         self.mpp = 1000.0 / xres if xres and abs(xres - 1.0) > 1e-6 else None
-        self.bands = pyramid[0].bands
+        self.bands = self._pages[0].bands
 
     @staticmethod
     def _pyvips_pyramid(uri: str, block_size: int, max_blocks: int):
@@ -111,6 +117,7 @@ class SlideReader:
         import pyvips
 
         range_file = None
+        sources: dict[int, object] = {}
         try:
             if storage.is_remote(uri):
                 from foveation.rangeio import BlockCachedFile, vips_source
@@ -118,10 +125,12 @@ class SlideReader:
                 range_file = BlockCachedFile(uri, block_size=block_size, max_blocks=max_blocks)
 
                 def page(k: int):
+                    src = vips_source(range_file)  # one per page: a source has one position
                     opts = {"page": k} if k else {}  # JPEG / PNG loaders take no page argument
-                    return pyvips.Image.new_from_source(
-                        vips_source(range_file), "", access="random", **opts
-                    )
+                    with src.errors("open"):
+                        im = pyvips.Image.new_from_source(src, "", access="random", **opts)
+                    sources[id(im)] = src
+                    return im
             else:
                 path = uri.removeprefix("file://")
                 if not os.path.isfile(path):
@@ -134,14 +143,16 @@ class SlideReader:
             first = page(0)
             n = first.get("n-pages") if first.get_typeof("n-pages") else 1
             images = [first] + [page(k) for k in range(1, n)]
-        except pyvips.Error as exc:
+        except (pyvips.Error, ValueError) as exc:  # rangeio turns unreadable bytes into ValueError
+            if isinstance(exc, SlideError):
+                raise
             raise SlideError(f"{uri}: not a readable slide ({_first_line(exc)})") from None
         # Keep only the pages that form a pyramid (each smaller than the one before, same bands).
         pyramid = [images[0]]
         for im in images[1:]:
             if im.width < pyramid[-1].width and im.bands == pyramid[0].bands:
                 pyramid.append(im)
-        return pyramid, range_file
+        return [(im, sources.get(id(im))) for im in pyramid], range_file
 
     def _open_openslide(self, path: str) -> None:
         try:
@@ -222,7 +233,12 @@ class SlideReader:
             rgb = a[..., :3].astype(np.float32)
             alpha = a[..., 3:4].astype(np.float32) / 255
             return np.rint(rgb * alpha + 255 * (1 - alpha)).astype(np.uint8)
-        a = self._pages[level].crop(left, top, width, height).numpy()
+        src = self._sources[level]
+        if src is None:
+            a = self._pages[level].crop(left, top, width, height).numpy()
+        else:
+            with src.errors():  # a storage failure surfaces as itself (endpoint, byte range)
+                a = self._pages[level].crop(left, top, width, height).numpy()
         return a[..., None] if a.ndim == 2 else a
 
     def read_region(
@@ -265,6 +281,8 @@ class SlideReader:
         for f in (self.range_file, getattr(self, "_companion_file", None)):
             if f is not None:
                 f.close()
+        if getattr(self, "_osr", None) is not None:
+            self._osr.close()
 
 
 class LevelSource:
@@ -325,6 +343,15 @@ def _roi_resize(win: np.ndarray, top: float, left: float, size: float, out: int)
     return y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def _as_rgb(im):
+    """3-band sRGB uint8: alpha flattened onto white (slide background), grey expanded."""
+    if im.hasalpha():
+        im = im.flatten(background=[255] * (im.bands - 1))
+    if im.bands == 1:
+        im = im.bandjoin([im, im])
+    return im.cast("uchar") if im.format != "uchar" else im
+
+
 def _tile_of(im) -> tuple[int, int] | None:
     for h, w in (("tile-height", "tile-width"),):
         if im.get_typeof(h) and im.get_typeof(w):
@@ -346,7 +373,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def open_slide(uri: str, block_size: int = 1 << 20, max_blocks: int = 64) -> SlideReader:
     """A per-process cached reader (Ray Data actors and Serve replicas reuse theirs)."""
     return SlideReader(uri, block_size=block_size, max_blocks=max_blocks)

@@ -10,8 +10,9 @@ from foveation import storage
 from foveation.config import IngestConfig, PatchSetConfig, SyntheticConfig
 from foveation.data.gleason import scan
 from foveation.data.ingest import ingest, read_manifest
+from foveation.data.ingest import ray_tasks as ingest_ray_tasks
 from foveation.data.synthetic import write_synthetic_set
-from foveation.raycluster import init_ray, ray_map
+from foveation.raycluster import init_ray
 
 SYN = SyntheticConfig(n_slides=4, size=256, seed=5)
 ING = IngestConfig(
@@ -19,8 +20,7 @@ ING = IngestConfig(
 )
 
 
-def ray_tasks(fn, items):
-    return ray_map(fn, items, num_cpus=ING.task_cpus, desc="ingest")
+ray_tasks = ingest_ray_tasks(ING)
 
 
 @pytest.fixture(scope="module")

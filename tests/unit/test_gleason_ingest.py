@@ -170,3 +170,22 @@ def test_a_slide_without_annotator_maps_fails_by_name(raw_set, tmp_path):
         __import__("os").unlink(u)
     out = ingest_slide(scan(str(root))[0], str(tmp_path / "o"), ING)
     assert out.status == "failed" and "no annotator map for slide001_core001" in out.error
+
+
+def test_changed_annotations_reingest_one_slide_and_splits_stay(raw_set, tmp_path):
+    root = copy_set(raw_set, tmp_path)
+    dest = str(tmp_path / "out")
+    first = ingest(str(root), dest, ING, log=lambda s: None)
+    splits = {r["slide_id"]: r["split"] for r in read_manifest(dest).to_pylist()}
+    s = scan(str(root))[2]
+    raw = decode_label(Path(s.annotator_uris[0]).read_bytes())
+    raw[:40, :40] = 5  # an annotator corrects a corner to grade 5
+    Path(s.annotator_uris[0]).write_bytes(encode_png(raw))
+    again = ingest(str(root), dest, ING, log=lambda s: None)
+    assert again.ingested == [s.slide_id] and len(again.unchanged) == 4
+    assert {r["slide_id"]: r["split"] for r in read_manifest(dest).to_pylist()} == splits
+    # the average expert still covers every slide, not only the re-ingested one
+    assert again.average_expert["annotators"] == first.average_expert["annotators"]
+    # a setting that shapes the files re-ingests everything
+    third = ingest(str(root), dest, dataclasses.replace(ING, tile_size=256), log=lambda s: None)
+    assert len(third.ingested) == 5

@@ -151,6 +151,8 @@ def test_bf16_autocast_step_on_cpu():
     cfg = replace(Config(), training=TrainingConfig(locations_per_image=3, precision="bf16"))
     model = build_model(cfg)
     opt, sched = build_optimizer(model, cfg.training, 10)
-    res = train_step(model, opt, sched, prepared(cfg, 1), cfg, 0, 10, torch.Generator(), torch.device("cpu"))
+    res = train_step(
+        model, opt, sched, prepared(cfg, 1), cfg, 0, 10, torch.Generator(), torch.device("cpu")
+    )
     assert math.isfinite(res.loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32

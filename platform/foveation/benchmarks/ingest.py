@@ -9,7 +9,7 @@ import time
 
 from foveation.benchmarks import Figure, compared
 from foveation.config import load_config
-from foveation.data.ingest import ingest, serial_map
+from foveation.data.ingest import ingest, ray_tasks, serial_map
 from foveation.data.synthetic import TissueScales, generate_slide, write_synthetic_set
 
 
@@ -25,7 +25,7 @@ def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Fi
         generate_slide(size, size, scales, seed=100 + i)
     gen_mps = n * size * size / 1e6 / (time.perf_counter() - t)
 
-    from foveation.raycluster import init_ray, ray_map
+    from foveation.raycluster import init_ray
 
     init_ray()  # a running cluster, as a job finds it: start-up is not ingest time
     with tempfile.TemporaryDirectory() as tmp:
@@ -34,7 +34,7 @@ def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Fi
         timing = {}
         for name, fn in (
             ("serial", serial_map),
-            ("ray", lambda f, items: ray_map(f, items, num_cpus=ic.task_cpus, desc="ingest")),
+            ("ray", ray_tasks(ic)),
         ):
             t = time.perf_counter()
             s = ingest(src, f"{tmp}/{name}", ic, map_fn=fn, log=lambda s: None)

@@ -245,7 +245,7 @@ def _pipeline_vs_loop(n_slides: int) -> list[Figure]:
         t = time.perf_counter()
         n_loop = 0
         for row in read_manifest(f"{tmp}/out").to_pylist():
-            image, label = SlideReader(row["image_uri"]), SlideReader(row["label_uri"])
+            image, label = SlideReader(row["image_uri"]), SlideReader(row["label_uri"], rgb=False)
             locs = tissue_locations(image, cfg)
             pick = locs[
                 np.random.default_rng(0).choice(

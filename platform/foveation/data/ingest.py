@@ -90,7 +90,7 @@ class IngestSummary:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     megapixels: float = 0.0
-    average_expert: dict | None = None  # the paper's last Table-1 row, over newly ingested slides
+    average_expert: dict | None = None  # the paper's last Table-1 row, over every slide that landed
 
     def text(self) -> str:
         lines = [
@@ -177,6 +177,24 @@ def _n_pages(path: str) -> int:
     return im.get("n-pages") if im.get_typeof("n-pages") else 1
 
 
+def _source_key(image_checksum: str, map_bytes: list[bytes], cfg: IngestConfig) -> str:
+    """What decides a slide's outputs: its image, its annotators' maps, and the settings that
+    shape the files. A change to any re-ingests the slide; anything else is "unchanged"."""
+    h = hashlib.sha256(image_checksum.encode())
+    for b in map_bytes:
+        h.update(hashlib.sha256(b).digest())
+    shape = (
+        cfg.crop_size,
+        cfg.tile_size,
+        cfg.sqrt2_levels,
+        cfg.compression,
+        cfg.quality,
+        SCHEMA_VERSION,
+    )
+    h.update(repr(shape).encode())
+    return h.hexdigest()
+
+
 def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int = 4) -> SlideOutcome:
     """Ingest one slide; never raises for bad input: a failed outcome names the file and why."""
     t0 = time.perf_counter()
@@ -184,21 +202,25 @@ def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int =
     try:
         data = storage.read_bytes(raw.image_uri)
         checksum = hashlib.sha256(data).hexdigest()
+        map_bytes = [storage.read_bytes(uri) for uri in raw.annotator_uris]
+        source_key = _source_key(checksum, map_bytes, cfg)
         prev = _previous_row(dest, sid)
         if (
             prev
-            and prev.get("checksum") == checksum
+            and prev.get("source_key") == source_key
             and storage.exists(prev["image_uri"])
             and storage.exists(prev["label_uri"])
         ):
-            return SlideOutcome(sid, "unchanged", prev, seconds=time.perf_counter() - t0)
+            row = {k: v for k, v in prev.items() if k in MANIFEST_SCHEMA.names}
+            conf = {int(k): v for k, v in prev.get("annotator_confusion", {}).items()}
+            return SlideOutcome(sid, "unchanged", row, None, time.perf_counter() - t0, 0.0, conf)
         if not raw.annotator_uris:
             raise DataError(f"{raw.image_uri}: no annotator map for {sid} in any MapsK_T folder")
         image = decode_image(data, raw.image_uri)
         H, W = image.shape[:2]
         maps = []
-        for uri in raw.annotator_uris:
-            m = map_labels(decode_label(storage.read_bytes(uri), uri), uri)
+        for uri, raw_map in zip(raw.annotator_uris, map_bytes, strict=True):
+            m = map_labels(decode_label(raw_map, uri), uri)
             if m.shape != (H, W):
                 raise DataError(
                     f"{uri}: label map is {m.shape[1]} x {m.shape[0]}, expected the slide's {W} x {H}"
@@ -254,7 +276,9 @@ def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int =
             "class_fractions": [float(f) for f in fractions],
             "checksum": checksum,
         }
-        storage.write_bytes(_row_uri(dest, sid), json.dumps(row).encode())
+        # The row file also keeps what a resumed run needs: the key and the annotator scores.
+        record = row | {"source_key": source_key, "annotator_confusion": confusion}
+        storage.write_bytes(_row_uri(dest, sid), json.dumps(record).encode())
         mp = image.shape[0] * image.shape[1] / 1e6
         return SlideOutcome(sid, "ingested", row, None, time.perf_counter() - t0, mp, confusion)
     except (DataError, ImageError, storage.StorageError) as exc:  # messages already name the file
@@ -265,6 +289,25 @@ def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int =
 
 
 # -- the whole set --------------------------------------------------------------------------
+
+
+def ray_tasks(cfg: IngestConfig) -> Callable[[Callable, list], Iterable[SlideOutcome]]:
+    """``ingest``'s ``map_fn`` over Ray tasks: a task whose worker dies after its retries fails
+    only its slide."""
+
+    def crashed(raw: RawSlide, exc: Exception) -> SlideOutcome:
+        return SlideOutcome(
+            raw.slide_id,
+            "failed",
+            error=f"{raw.image_uri}: worker failed: {type(exc).__name__}: {exc}",
+        )
+
+    def map_fn(fn: Callable, items: list) -> Iterable[SlideOutcome]:
+        from foveation.raycluster import ray_map
+
+        return ray_map(fn, items, num_cpus=cfg.task_cpus, desc="ingest", on_error=crashed)
+
+    return map_fn
 
 
 def serial_map(fn: Callable, items: Iterable) -> Iterable:
@@ -312,7 +355,7 @@ def ingest(
             f"{cfg.max_error_fraction}); no manifest written.\n{summary.text()}"
         )
     splits = assign_splits(
-        [r["slide_id"] for r in rows],
+        [s.slide_id for s in slides],  # all of the source: a failure now reshuffles nothing
         cfg.val_fraction,
         cfg.test_fraction,
         cfg.test_count,

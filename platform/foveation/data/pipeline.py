@@ -23,10 +23,19 @@ from collections import OrderedDict
 import numpy as np
 
 from foveation.config import Config, config_from_dict
+from foveation.data.slidebank import empty_batch
 
 
 class PipelineError(RuntimeError):
     pass
+
+
+def _wait(ref) -> None:
+    """Wait for an error record: fire-and-forget calls can arrive after the driver asks, or be
+    lost when Ray Data tears the actors down."""
+    import ray
+
+    ray.get(ref)
 
 
 def tissue_locations(reader, cfg: Config) -> np.ndarray:
@@ -70,15 +79,24 @@ class BankReader:
             pc = self.cfg.data.pipeline
             image = SlideReader(image_uri, block_size=pc.block_size, max_blocks=pc.max_blocks)
             label = (
-                SlideReader(label_uri, block_size=pc.block_size, max_blocks=pc.max_blocks)
+                SlideReader(
+                    label_uri, block_size=pc.block_size, max_blocks=pc.max_blocks, rgb=False
+                )
                 if label_uri
                 else None
             )
             self.cache[image_uri] = SlideBankReader(self.cfg, image, label)
             while len(self.cache) > self.cache_slides:  # bounded: at most a few open slides
-                self.cache.popitem(last=False)
+                self._evict(next(iter(self.cache)))
         self.cache.move_to_end(image_uri)
         return self.cache[image_uri]
+
+    def _evict(self, image_uri: str) -> None:
+        bank = self.cache.pop(image_uri, None)
+        if bank is not None:  # close now: an S3 reader holds its block cache until closed
+            for r in (bank.image, bank.label):
+                if r is not None:
+                    r.close()
 
     def sample(self, slide_id: str, image_uri: str, label_uri: str) -> np.ndarray:
         """This epoch's locations [n, 2] of one slide: tissue only, seeded by (seed, epoch, id)."""
@@ -98,29 +116,19 @@ class BankReader:
             for attempt in range(2):  # a failing slide gets one fresh reader, then it is skipped
                 try:
                     if attempt:
-                        self.cache.pop(image_uri, None)
+                        self._evict(image_uri)
                     locs = self.sample(sid, image_uri, label_uri)
                     parts.append(self._reader(image_uri, label_uri).batch(locs, sid))
                     break
                 except Exception as exc:
                     if attempt == 1:
-                        self.errors.record.remote(sid, "read", f"{type(exc).__name__}: {exc}")
-                        self.cache.pop(image_uri, None)
+                        _wait(
+                            self.errors.record.remote(sid, "read", f"{type(exc).__name__}: {exc}")
+                        )
+                        self._evict(image_uri)
         if not parts:
-            return _empty_batch(self.cfg)
+            return empty_batch(self.cfg)
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _empty_batch(cfg: Config) -> dict[str, np.ndarray]:
-    pc = cfg.patches
-    P, n = pc.patch_size, pc.patch_size // 4
-    return {
-        "bank": np.zeros((0, pc.depth, 3, P, P), np.uint8),
-        "xr": np.zeros((0, 3, 7, 7), np.float32),
-        "loc": np.zeros((0, 2), np.int32),
-        "label": np.zeros((0, n, n), np.uint8),
-        "slide_id": np.array([], dtype="<U1"),
-    }
 
 
 def _error_log_class():

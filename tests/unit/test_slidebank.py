@@ -1,0 +1,88 @@
+"""Batches cut from slide files equal the in-memory extractor's (issue "Slide I/O", item 3)."""
+
+import numpy as np
+import pytest
+import torch
+
+from foveation.config import Config
+from foveation.data.slidebank import SlideBankReader
+from foveation.data.synthetic import TissueScales, generate_slide
+from foveation.patches import PatchExtractor, make_xr, xr_neighbourhoods
+from foveation.slides import SlideReader, write_pyramid
+
+
+@pytest.fixture(scope="module")
+def slide_files(tmp_path_factory):
+    import pyvips
+
+    cfg = Config()
+    s = generate_slide(512, 448, TissueScales.from_patches(cfg.patches), seed=2)
+    d = tmp_path_factory.mktemp("slide")
+    img = pyvips.Image.new_from_memory(np.ascontiguousarray(s.image).data, 448, 512, 3, "uchar")
+    write_pyramid(img, str(d / "s.tif"), 128, "deflate", sqrt2=True)  # lossless: exact comparison
+    lab = pyvips.Image.new_from_memory(np.ascontiguousarray(s.truth).data, 448, 512, 1, "uchar")
+    lab.tiffsave(
+        str(d / "l.tif"),
+        tile=True,
+        pyramid=True,
+        tile_width=128,
+        tile_height=128,
+        compression="deflate",
+        region_shrink="mode",
+    )
+    return s, str(d / "s.tif"), str(d / "l.tif")
+
+
+def test_slide_batches_equal_the_in_memory_extractor(slide_files):
+    cfg = Config()
+    s, image_uri, label_uri = slide_files
+    reader = SlideBankReader(cfg, SlideReader(image_uri), SlideReader(label_uri, rgb=False))
+    assert len(reader.image.levels) > 3  # the sqrt(2) companion levels are there
+    locs = np.array([[0, 0], [0, 27], [31, 0], [31, 27], [15, 13], [7, 20]])
+    b = reader.batch(locs, "s")
+    img = torch.from_numpy(s.image).permute(2, 0, 1)
+    ex = PatchExtractor.from_image(
+        img, cfg.patches, cfg.model.pad_value, torch.from_numpy(s.truth), 4
+    )
+    t = torch.from_numpy(locs)
+    # pyramid levels are rounded to uint8 once per level: at most 1 grey level apart
+    assert np.abs(b["bank"].astype(int) - ex.bank(t).numpy().astype(int)).max() <= 1
+    assert np.array_equal(b["label"], ex.labels(t).numpy())
+    xr = xr_neighbourhoods(
+        make_xr(img, cfg.patches.xr_scale, cfg.model.mean, cfg.model.std), t
+    ).numpy()
+    # a pyramid level is a rounded area mean: within a grey level or two (0.5 / 255 / std ~ 0.009)
+    np.testing.assert_allclose(b["xr"], xr, atol=0.02)
+    assert np.abs(b["xr"] - xr).mean() < 0.005
+    assert b["loc"].dtype == np.int32 and list(b["slide_id"]) == ["s"] * 6
+
+
+def test_no_locations_give_an_empty_batch(slide_files):
+    cfg = Config()
+    _, image_uri, label_uri = slide_files
+    b = SlideBankReader(cfg, SlideReader(image_uri), SlideReader(label_uri, rgb=False)).batch(
+        np.zeros((0, 2))
+    )
+    assert b["bank"].shape == (0, 3, 3, 64, 64) and b["label"].shape == (0, 16, 16)
+
+
+def test_rgba_and_grey_slides_read_as_rgb(tmp_path):
+    from PIL import Image
+
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:20, :, 3] = 255  # top half opaque red, bottom half transparent -> white
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    r = SlideReader(str(tmp_path / "a.png"))
+    out = r.read_level(0, 0, 0, 40, 50)
+    assert (
+        r.bands == 3
+        and out[0, 0].tolist() == [200, 0, 0]
+        and out[39, 0].tolist() == [255, 255, 255]
+    )
+    Image.fromarray(np.full((30, 30), 77, np.uint8)).save(tmp_path / "g.png")
+    assert SlideReader(str(tmp_path / "g.png")).read_region((15, 15), 16, 8).tolist()[0][0] == [
+        77,
+        77,
+        77,
+    ]
