@@ -182,7 +182,9 @@ class Pipeline:
                 "seed": self.seed,
             },
             batch_size=1,
-            concurrency=pc.reader_actors,
+            compute=ray.data.ActorPoolStrategy(
+                size=pc.reader_actors
+            ),  # `concurrency` is deprecated (2.51)
             num_cpus=pc.actor_cpus,
             batch_format="numpy",
         )
