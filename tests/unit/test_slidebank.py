@@ -103,3 +103,19 @@ def test_openslide_backend_reads_what_pyvips_reads(slide_files, tmp_path):
             - b.read_region(centre, fov, out).astype(int)
         )
         assert diff.max() <= 1
+
+
+def test_whole_slide_inference_from_a_slide_file_equals_from_memory(slide_files):
+    """``SlideReader.as_source`` is the out-of-core region source of whole-slide inference."""
+    from foveation.inference import ArraySink, ArraySource, segment
+    from foveation.models import FoveatedSegmenter
+
+    s, image_uri, _ = slide_files
+    torch.manual_seed(0)
+    model = FoveatedSegmenter(Config()).eval()
+    source = SlideReader(image_uri).as_source(level=0)
+    assert (source.height, source.width) == s.image.shape[:2]
+    a, b = ArraySink(keep_probs=True), ArraySink(keep_probs=True)
+    segment(model, source, Config(), a)
+    segment(model, ArraySource(s.image), Config(), b)
+    assert np.array_equal(a.mask, b.mask)  # a lossless pyramid: the same pixels, the same answer

@@ -81,9 +81,6 @@ MIXERS: dict[str, Mixer] = {
     "random": random,
 }
 
-LEARNS_FOVEATION = {"soft", "hard", "gumbel"}
-"""Modes in which F's output matters (the others ignore w: baselines)."""
-
 
 def mix(bank: Tensor, h: Tensor) -> Tensor:
     """x [N, C, P, P] = sum_d h[n, d] bank[n, d] in one einsum (bank float)."""
