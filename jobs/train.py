@@ -1,6 +1,11 @@
-"""Train, evaluate and report on the embedded default (one machine, local disk, CPU).
+"""Train the foveated segmenter with Ray Train + DeepSpeed on the Ray Data pipeline.
 
-python -m jobs.train --config jobs/configs/debug.toml [--out runs/debug]
+    python -m jobs.train --config jobs/configs/debug.toml [--out runs/debug] [--manifest URI]
+        [--resume | --overwrite]
+
+Plain ``python`` starts a local Ray; under ``ray job submit`` (``RAY_ADDRESS`` set) it joins
+that cluster. Workers, GPUs and precision come from the config's [distributed] and [training].
+Writes <out>/train (Ray Train's checkpoints), <out>/model (the best one) and <out>/history.
 """
 
 from __future__ import annotations
@@ -8,25 +13,32 @@ from __future__ import annotations
 import argparse
 import sys
 
-from foveation.experiment import run_local
 from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     add_config_arg(p)
-    p.add_argument(
-        "--out", default=None, help="output directory or URI (default: runs/<config name>)"
-    )
+    p.add_argument("--out", help="output directory or URI (default: runs/<config name>)")
+    p.add_argument("--manifest", help="manifest URI (default: data.ingest.dest)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in <out> if any")
+    g.add_argument("--overwrite", action="store_true", help="discard the run in <out> first")
     args = p.parse_args(argv)
     cfg = load_or_none(args.config)
     if cfg is None:
         return BAD_CONFIG
-    out = args.out or f"runs/{cfg.name}"
-    res = run_local(cfg, out)
-    print()
-    print(res.table)
-    print(f"\nreport and figures: {res.report_uri}\ncheckpoint: {res.checkpoint_uri}")
+    from foveation.checkpoint import CheckpointError
+    from foveation.training.trainer import TrainingError, fit
+
+    try:
+        res = fit(cfg, args.out or f"runs/{cfg.name}", args.manifest, args.resume, args.overwrite)
+    except (TrainingError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    m = res.metrics
+    print(f"\nbest val mIoU {m.get('val_miou', 0.0):.3f} at epoch {m.get('epoch')}")
+    print(f"model: {res.model_uri}")
     return 0
 
 

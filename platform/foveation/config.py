@@ -31,7 +31,7 @@ def _check(cond: bool, where: str, msg: str) -> None:
 PADDING_MODES = ("constant", "reflect")
 RESAMPLE_MODES = ("area", "reference")
 INFERENCE_MODES = ("tiled", "dense")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -359,7 +359,8 @@ class TrainingConfig:
     class_weights: tuple[float, ...] | None = None
     seed: int = 0
     precision: str = "fp32"
-    """"fp32" or "bf16" (autocast of the forward; weights and optimiser stay fp32)."""
+    """"fp32", "bf16" or "fp16" (autocast of the forward; weights and optimiser stay fp32).
+    "fp16" needs a GPU (and gets DeepSpeed's loss scaling); CPUs run fp32 or bf16."""
     device: str = "cpu"
     """"cpu", "cuda", "cuda:N" or "auto"."""
 
@@ -386,6 +387,48 @@ class TrainingConfig:
             f"{w}.device",
             f"must be 'cpu', 'cuda[:N]' or 'auto', got {self.device!r}",
         )
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How ``jobs.train`` spreads training over a Ray cluster (``foveation.training.trainer``):
+    Ray Train workers, each a DeepSpeed data-parallel rank. Only this section changes between a
+    laptop and a GPU cluster."""
+
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One or more GPUs per worker (``gpus_per_worker``); the job fails at once without them."""
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    """Logical CPUs per worker: fractional on a laptop (DESIGN.md, "Ray on 2 cores")."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0, 1 or 2 (3 partitions parameters, which F's separate forward on
+    x_r does not go through)."""
+    checkpoint_every_steps: int | None = None
+    """A checkpoint every N optimiser steps as well as at the end of every epoch."""
+    keep_checkpoints: int = 2
+    """Best K checkpoints kept by val mIoU (the latest is always kept too, for resuming)."""
+    max_failures: int = 1
+    """Times Ray Train restarts a failed worker group from the last checkpoint."""
+    logical_cpus: int = 4
+    """CPUs a local Ray (no cluster address) declares: more than cores, so fractional workers
+    and reader actors fit on a 2-core laptop."""
+
+    def __post_init__(self) -> None:
+        w = "distributed"
+        _check(self.num_workers >= 1, f"{w}.num_workers", "must be >= 1")
+        _check(self.gpus_per_worker > 0, f"{w}.gpus_per_worker", "must be > 0")
+        _check(self.cpus_per_worker > 0, f"{w}.cpus_per_worker", "must be > 0")
+        _check(self.zero_stage in (0, 1, 2), f"{w}.zero_stage", "must be 0, 1 or 2")
+        _check(
+            self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+            f"{w}.checkpoint_every_steps",
+            "must be >= 1",
+        )
+        _check(self.keep_checkpoints >= 1, f"{w}.keep_checkpoints", "must be >= 1")
+        _check(self.max_failures >= 0, f"{w}.max_failures", "must be >= 0")
+        _check(self.logical_cpus >= 1, f"{w}.logical_cpus", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -429,6 +472,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     name: str = "run"
 
     def __post_init__(self) -> None:
@@ -455,6 +499,17 @@ class Config:
             all(0 <= c < k for c in self.evaluation.kept_classes),
             "evaluation.kept_classes",
             f"must be class ids in [0, {k})",
+        )
+        _check(
+            not (self.training.precision == "fp16" and not self.distributed.use_gpu),
+            "training.precision",
+            "'fp16' needs GPUs (distributed.use_gpu = true); use 'bf16' or 'fp32' on CPU",
+        )
+        _check(
+            not (self.training.precision == "fp16" and self.distributed.zero_stage != 0),
+            "training.precision",
+            "'fp16' autocast gets DeepSpeed's loss scaler only with distributed.zero_stage = 0; "
+            "use 'bf16' (no scaling needed) with ZeRO 1 or 2",
         )
         from foveation.models.segmenter import OUTPUT_STRIDE
 

@@ -90,3 +90,78 @@ def write_report(
     uri = storage.join(out, "report.md")
     storage.write_bytes(uri, "\n".join(lines).encode())
     return uri
+
+
+# -- the evaluation report (jobs.evaluate, jobs.reproduce) ----------------------------------
+
+# The paper's Table 2 (single-class pixel accuracy, %, Gleason2019 test set): cited constants,
+# not our measurements; shown beside ours for scale only.
+PAPER_TABLE2 = {
+    "paper: foveation (Jin et al. 2020)": (88.3, 83.8, 78.1),
+    "paper: challenge overall top 1": (95.9, 2.24, 16.5),
+    "paper: challenge overall top 2": (83.0, 52.7, 54.0),
+    "paper: single-class best": (95.9, 70.7, 70.6),
+}
+
+
+def accuracy_table(rows: list[tuple[str, dict]], cfg: Config) -> str:
+    """The paper's Table 2 form: per-class pixel accuracy (%) of the kept classes, our runs
+    first, then the paper's leaderboard rows (marked as cited)."""
+    names = [cfg.evaluation.class_names[i] for i in cfg.evaluation.kept_classes]
+    head = ["run", *[f"acc {n} (%)" for n in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows:
+        acc = m.get("class_accuracy", {})
+        lines.append(
+            "| "
+            + " | ".join([name, *[f"{100 * acc.get(n, float('nan')):.1f}" for n in names]])
+            + " |"
+        )
+    if len(names) == 3:
+        for name, vals in PAPER_TABLE2.items():
+            lines.append(
+                "| " + " | ".join([f"*{name} (cited)*", *[f"{v:.1f}" for v in vals]]) + " |"
+            )
+    return "\n".join(lines)
+
+
+def iou_bars(rows: list[tuple[str, dict]], class_names: tuple[str, ...]) -> bytes:
+    """Per-class IoU bars, one group per class, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(class_names) + 3, 3.2))
+    width = 0.8 / max(1, len(rows))
+    x = np.arange(len(class_names))
+    for i, (name, m) in enumerate(rows):
+        ax.bar(x + i * width, [m["iou"][c] for c in class_names], width, label=name)
+    ax.set_xticks(x + 0.4 - width / 2, class_names)
+    ax.set_ylabel("IoU")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def comparison_figure(
+    image: np.ndarray, label: np.ndarray, masks: list[tuple[str, np.ndarray]]
+) -> bytes:
+    """Image | label | every run's prediction, titled (the paper's Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("image", image), ("label", PALETTE[label])]
+    panels += [(name, PALETTE[m]) for name, m in masks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.4), squeeze=False)
+    for ax, (t, a) in zip(axes[0], panels, strict=True):
+        ax.imshow(a, interpolation="nearest")
+        ax.set_title(t, fontsize=8)
+        ax.axis("off")
+    data = _png(fig)
+    plt.close(fig)
+    return data

@@ -374,6 +374,15 @@ def resolve(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileSyst
     return loc.fs, loc.path
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (relative to this process's directory); URIs unchanged."""
+    if is_remote(uri):
+        return uri
+    if uri.startswith("file://"):
+        return uri
+    return os.path.abspath(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     if is_remote(uri):
         return uri.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)

@@ -22,6 +22,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from foveation import storage
 from foveation.config import Config, config_from_dict
 from foveation.data.slidebank import empty_batch
 
@@ -62,10 +63,12 @@ def tissue_locations(reader, cfg: Config) -> np.ndarray:
 class BankReader:
     """A Ray Data actor: cuts training batches for batches of location rows."""
 
-    def __init__(
-        self, cfg_dict: dict, errors, epoch: int, seed: int, cache_slides: int = 8
-    ) -> None:
+    def __init__(self, cfg_dict: dict, errors, epoch, seed: int, cache_slides: int = 8) -> None:
         self.cfg = config_from_dict(cfg_dict)
+        if not isinstance(epoch, int):  # an EpochClock: read once, when this execution starts
+            import ray
+
+            epoch = ray.get(epoch.get.remote())
         self.epoch, self.seed = epoch, seed
         self.errors = errors
         self.cache: OrderedDict[str, object] = OrderedDict()
@@ -131,6 +134,27 @@ class BankReader:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def epoch_clock(epoch: int = 0):
+    """An actor holding the current epoch. One Ray Data dataset handed to Ray Train is executed
+    again for every epoch; its reader actors read the epoch from this clock when each execution
+    starts, so every epoch samples fresh locations while the dataset (and its sharding across
+    workers) stays the same object. Rank 0 sets it before the workers iterate their shards."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class EpochClock:
+        def __init__(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def set(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def get(self) -> int:
+            return self.epoch
+
+    return EpochClock.remote(epoch)
+
+
 def _error_log_class():
     import ray
 
@@ -159,13 +183,20 @@ class Pipeline:
         rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == split]
         if not rows:
             raise PipelineError(f"{manifest}: no slides in split {split!r}")
+        # Manifest URIs relative to the driver's directory mean nothing to a worker elsewhere.
         self.rows = [
-            {"slide_id": r["slide_id"], "image_uri": r["image_uri"], "label_uri": r["label_uri"]}
+            {
+                "slide_id": r["slide_id"],
+                "image_uri": storage.absolute(r["image_uri"]),
+                "label_uri": storage.absolute(r["label_uri"]) if r["label_uri"] else r["label_uri"],
+            }
             for r in rows
         ]
         self.errors = _error_log_class().remote()
 
-    def epoch(self, epoch: int = 0):
+    def epoch(self, epoch=0):
+        """The dataset of one epoch: ``epoch`` is an int, or an ``epoch_clock`` read each time
+        the dataset is executed."""
         import ray.data
 
         pc = self.cfg.data.pipeline

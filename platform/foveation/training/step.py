@@ -72,6 +72,53 @@ def sample_locations(size: tuple[int, int], n: int, gen: torch.Generator) -> Ten
     return torch.stack([idx // w, idx % w], dim=1)
 
 
+def mix_context(cfg: Config, step: int, total_steps: int) -> MixContext:
+    return MixContext(cfg.model.mix, step, total_steps, training=True)
+
+
+def warmup_mode(cfg: Config, step: int, total_steps: int) -> MixConfig | None:
+    """The Average mix during the uniform warm-up (REFERENCE.md, collapse), else None."""
+    warm = step < int(cfg.training.uniform_warmup_fraction * total_steps)
+    return MixConfig("average") if warm else None
+
+
+def segmentation_loss(
+    logits: Tensor, label: Tensor, w: Tensor, cfg: Config, step: int, slide_ids
+) -> Tensor:
+    """Cross entropy on the smallest patch's area (ignore index 255), minus the optional entropy
+    bonus on F's weights; raises ``TrainingDiverged`` naming the step and slides on NaN/inf."""
+    tc = cfg.training
+    class_w = torch.tensor(tc.class_weights, device=logits.device) if tc.class_weights else None
+    loss = F.cross_entropy(logits.float(), label, weight=class_w, ignore_index=IGNORE_INDEX)
+    if tc.entropy_weight:
+        entropy = -(w * w.clamp_min(1e-12).log()).sum(1).mean()
+        loss = loss - tc.entropy_weight * entropy
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"training diverged at step {step}: loss is {loss.item()} "
+            f"(slides {sorted(set(slide_ids))}); lower the learning rates or check the inputs"
+        )
+    return loss
+
+
+def batch_forward(
+    model: FoveatedSegmenter, batch: dict, cfg: Config, step: int, total_steps: int, device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, logits, w, h) of one DESIGN.md training batch (bank, xr, label) from the Ray Data
+    pipeline: F on each location's 7x7 x_r neighbourhood, the mix, the segmenter. ``model`` is
+    the plain module or a DeepSpeed engine (whose forward applies its own autocast)."""
+    module = getattr(model, "module", model)
+    bank = batch["bank"].to(device, non_blocking=True)
+    xr = batch["xr"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True).long()
+    w = module.location_weights(xr)
+    logits, h = model(
+        bank, w, mix_context(cfg, step, total_steps), warmup_mode(cfg, step, total_steps)
+    )
+    loss = segmentation_loss(logits, label, w, cfg, step, batch.get("slide_id", []))
+    return loss, logits, w, h
+
+
 def train_step(
     model: FoveatedSegmenter,
     optimizer: torch.optim.Optimizer,
@@ -97,20 +144,16 @@ def train_step(
     label = torch.cat(labels).to(device, non_blocking=True).long()
     w = torch.cat(weights)
 
-    warmup = step < int(tc.uniform_warmup_fraction * total_steps)
-    ctx = MixContext(cfg.model.mix, step, total_steps, training=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-        logits, h = model(bank, w, ctx, mode=MixConfig("average") if warmup else None)
-    class_w = torch.tensor(tc.class_weights, device=device) if tc.class_weights else None
-    loss = F.cross_entropy(logits.float(), label, weight=class_w, ignore_index=IGNORE_INDEX)
-    if tc.entropy_weight:
-        entropy = -(w * w.clamp_min(1e-12).log()).sum(1).mean()
-        loss = loss - tc.entropy_weight * entropy
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(
-            f"training diverged at step {step}: loss is {loss.item()} "
-            f"(images {[im.slide_id for im in images]}); lower the learning rates or check the inputs"
+    if tc.precision == "fp16":
+        raise ValueError(
+            "training.precision 'fp16' runs only through DeepSpeed on GPUs (jobs.train); "
+            "the single-device loop takes 'fp32' or 'bf16'"
         )
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+        logits, h = model(
+            bank, w, mix_context(cfg, step, total_steps), mode=warmup_mode(cfg, step, total_steps)
+        )
+    loss = segmentation_loss(logits, label, w, cfg, step, [im.slide_id for im in images])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tc.grad_clip:

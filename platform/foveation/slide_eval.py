@@ -1,0 +1,230 @@
+"""Whole-slide evaluation: every run's checkpoint on every slide of a split, one Ray task per
+(run, slide), through the Core tiled inference reading the slide out of core (``SlideReader``)
+into a sink that scores rows against the label pyramid as they arrive. Only confusion
+matrices, F's mean weights, the APSM (x_r-sized) and small thumbnails come back.
+
+The average-expert row (the paper's last Table-1 row) scores each annotator's map against the
+fused (STAPLE) label on the same slides.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from foveation import storage
+from foveation.config import Config
+from foveation.metrics import ConfusionMatrix
+
+EXPERT_RUN = "average expert"
+
+
+@dataclass
+class SlideScore:
+    run: str
+    slide_id: str
+    matrix: np.ndarray  # [K, K] int64, rows = label, cols = prediction
+    weight_mean: list[float] = field(default_factory=list)
+    apsm: np.ndarray | None = None
+    mask_thumb: np.ndarray | None = None
+    error: str | None = None
+
+
+class ScoringSink:
+    """A sink that scores each block of predicted rows against the same rows of the label
+    level 0, and keeps a nearest-neighbour thumbnail of the mask (every ``stride``-th pixel)."""
+
+    def __init__(self, label_reader, num_classes: int, ignore_index: int, thumb_px: int) -> None:
+        self.label, self.thumb_px = label_reader, thumb_px
+        self.cm = ConfusionMatrix(num_classes, ignore_index)
+        self.weights = self.apsm = self.thumb = None
+
+    def begin(self, height: int, width: int, num_classes: int) -> None:
+        self.stride = max(1, math.ceil(max(height, width) / self.thumb_px))
+        self.width = width
+        self.thumb_rows: list[np.ndarray] = []
+
+    def write_weights(self, weights: torch.Tensor, apsm: torch.Tensor) -> None:
+        self.weights = weights.float().cpu().numpy()
+        self.apsm = apsm.float().cpu().numpy()
+
+    def write_rows(self, top: int, probs: torch.Tensor) -> None:
+        mask = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        n = mask.shape[0]
+        label = self.label.read_level(0, top, 0, n, self.width, (255,))[..., 0]
+        self.cm.update(mask, label)
+        first = (-top) % self.stride
+        self.thumb_rows.append(mask[first :: self.stride, :: self.stride])
+
+    def close(self) -> None:
+        self.thumb = np.concatenate(self.thumb_rows) if self.thumb_rows else None
+
+
+@functools.lru_cache(maxsize=4)
+def _model(uri: str):
+    from foveation.checkpoint import load_checkpoint
+
+    return load_checkpoint(uri)  # safetensors weights only; cached per worker process
+
+
+def score_slide(run: str, checkpoint_uri: str, row: dict, thumb_px: int = 256) -> SlideScore:
+    """One run on one slide (a Ray task body; also callable in-process)."""
+    from foveation.inference import segment
+    from foveation.slides import SlideReader
+
+    torch.set_num_threads(1)  # several tasks share the cores
+    model, cfg, _ = _model(checkpoint_uri)
+    image = SlideReader(row["image_uri"])
+    label = SlideReader(row["label_uri"], rgb=False)
+    try:
+        sink = ScoringSink(label, cfg.model.num_classes, cfg.evaluation.ignore_index, thumb_px)
+        with torch.no_grad():
+            segment(model, image.as_source(0), cfg, sink)
+    finally:
+        image.close()
+        label.close()
+    wmean = sink.weights.reshape(sink.weights.shape[0], -1).mean(1).tolist()
+    return SlideScore(run, row["slide_id"], sink.cm.matrix, wmean, sink.apsm, sink.thumb)
+
+
+def score_experts(row: dict, num_classes: int, ignore_index: int) -> list[SlideScore]:
+    """Each annotator's map on one slide against the fused label: one score per annotator."""
+    from foveation.images import decode_label
+    from foveation.slides import SlideReader
+
+    label = SlideReader(row["label_uri"], rgb=False)
+    try:
+        fused = label.read_level(0, 0, 0, label.height, label.width, (255,))[..., 0]
+    finally:
+        label.close()
+    out = []
+    for uri in row.get("annotator_uris") or []:
+        m = decode_label(storage.read_bytes(uri), uri)
+        cm = ConfusionMatrix(num_classes, ignore_index)
+        cm.update(np.where(m < num_classes, m, 0), fused)
+        out.append(SlideScore(f"{EXPERT_RUN}:{uri.rsplit('_', 1)[-1]}", row["slide_id"], cm.matrix))
+    return out
+
+
+@dataclass
+class EvaluationResult:
+    cfg: Config  # the first run's config (class names, patch set)
+    metrics: dict[str, dict]  # run -> ConfusionMatrix.summary (+ weight_mean)
+    slides: dict[str, dict[str, SlideScore]]  # run -> slide id -> score
+    rows: list[dict]  # the evaluated manifest rows
+    failed: dict[str, str]
+
+
+def thumbnail(row: dict, px: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(image, label) thumbnails sampled like ``ScoringSink``'s mask thumbnail."""
+    from foveation.slides import SlideReader
+
+    out = []
+    for uri, rgb in ((row["image_uri"], True), (row["label_uri"], False)):
+        r = SlideReader(uri, rgb=rgb)
+        try:
+            stride = max(1, math.ceil(max(r.height, r.width) / px))
+            k = max(
+                (
+                    i
+                    for i, lv in enumerate(r.levels)
+                    if lv.downsample <= stride and stride % lv.downsample == 0
+                ),
+                key=lambda i: r.levels[i].downsample,
+            )
+            lv, ds = r.levels[k], int(r.levels[k].downsample)
+            a = r.read_level(k, 0, 0, lv.height, lv.width, (255,) * r.bands)
+            step = stride // ds
+            a = a[::step, ::step]
+            out.append(a[..., :3] if rgb else a[..., 0])
+        finally:
+            r.close()
+    return out[0], out[1]
+
+
+def evaluate_runs(
+    runs: dict[str, str],
+    manifest: str,
+    split: str = "test",
+    experts: bool = True,
+    task_cpus: float = 1.0,
+    log: Callable[[str], None] = print,
+) -> EvaluationResult:
+    """Score every run (name -> checkpoint URI) on every slide of ``split`` as Ray tasks."""
+    from foveation.checkpoint import load_checkpoint
+    from foveation.data.ingest import read_manifest
+    from foveation.raycluster import ray_map
+
+    rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == split]
+    if not rows:
+        raise ValueError(f"manifest {manifest!r}: no slides in split {split!r}")
+    for r in rows:
+        r["image_uri"], r["label_uri"] = (
+            storage.absolute(r["image_uri"]),
+            storage.absolute(r["label_uri"]),
+        )
+        r["annotator_uris"] = [storage.absolute(u) for u in r.get("annotator_uris") or []]
+    cfgs = {}
+    for name, uri in runs.items():  # fail on a bad checkpoint before any task starts
+        _, cfgs[name], _ = load_checkpoint(uri)
+    cfg = next(iter(cfgs.values()))
+    k, ignore = cfg.model.num_classes, cfg.evaluation.ignore_index
+    items = [("run", name, uri, row) for name, uri in runs.items() for row in rows]
+    if experts:
+        items += [("experts", None, None, row) for row in rows if row.get("annotator_uris")]
+
+    def work(item):
+        kind, name, uri, row = item
+        if kind == "run":
+            return [score_slide(name, uri, row)]
+        return score_experts(row, k, ignore)
+
+    failed: dict[str, str] = {}
+
+    def on_error(item, exc):
+        failed[f"{item[1] or EXPERT_RUN} / {item[3]['slide_id']}"] = f"{type(exc).__name__}: {exc}"
+        return []
+
+    log(f"evaluate: {len(runs)} run(s) x {len(rows)} {split} slides as Ray tasks")
+    scores: list[SlideScore] = []
+    for part in ray_map(work, items, num_cpus=task_cpus, desc="slides", on_error=on_error):
+        scores.extend(part)
+    if failed:
+        raise RuntimeError(
+            "evaluation failed on: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
+        )
+
+    metrics, slides = {}, {}
+    ev = cfg.evaluation
+    for name in runs:
+        cm = ConfusionMatrix(k, ignore)
+        mine = [s for s in scores if s.run == name]
+        for s in mine:
+            cm.matrix += s.matrix
+        summary = cm.summary(ev.kept_classes, ev.class_names)
+        summary["weight_mean"] = np.mean([s.weight_mean for s in mine], 0).tolist()
+        summary["mix"] = cfgs[name].model.mix.label
+        metrics[name] = summary
+        slides[name] = {s.slide_id: s for s in mine}
+    expert_scores = [s for s in scores if s.run.startswith(EXPERT_RUN)]
+    if expert_scores:
+        from foveation.data.staple import average_expert
+
+        per: dict[str, ConfusionMatrix] = {}
+        for s in expert_scores:
+            per.setdefault(s.run, ConfusionMatrix(k, ignore)).matrix += s.matrix
+        metrics[EXPERT_RUN] = average_expert(per, ev.kept_classes, ev.class_names)
+        metrics[EXPERT_RUN]["class_accuracy"] = {
+            n: float(v)
+            for n, v in zip(
+                ev.class_names,
+                np.mean([cm.class_accuracy() for cm in per.values()], 0),
+                strict=True,
+            )
+        }
+    return EvaluationResult(cfg, metrics, slides, rows, failed)

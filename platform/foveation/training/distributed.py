@@ -1,0 +1,99 @@
+"""The one place that touches DeepSpeed and torch.distributed (DESIGN.md, rules of the house).
+
+The model code stays single-device; this module wraps it in a DeepSpeed engine configured from
+the typed config, and gives the worker loop the few collective operations it needs. Inside a
+Ray Train worker the process group already exists (Ray's ``TorchConfig`` set it up); DeepSpeed
+joins it instead of starting its own launcher.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from foveation.config import Config
+from foveation.models.foveated import FoveatedSegmenter
+from foveation.training.optim import build_optimizer
+
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """DeepSpeed's JSON config from ours: micro-batch, ZeRO stage, clipping, autocast.
+
+    Mixed precision is torch autocast (weights and optimiser state stay fp32), not DeepSpeed's
+    ``bf16`` section, which casts the weights and fails with BatchNorm on CPU (DESIGN.md)."""
+    tc, dc = cfg.training, cfg.distributed
+    out = {
+        # Rows are locations: a step takes batch_size images' worth of locations per worker.
+        "train_micro_batch_size_per_gpu": tc.batch_size * tc.locations_per_image,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": dc.zero_stage},
+        "gradient_clipping": tc.grad_clip or 0.0,
+        "steps_per_print": 1 << 30,  # our own progress lines, not DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+    if tc.precision in AUTOCAST_DTYPES:
+        out["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[tc.precision]}
+    return out
+
+
+def init_engine(model: FoveatedSegmenter, cfg: Config, total_steps: int, device: torch.device):
+    """A DeepSpeed engine over ``model`` with the paper's optimiser (per-module learning rates,
+    weight decay on weights only) and poly decay, both built by ``training.optim``."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    import deepspeed
+
+    model = model.to(device)
+    optimizer, scheduler = build_optimizer(model, cfg.training, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg),
+        dist_init_required=False,  # Ray Train's TorchConfig made the process group
+    )
+    return engine
+
+
+def train_step(engine, loss: torch.Tensor) -> None:
+    """Backward, clipping, optimiser and scheduler step, zeroing: DeepSpeed's step."""
+    engine.backward(loss)
+    engine.step()
+
+
+def learning_rates(engine) -> dict[str, float]:
+    return {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op outside a process group); returns ``t`` reduced in place."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_state(engine, directory: str) -> None:
+    """DeepSpeed's own state (optimiser shards, scheduler, step) under ``directory``; every rank
+    writes its shard. Only ``resume_state`` reads it, and only from checkpoints we wrote."""
+    engine.save_checkpoint(directory, tag="state")
+
+
+def resume_state(engine, directory: str) -> None:
+    """Load what ``save_state`` wrote: model, optimiser (this rank's shard) and scheduler."""
+    path, _ = engine.load_checkpoint(
+        directory, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"{directory}: no DeepSpeed state to resume from")

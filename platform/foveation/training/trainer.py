@@ -1,0 +1,235 @@
+"""The driver side of distributed training: checks, then a Ray Train ``TorchTrainer`` whose
+workers run ``worker.train_worker`` on their shards of the Ray Data pipeline.
+
+    <out>/train/            Ray Train's run directory (its checkpoints, kept best K + latest)
+    <out>/model/            the best checkpoint by val mIoU, exported without DeepSpeed state:
+                            what ``jobs.evaluate`` and the Serve app load
+    <out>/history/          the APSM of one validation slide after every epoch (Fig. 4)
+
+Every check that can fail runs before a worker starts: the manifest, the splits, GPUs asked
+for, an existing run, a checkpoint of another architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from foveation import storage
+from foveation.checkpoint import CONFIG, META, CheckpointError, load_checkpoint, save_checkpoint
+from foveation.config import Config, ConfigError, config_from_dict
+
+RUN_NAME = "train"
+
+
+class TrainingError(RuntimeError):
+    """A training run that cannot start (or finish); the message says why and what to do."""
+
+
+@dataclass
+class FitResult:
+    model_uri: str  # the exported best checkpoint
+    best_checkpoint_uri: str
+    metrics: dict  # the best checkpoint's reported metrics
+    history: list[dict]  # every report, in order
+    skipped_slides: dict
+
+
+def _uri_of(out: str, fs_path: str) -> str:
+    return "s3://" + fs_path.lstrip("/") if storage.is_remote(out) else fs_path
+
+
+def architecture(cfg: Config) -> dict:
+    """What must match for weights to load: the backbone, head, classes and patch geometry."""
+    m = cfg.model
+    return {
+        "backbone": m.backbone,
+        "num_classes": m.num_classes,
+        "head_channels": m.head_channels,
+        "fovnet_width": m.fovnet_width,
+        "depth": cfg.patches.depth,
+    }
+
+
+def _latest_checkpoint(run_uri: str) -> str | None:
+    try:
+        metas = [u for u in storage.list_files(run_uri) if u.endswith("/" + META)]
+    except storage.StorageError:
+        return None
+    best, best_step = None, -1
+    for m in metas:
+        step = json.loads(storage.read_bytes(m)).get("step", -1)
+        if step > best_step:
+            best, best_step = m[: -len(META) - 1], step
+    return best
+
+
+def preflight(cfg: Config, manifest: str, run_uri: str, resume: bool, overwrite: bool) -> dict:
+    """All the checks that need no worker; returns the manifest rows by split."""
+    from foveation.data.gleason import DataError
+    from foveation.data.ingest import read_manifest
+
+    try:
+        rows = read_manifest(manifest).to_pylist()
+    except DataError as exc:
+        raise TrainingError(f"manifest: {exc}") from None
+    splits = {s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    if not splits["train"]:
+        raise TrainingError(
+            f"manifest {manifest!r} has no slides in the train split "
+            f"(splits: { {k: len(v) for k, v in splits.items()} }); re-run jobs.ingest with "
+            "smaller data.ingest.val_fraction / test_fraction"
+        )
+    if cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
+        raise TrainingError(f"model.pretrained: {cfg.model.pretrained!r} does not exist")
+    latest = _latest_checkpoint(run_uri)
+    if latest and not (resume or overwrite):
+        raise TrainingError(
+            f"{run_uri} already holds a training run (latest checkpoint {latest}); pass "
+            "--resume to continue it or --overwrite to start afresh"
+        )
+    if resume and latest:
+        try:
+            old = config_from_dict(
+                __import__("tomllib").loads(
+                    storage.read_bytes(storage.join(latest, CONFIG)).decode()
+                )
+            )
+        except (ConfigError, storage.StorageError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {latest!r}: unreadable config ({exc})") from None
+        if architecture(old) != architecture(cfg):
+            raise CheckpointError(
+                f"--resume: checkpoint {latest!r} is of another architecture "
+                f"{architecture(old)}; the config asks for {architecture(cfg)}"
+            )
+    return splits
+
+
+def check_resources(cfg: Config) -> None:
+    """GPUs asked for must exist in the cluster, and the workers must fit at all."""
+    import ray
+
+    dc = cfg.distributed
+    have = ray.cluster_resources()
+    if dc.use_gpu:
+        need = dc.num_workers * dc.gpus_per_worker
+        if have.get("GPU", 0) < need:
+            raise TrainingError(
+                f"distributed.use_gpu: {dc.num_workers} workers x {dc.gpus_per_worker} GPUs need "
+                f"{need} GPUs; the Ray cluster has {have.get('GPU', 0)}. Set distributed.use_gpu "
+                "= false to train on CPU"
+            )
+    need_cpu = (
+        dc.num_workers * dc.cpus_per_worker
+        + cfg.data.pipeline.reader_actors * cfg.data.pipeline.actor_cpus
+    )
+    if have.get("CPU", 0) < need_cpu:
+        raise TrainingError(
+            f"distributed: {dc.num_workers} workers x {dc.cpus_per_worker} CPUs plus "
+            f"{cfg.data.pipeline.reader_actors} reader actors x {cfg.data.pipeline.actor_cpus} CPUs "
+            f"need {need_cpu} logical CPUs; the Ray cluster has {have.get('CPU', 0)}"
+        )
+
+
+def fit(
+    cfg: Config,
+    out: str,
+    manifest: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Train ``cfg`` on ``manifest`` (default: ``data.ingest.dest``) into ``out`` (path or URI)."""
+    # Workers run in their own directories (and on a cluster, on other machines): local paths
+    # must be absolute before they leave the driver.
+    manifest, out = storage.absolute(manifest or cfg.data.ingest.dest), storage.absolute(out)
+    run_uri = storage.join(out, RUN_NAME)
+    splits = preflight(cfg, manifest, run_uri, resume, overwrite)
+
+    from foveation.raycluster import init_ray
+
+    init_ray(cfg.distributed.logical_cpus)
+    check_resources(cfg)
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from foveation.data.pipeline import Pipeline, epoch_clock
+    from foveation.training.worker import FAULT_ENV, train_worker
+
+    fs, path = storage.resolve(out)
+    if overwrite and _latest_checkpoint(run_uri):
+        fs.delete_dir(storage.resolve(run_uri)[1])
+        if storage.exists(storage.join(out, "history")) or storage.list_files(storage.join(out, "history")):
+            fs.delete_dir(storage.resolve(storage.join(out, "history"))[1])
+        log(f"--overwrite: removed the previous run in {run_uri}")
+    dc, tc = cfg.distributed, cfg.training
+    clock = epoch_clock(0)
+    train_pipe = Pipeline(manifest, "train", cfg)
+    datasets = {"train": train_pipe.epoch(clock)}
+    if splits["val"]:
+        # The same locations every epoch, read once: a few MB, and no reader actors to start
+        # again for every validation pass.
+        datasets["val"] = Pipeline(manifest, "val", cfg).epoch(0).materialize()
+    rows = len(splits["train"]) * tc.locations_per_image
+    steps_per_epoch = max(
+        1, math.ceil(rows / dc.num_workers / (tc.batch_size * tc.locations_per_image))
+    )
+    fail_at = os.environ.get(FAULT_ENV)
+    history = storage.join(out, "history")
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "steps_per_epoch": steps_per_epoch,
+        "clock": clock,
+        "history": {"dir": history, "image_uri": storage.absolute(splits["val"][0]["image_uri"])}
+        if splits["val"]
+        else None,
+        "fail_at_step": int(fail_at) if fail_at else None,
+    }
+    resources = {"CPU": dc.cpus_per_worker} | ({"GPU": dc.gpus_per_worker} if dc.use_gpu else {})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=dc.num_workers, use_gpu=dc.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
+        datasets=datasets,
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=path,
+            storage_filesystem=fs if storage.is_remote(out) else None,
+            failure_config=ray.train.FailureConfig(max_failures=dc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=dc.keep_checkpoints,
+                checkpoint_score_attribute="val_miou",
+                checkpoint_score_order="max",
+            ),
+        ),
+    )
+    log(
+        f"training {cfg.name!r} ({cfg.model.mix.label}): {len(splits['train'])} train / "
+        f"{len(splits['val'])} val slides, {dc.num_workers} worker(s), {tc.epochs} epochs of "
+        f"{steps_per_epoch} steps, precision {tc.precision}, ZeRO {dc.zero_stage}"
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps the worker's error; keep its message, drop the chain
+        raise TrainingError(f"training {cfg.name!r} failed: {exc}") from exc
+    skipped = train_pipe.check()
+    best = list(result.best_checkpoints or [])
+    if not best:
+        raise TrainingError(f"training {cfg.name!r} finished without a checkpoint")
+    ckpt, metrics = max(best, key=lambda cm: (cm[1].get("val_miou", 0.0), cm[1].get("step", 0)))
+    best_uri = _uri_of(out, ckpt.path)
+    model, _, meta = load_checkpoint(best_uri)
+    model_uri = save_checkpoint(storage.join(out, "model"), model, cfg, meta | {"source": best_uri})
+    log(f"best checkpoint {best_uri} (val mIoU {metrics.get('val_miou', 0.0):.3f}) -> {model_uri}")
+    return FitResult(model_uri, best_uri, dict(metrics), _history(result), skipped)
+
+
+def _history(result) -> list[dict]:
+    df = getattr(result, "metrics_dataframe", None)
+    return [] if df is None else df.to_dict("records")
