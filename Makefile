@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)   ## generate the synthetic set, train on CPU, evaluate, write the report
-	$(PY) -m jobs.train --config jobs/configs/debug.toml
+demo: $(STAMP)   ## generate, ingest, train (Ray Train + DeepSpeed, CPU), evaluate, report
+	$(PY) -m jobs.demo --config jobs/configs/debug.toml
 
 test: $(STAMP)   ## lint, then every test
 	$(PY) -m ruff check platform jobs tests

@@ -165,3 +165,83 @@ def comparison_figure(
     data = _png(fig)
     plt.close(fig)
     return data
+
+
+LEARNED_MIXES = ("soft", "hard", "gumbel")  # runs whose F chooses (their APSM means something)
+
+
+def _load_npy(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+
+
+def _crop_same(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    h = min(a.shape[0] for a in arrays)
+    w = min(a.shape[1] for a in arrays)
+    return [a[:h, :w] for a in arrays]
+
+
+def evaluation_report(
+    res,
+    out: str,
+    histories: dict[str, str] | None = None,
+    extra: list[str] | None = None,
+    notes: list[str] | None = None,
+    title: str = "Evaluation",
+    n_examples: int = 3,
+) -> tuple[str, str]:
+    """Write the report of a ``slide_eval.EvaluationResult`` under ``out``: the Table-1
+    analogue (every run and the average expert), the Table-2 form, per-class IoU bars, APSM
+    maps of every test slide and of one validation slide across epochs (from ``histories``:
+    run -> directory of ``apsm_epoch_*.npy``) for the runs whose F chooses, and every run's
+    prediction beside the label on a few slides. Returns (report URI, the Table-1 text)."""
+    from foveation.slide_eval import thumbnail
+
+    cfg = res.cfg
+    rows = list(res.metrics.items())
+    table = metrics_table(rows, cfg)
+    figures: dict[str, bytes] = {"iou_per_class.png": iou_bars(rows, cfg.evaluation.class_names)}
+    for run, m in res.metrics.items():
+        if m.get("mix") not in LEARNED_MIXES:
+            continue
+        scores = list(res.slides[run].values())
+        figures[f"apsm_test_{run}.png"] = apsm_figure(
+            [s.apsm for s in scores], [s.slide_id for s in scores], cfg.patches.fovs
+        )
+        hist = (histories or {}).get(run)
+        files = sorted(u for u in _list(hist) if u.endswith(".npy")) if hist else []
+        if files:
+            picks = sorted({round(i * (len(files) - 1) / 4) for i in range(5)})
+            figures[f"apsm_epochs_{run}.png"] = apsm_figure(
+                [_load_npy(files[i]) for i in picks],
+                [f"epoch {int(files[i].rsplit('_', 1)[1][:3])}" for i in picks],
+                cfg.patches.fovs,
+            )
+    runs = [r for r in res.slides]
+    for row in res.rows[:n_examples]:
+        sid = row["slide_id"]
+        image, label = thumbnail(row)
+        masks = [res.slides[r][sid].mask_thumb for r in runs if sid in res.slides[r]]
+        cropped = _crop_same([image, label, *masks])
+        figures[f"predictions_{sid}.png"] = comparison_figure(
+            cropped[0], cropped[1], list(zip(runs, cropped[2:], strict=True))
+        )
+    body = [
+        "## Table 1 analogue: IoU per class, mIoU",
+        "",
+        table,
+        "",
+        "## Table 2 form: per-class pixel accuracy",
+        "",
+        accuracy_table(rows, cfg),
+        "",
+        *(extra or []),
+    ]
+    uri = write_report(out, title, "\n".join(body), figures, notes or [])
+    return uri, table
+
+
+def _list(uri: str) -> list[str]:
+    try:
+        return storage.list_files(uri)
+    except storage.StorageError:
+        return []

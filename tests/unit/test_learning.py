@@ -12,8 +12,21 @@ from foveation.training.loop import train
 
 @pytest.mark.slow
 def test_short_training_learns_the_cue_and_the_scale_that_carries_it(debug_cfg, tmp_path):
+    # The budget this test was tuned for (90 steps of 4 toy images x 16 locations), pinned
+    # here so the demo's budget in debug.toml can change on its own.
+    training = dataclasses.replace(
+        debug_cfg.training,
+        epochs=15,
+        batch_size=4,
+        locations_per_image=16,
+        lr_encoder=3e-3,
+        lr_decoder=3e-3,
+        lr_fovnet=3e-2,
+    )
     cfg = dataclasses.replace(
-        debug_cfg, data=dataclasses.replace(debug_cfg.data, root=str(tmp_path / "data"))
+        debug_cfg,
+        data=dataclasses.replace(debug_cfg.data, root=str(tmp_path / "data")),
+        training=training,
     )
     generate_set(cfg.data.root, cfg.data.toy)
     result = train(cfg, load_split(cfg.data.root, "train"), None, log=lambda s: None)

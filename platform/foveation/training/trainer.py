@@ -162,7 +162,9 @@ def fit(
     fs, path = storage.resolve(out)
     if overwrite and _latest_checkpoint(run_uri):
         fs.delete_dir(storage.resolve(run_uri)[1])
-        if storage.exists(storage.join(out, "history")) or storage.list_files(storage.join(out, "history")):
+        if storage.exists(storage.join(out, "history")) or storage.list_files(
+            storage.join(out, "history")
+        ):
             fs.delete_dir(storage.resolve(storage.join(out, "history"))[1])
         log(f"--overwrite: removed the previous run in {run_uri}")
     dc, tc = cfg.distributed, cfg.training

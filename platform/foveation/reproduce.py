@@ -1,0 +1,170 @@
+"""The paper's experiment on a data set (its Table 1): the D one-hot baselines, Random, Average
+and foveation, each trained with the same budget, then evaluated together on whole slides.
+
+Each run lives in ``<out>/runs/<label>[-seed<k>]`` (``<label>/model`` its best checkpoint); a run
+whose exported model was trained from the same config is reused, so a re-run only trains what
+is missing. ``trainer="ray"`` trains through Ray Train + DeepSpeed (``training.trainer.fit``),
+``"single"`` on one device over the slides decoded into memory (the science check: it tests the
+method, not Ray). With several seeds the report adds mean and spread per mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from foveation import storage
+from foveation.checkpoint import CONFIG, META, save_checkpoint
+from foveation.config import Config, MixConfig
+
+TRAINERS = ("ray", "single")
+
+
+def modes(cfg: Config) -> list[MixConfig]:
+    """The one-hot baselines, Random, Average, then the configured (learned) mix."""
+    out = [MixConfig("onehot", index=i) for i in range(cfg.patches.depth)]
+    out += [MixConfig("random"), MixConfig("average")]
+    if cfg.model.mix.mode not in ("onehot", "random", "average"):
+        out.append(cfg.model.mix)
+    return out
+
+
+def run_config(cfg: Config, mix: MixConfig, seed: int) -> Config:
+    return dataclasses.replace(
+        cfg,
+        name=f"{cfg.name}-{mix.label}-seed{seed}",
+        model=dataclasses.replace(cfg.model, mix=mix),
+        training=dataclasses.replace(cfg.training, seed=seed),
+    )
+
+
+def _done(model_uri: str, cfg: Config) -> bool:
+    """An exported model trained from exactly this config."""
+    try:
+        return storage.read_bytes(storage.join(model_uri, CONFIG)).decode() == cfg.to_toml()
+    except storage.StorageError:
+        return False
+
+
+def train_single(cfg: Config, manifest: str, model_uri: str, log: Callable[[str], None]) -> None:
+    from foveation.data.samples import load_manifest_split
+    from foveation.training.loop import train
+
+    train_set = load_manifest_split(manifest, "train")
+    val_set = load_manifest_split(manifest, "val")
+    res = train(cfg, train_set, val_set or None, log=lambda s: None)
+    last = res.epochs[-1]
+    meta = {
+        "step": last.step,
+        "epoch": len(res.epochs),
+        "run": cfg.model.mix.label,
+        "val": last.val,
+    }
+    save_checkpoint(model_uri, res.model.cpu(), cfg, meta)
+    log(
+        f"  {cfg.name}: loss {last.loss:.4f}"
+        + (f", val mIoU {last.val['miou']:.3f}" if last.val else "")
+    )
+
+
+@dataclass
+class ReproduceResult:
+    table: str
+    report_uri: str
+    metrics: dict[str, dict]  # run name -> summary
+    seconds: float
+
+
+def reproduce(
+    cfg: Config,
+    out: str,
+    manifest: str | None = None,
+    trainer: str = "ray",
+    seeds: tuple[int, ...] | None = None,
+    only: tuple[str, ...] | None = None,
+    log: Callable[[str], None] = print,
+) -> ReproduceResult:
+    from foveation.report import evaluation_report
+    from foveation.slide_eval import evaluate_runs
+
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer {trainer!r}: expected one of {TRAINERS}")
+    t0 = time.perf_counter()
+    manifest = storage.absolute(manifest or cfg.data.ingest.dest)
+    out = storage.absolute(out)
+    seeds = seeds or (cfg.training.seed,)
+    runs, histories = {}, {}
+    for mix in modes(cfg):
+        if only and mix.label not in only:
+            continue
+        for seed in seeds:
+            name = mix.label if len(seeds) == 1 else f"{mix.label}-seed{seed}"
+            rcfg = run_config(cfg, mix, seed)
+            run_out = storage.join(out, "runs", name)
+            model_uri = storage.join(run_out, "model")
+            if _done(model_uri, rcfg):
+                log(f"{name}: reusing {model_uri}")
+            elif trainer == "ray":
+                from foveation.training.trainer import fit
+
+                log(f"{name}: training through Ray Train")
+                fit(rcfg, run_out, manifest, resume=True, log=log)
+            else:
+                log(f"{name}: training on one device")
+                train_single(rcfg, manifest, model_uri, log)
+            runs[name] = model_uri
+            histories[name] = storage.join(run_out, "history")
+    res = evaluate_runs(runs, manifest, "test", log=log)
+    extra, notes = [], []
+    if len(seeds) > 1:
+        extra = ["## Mean and spread over seeds", "", seed_table(res.metrics, seeds), ""]
+    seconds = time.perf_counter() - t0
+    notes.append(
+        f"{len(runs)} runs, trainer {trainer}, seeds {list(seeds)}, {cfg.training.epochs} epochs "
+        f"each; {seconds / 60:.1f} min in all"
+    )
+    uri, table = evaluation_report(
+        res, storage.join(out, "report"), histories, extra, notes, f"Reproduction: {cfg.name!r}"
+    )
+    storage.write_bytes(
+        storage.join(out, "report", "metrics.json"),
+        json.dumps({k: _plain(v) for k, v in res.metrics.items()}, indent=1).encode(),
+    )
+    if extra:
+        table = table + "\n\n" + extra[2]
+    return ReproduceResult(table, uri, res.metrics, seconds)
+
+
+def seed_table(metrics: dict[str, dict], seeds: tuple[int, ...]) -> str:
+    """mIoU and mIoU (kept) per mode: mean ± standard deviation over seeds."""
+    by_mode: dict[str, list[dict]] = {}
+    for name, m in metrics.items():
+        mode, sep, _ = name.rpartition("-seed")
+        if sep:
+            by_mode.setdefault(mode, []).append(m)
+    lines = ["| mode | seeds | mIoU (all) | mIoU (kept) |", "|---|---|---|---|"]
+    for mode, ms in by_mode.items():
+        a = np.array([m["miou"] for m in ms])
+        b = np.array([m["miou_kept"] for m in ms])
+        lines.append(
+            f"| {mode} | {len(ms)} | {a.mean():.3f} ± {a.std():.3f} | {b.mean():.3f} ± {b.std():.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+__all__ = ["META", "ReproduceResult", "modes", "reproduce", "run_config", "seed_table"]
