@@ -28,9 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         return BAD_CONFIG
     from foveation.checkpoint import CheckpointError
     from foveation.data.gleason import DataError
-    from foveation.data.ingest import IngestError, ingest, ray_tasks
-    from foveation.data.synthetic import write_synthetic_set
-    from foveation.raycluster import init_ray
+    from foveation.data.ingest import IngestError
+    from foveation.data.prepare import ensure_store
     from foveation.reproduce import reproduce
     from foveation.training.trainer import TrainingError
 
@@ -43,24 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     try:
-        if _empty(raw):
-            step(f"1/4 generating {cfg.data.synthetic.n_slides} synthetic slides into {raw}")
-            write_synthetic_set(raw, cfg.data.synthetic, cfg.patches)
-        else:
-            step(f"1/4 synthetic slides already in {raw}")
-        step(f"2/4 ingesting into {store} (Ray tasks; unchanged slides are skipped)")
-        init_ray(cfg.distributed.logical_cpus)
-        summary = ingest(
-            raw,
-            store,
-            cfg.data.ingest,
-            cfg.model.num_classes,
-            map_fn=ray_tasks(cfg.data.ingest),
-            log=lambda s: None,
-            kept_classes=cfg.evaluation.kept_classes,
-            class_names=cfg.evaluation.class_names,
-        )
-        step(summary.text().splitlines()[0])
+        step("1/4 data and 2/4 ingest")
+        ensure_store(cfg, raw, store, log=step)
         step(
             f"3/4 training {cfg.model.mix.label} through Ray Train + DeepSpeed, then 4/4 evaluating"
         )
@@ -72,15 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     print(res.table)
     step(f"done; report: {res.report_uri}")
     return 0
-
-
-def _empty(uri: str) -> bool:
-    from foveation import storage
-
-    try:
-        return not storage.list_files(uri)
-    except storage.StorageError:
-        return True
 
 
 if __name__ == "__main__":

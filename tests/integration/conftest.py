@@ -76,19 +76,33 @@ def ray_cluster(tmp_path_factory) -> Iterator[str]:
     import ray
 
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    port = _free_port()
+    port, dash = _free_port(), _free_port()
     env = dict(os.environ)
     start = [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--disable-usage-stats"]
-    subprocess.run(
-        [*start, "--include-dashboard=false"], check=True, env=env, capture_output=True, timeout=180
-    )
+    # The dashboard hosts the job server that `ray job submit` talks to.
+    dashboard = [
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+    ]
+    subprocess.run([*start, *dashboard], check=True, env=env, capture_output=True, timeout=180)
     address = f"127.0.0.1:{port}"
+    DASHBOARD["url"] = f"http://127.0.0.1:{dash}"
     try:
         yield address
     finally:
         if ray.is_initialized():
             ray.shutdown()
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+DASHBOARD: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_cluster) -> str:
+    """The session head node's dashboard URL (its job server), for ``ray job submit``."""
+    return DASHBOARD["url"]
 
 
 def _free_port() -> int:

@@ -77,6 +77,8 @@ SUITES: dict[str, str] = {
     "patches": "foveation.benchmarks.patches:run",
     "ingest": "foveation.benchmarks.ingest:run",
     "io": "foveation.benchmarks.io:run",
+    "train": "foveation.benchmarks.train:run",
+    "gpu": "foveation.benchmarks.gpu:run",
 }
 
 

@@ -58,6 +58,19 @@ def init_engine(model: FoveatedSegmenter, cfg: Config, total_steps: int, device:
     return engine
 
 
+def init_single_process_group(backend: str) -> None:
+    """A one-rank process group, for DeepSpeed outside Ray Train (benchmarks, one GPU)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)  # DeepSpeed checks these, as its launcher sets them
+    dist.init_process_group(backend, rank=0, world_size=1)
+
+
 def train_step(engine, loss: torch.Tensor) -> None:
     """Backward, clipping, optimiser and scheduler step, zeroing: DeepSpeed's step."""
     engine.backward(loss)

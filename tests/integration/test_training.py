@@ -1,0 +1,188 @@
+"""Training and evaluation on Ray, for real at tiny size: Ray Train + DeepSpeed workers on the
+session's local head node, slides and checkpoints in the local S3 endpoint, an injected worker
+crash, ``ray job submit``, and the demo end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from foveation import storage
+from foveation.checkpoint import load_checkpoint
+from foveation.config import DistributedConfig, load_config
+from foveation.data.ingest import ingest, read_manifest
+from foveation.data.synthetic import write_synthetic_set
+from foveation.raycluster import init_ray
+from foveation.training.trainer import TrainingError, fit
+from foveation.training.worker import FAULT_ENV
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(root, **training):
+    cfg = load_config(root / "jobs/configs/tiny.toml")
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, **training))
+
+
+@pytest.fixture(scope="module")
+def store(ray_cluster, s3_endpoint, root, tmp_path_factory):
+    """The tiny synthetic set ingested once, on disk and in the local S3 endpoint."""
+    import boto3
+
+    init_ray(address=ray_cluster)
+    cfg = tiny(root)
+    raw = str(tmp_path_factory.mktemp("raw"))
+    write_synthetic_set(raw, cfg.data.synthetic, cfg.patches, log=lambda s: None)
+    local = str(tmp_path_factory.mktemp("store"))
+    ingest(raw, local, cfg.data.ingest, log=lambda s: None)
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket="training"
+    )
+    remote = "s3://training/store"
+    ingest(raw, remote, cfg.data.ingest, log=lambda s: None)
+    return {"local": local, "s3": remote, "raw": raw}
+
+
+def test_two_workers_train_to_s3_and_evaluate_reads_the_checkpoint_back(store, root):
+    from foveation.report import evaluation_report
+    from foveation.slide_eval import evaluate_runs
+
+    cfg = tiny(root, epochs=3)
+    cfg = dataclasses.replace(
+        cfg, distributed=DistributedConfig(num_workers=2, cpus_per_worker=0.5, keep_checkpoints=1)
+    )
+    out = "s3://training/runs/two-workers"
+    res = fit(cfg, out, store["s3"], log=lambda s: None)
+
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert all(h["world_size"] == 2 for h in res.history)
+    # Ray Train's checkpoints and the exported best one are in S3, in DESIGN.md's format.
+    files = storage.list_files(storage.join(out, "train"))
+    assert any(f.endswith("/model.safetensors") for f in files)
+    assert any("/deepspeed/" in f for f in files), "no DeepSpeed state for --resume"
+    assert res.model_uri.startswith("s3://")
+    _model, loaded, meta = load_checkpoint(res.model_uri)
+    assert loaded.distributed.num_workers == 2 and meta["epoch"] >= 1
+    # keep_checkpoints = 1: the best by val mIoU plus the latest, no more
+    ckpts = {f.split("/train/")[1].split("/")[0] for f in files if "/checkpoint_" in f}
+    assert 1 <= len(ckpts) <= 2, ckpts
+
+    ev = evaluate_runs({"soft": res.model_uri}, store["s3"], "test", log=lambda s: None)
+    m = ev.metrics["soft"]
+    assert set(m["iou"]) == set(cfg.evaluation.class_names) and 0 <= m["miou"] <= 1
+    assert "average expert" in ev.metrics
+    uri, table = evaluation_report(ev, "s3://training/runs/two-workers/report")
+    assert "| soft |" in table and "| average expert |" in table
+    report = storage.read_bytes(uri).decode()
+    assert "(cited)" in report and "iou_per_class.png" in report
+
+
+def test_a_worker_that_dies_is_restarted_and_resumes_from_the_last_checkpoint(
+    store, root, tmp_path, monkeypatch
+):
+    cfg = tiny(root, epochs=3)  # 4 steps per epoch: a checkpoint at step 4, the crash at step 6
+    monkeypatch.setenv(FAULT_ENV, "6")
+    out = str(tmp_path / "fault")
+    res = fit(cfg, out, store["local"], log=lambda s: None)
+    load_checkpoint(os.path.join(out, "model"))  # the exported best loads
+    last = max(
+        (
+            json.loads(storage.read_bytes(f))
+            for f in storage.list_files(os.path.join(out, "train"))
+            if f.endswith("/meta.json")
+        ),
+        key=lambda m: m["step"],
+    )
+    assert last["epoch"] == 3 and last["step"] == 12
+    assert last["resumed_from_step"] in (4, 8) and last["resumed_from_step"] < 6 + 1
+    assert res.metrics["epoch"] >= 1
+
+
+def test_resume_continues_and_a_fresh_run_over_an_old_one_is_refused(store, root, tmp_path):
+    cfg = tiny(root, epochs=1)
+    out = str(tmp_path / "resume")
+    fit(cfg, out, store["local"], log=lambda s: None)
+    with pytest.raises(TrainingError, match="--resume"):
+        fit(cfg, out, store["local"], log=lambda s: None)
+    longer = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, epochs=2))
+    res = fit(longer, out, store["local"], resume=True, log=lambda s: None)
+    steps = [h["step"] for h in res.history]
+    assert steps and steps[-1] == 8 and 4 not in steps[1:], steps  # epoch 2 only, from step 4
+
+
+def test_gpus_asked_for_where_there_are_none_fail_before_any_worker(store, root, tmp_path):
+    cfg = tiny(root)
+    cfg = dataclasses.replace(cfg, distributed=DistributedConfig(use_gpu=True))
+    with pytest.raises(TrainingError, match="GPU"):
+        fit(cfg, str(tmp_path / "gpu"), store["local"], log=lambda s: None)
+    assert not os.path.exists(tmp_path / "gpu" / "train")
+
+
+def test_ray_job_submit_runs_the_training_to_completion(ray_dashboard, store, root, tmp_path):
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    out = tmp_path / "submitted"
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    r = subprocess.run(
+        [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            ray_dashboard,
+            "--working-dir",
+            str(root),
+            "--",
+            "python",
+            "-m",
+            "jobs.train",
+            "--config",
+            "jobs/configs/tiny.toml",
+            "--manifest",
+            store["local"],
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=root,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout and "best val mIoU" in r.stdout
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def test_the_demo_runs_end_to_end_in_tiny_mode_and_reuses_its_work(ray_cluster, root, tmp_path):
+    path = [str(root / "platform"), str(root), os.environ.get("PYTHONPATH", "")]
+    env = dict(
+        os.environ, RAY_ADDRESS=ray_cluster, PYTHONPATH=os.pathsep.join(p for p in path if p)
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "jobs.demo",
+        "--config",
+        "jobs/configs/tiny.toml",
+        "--raw",
+        str(tmp_path / "raw"),
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "| soft |" in r.stdout and "| average expert |" in r.stdout
+    assert (tmp_path / "out" / "report" / "report.md").exists()
+    assert read_manifest(str(tmp_path / "store")).num_rows == 6
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing" in again.stdout and "6 unchanged" in again.stdout
