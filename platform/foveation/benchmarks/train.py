@@ -82,8 +82,9 @@ def ray_train_loop(
         datasets={"train": ds},
         run_config=ray.train.RunConfig(name="bench", storage_path=storage_path),
     )
-    result = trainer.fit()
-    hist = result.metrics_dataframe.to_dict("records")
+    from foveation.training.trainer import history_of
+
+    hist = history_of(trainer.fit(), storage_path)
     return [(round(h["samples_per_s"] * h["seconds"]), h["seconds"]) for h in hist]
 
 

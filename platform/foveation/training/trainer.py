@@ -229,9 +229,14 @@ def fit(
     model, _, meta = load_checkpoint(best_uri)
     model_uri = save_checkpoint(storage.join(out, "model"), model, cfg, meta | {"source": best_uri})
     log(f"best checkpoint {best_uri} (val mIoU {metrics.get('val_miou', 0.0):.3f}) -> {model_uri}")
-    return FitResult(model_uri, best_uri, dict(metrics), _history(result), skipped)
+    return FitResult(model_uri, best_uri, dict(metrics), history_of(result, out), skipped)
 
 
-def _history(result) -> list[dict]:
-    df = getattr(result, "metrics_dataframe", None)
-    return [] if df is None else df.to_dict("records")
+def history_of(result, out: str) -> list[dict]:
+    """Every epoch's metrics, from the latest checkpoint's meta.json (Ray Train's own
+    dataframe holds only the checkpoints it kept)."""
+    latest = result.checkpoint
+    if latest is None:
+        return []
+    meta = json.loads(storage.read_bytes(storage.join(_uri_of(out, latest.path), META)))
+    return meta.get("history", [])

@@ -100,7 +100,7 @@ def train_worker(config: dict) -> None:
     total = tc.epochs * steps_per_epoch
     engine = distributed.init_engine(build_model(cfg), cfg, total, device)
 
-    epoch, step, resumed_from, best = 0, 0, None, 0.0
+    epoch, step, resumed_from, best, history = 0, 0, None, 0.0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -108,6 +108,7 @@ def train_worker(config: dict) -> None:
             with open(os.path.join(d, META)) as f:
                 meta = json.load(f)
         epoch, step, best = meta["epoch"], meta["step"], meta.get("best_val_miou", 0.0)
+        history = meta.get("history", [])
         resumed_from = step
         if rank == 0:
             print(f"resumed from the checkpoint at epoch {epoch}, step {step}", flush=True)
@@ -135,7 +136,13 @@ def train_worker(config: dict) -> None:
             step += 1
             every = cfg.distributed.checkpoint_every_steps
             if every and step % every == 0 and step % steps_per_epoch:
-                meta = {"epoch": epoch, "step": step, "best_val_miou": best, "partial": True}
+                meta = {
+                    "epoch": epoch,
+                    "step": step,
+                    "best_val_miou": best,
+                    "partial": True,
+                    "history": history,
+                }
                 _report(
                     engine, cfg, {"epoch": epoch, "step": step, "val_miou": val_miou}, meta, rank
                 )
@@ -169,10 +176,9 @@ def train_worker(config: dict) -> None:
         if val:
             metrics |= _flat("val_iou", val["iou"]) | {"val_miou_kept": val["miou_kept"]}
             metrics |= {"val_pixel_accuracy": val["pixel_accuracy"]}
-        if rank == 0:
-            history = config.get("history")
-            if history:
-                _write_apsm(engine.module, cfg, history, epoch, device)
+        history.append(metrics)
+        if rank == 0 and config.get("history"):
+            _write_apsm(engine.module, cfg, config["history"], epoch, device)
             print(
                 f"epoch {epoch}/{tc.epochs} step {step} loss {metrics['loss']:.4f} "
                 f"val mIoU {val_miou:.3f} {metrics['samples_per_s']:.1f} locations/s "
@@ -186,6 +192,7 @@ def train_worker(config: dict) -> None:
             "metrics": metrics,
             "resumed_from_step": resumed_from,
             "run": cfg.model.mix.label,
+            "history": history,  # every epoch's metrics so far, resumed runs included
         }
         _report(engine, cfg, metrics, meta, rank)
 
