@@ -194,7 +194,7 @@ def evaluation_report(
     maps of every test slide and of one validation slide across epochs (from ``histories``:
     run -> directory of ``apsm_epoch_*.npy``) for the runs whose F chooses, and every run's
     prediction beside the label on a few slides. Returns (report URI, the Table-1 text)."""
-    from foveation.slide_eval import thumbnail
+    from foveation.slide_eval import CUE_NAMES, apsm_by_cue, thumbnail
 
     cfg = res.cfg
     rows = list(res.metrics.items())
@@ -216,6 +216,26 @@ def evaluation_report(
                 [f"epoch {int(files[i].rsplit('_', 1)[1][:3])}" for i in picks],
                 cfg.patches.fovs,
             )
+    cue_lines = []
+    for run, m in res.metrics.items():
+        by_cue = apsm_by_cue(res, run) if m.get("mix") in LEARNED_MIXES else None
+        if by_cue:
+            m["apsm_by_cue"] = by_cue
+            cells = " | ".join(f"{by_cue.get(n, float('nan')):.1f}" for n in CUE_NAMES)
+            cue_lines.append(f"| {run} | {cells} |")
+    if cue_lines:
+        extra = [
+            *(extra or []),
+            "## Where foveation looks: mean APSM (px) by the generator's cue",
+            "",
+            "| run | " + " | ".join(CUE_NAMES) + " |",
+            "|---|" + "---|" * len(CUE_NAMES),
+            *cue_lines,
+            "",
+            "Context-decided tissue (benign, grade 3) should get larger FoVs than "
+            "texture-decided tissue (grade 4).",
+            "",
+        ]
     runs = [r for r in res.slides]
     for row in res.rows[:n_examples]:
         sid = row["slide_id"]

@@ -135,6 +135,10 @@ def reproduce(
     )
     if extra:
         table = table + "\n\n" + extra[2]
+    for name, m in res.metrics.items():
+        if "apsm_by_cue" in m:
+            cues = ", ".join(f"{k} {v:.0f} px" for k, v in m["apsm_by_cue"].items())
+            table += f"\nmean APSM of {name} by the generator's cue: {cues}"
     return ReproduceResult(table, uri, res.metrics, seconds)
 
 

@@ -160,6 +160,9 @@ def evaluate_runs(
     from foveation.data.ingest import read_manifest
     from foveation.raycluster import ray_map
 
+    cfgs = {}
+    for name, uri in runs.items():  # fail on a bad checkpoint before any task starts
+        _, cfgs[name], _ = load_checkpoint(uri)
     rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == split]
     if not rows:
         raise ValueError(f"manifest {manifest!r}: no slides in split {split!r}")
@@ -169,9 +172,6 @@ def evaluate_runs(
             storage.absolute(r["label_uri"]),
         )
         r["annotator_uris"] = [storage.absolute(u) for u in r.get("annotator_uris") or []]
-    cfgs = {}
-    for name, uri in runs.items():  # fail on a bad checkpoint before any task starts
-        _, cfgs[name], _ = load_checkpoint(uri)
     cfg = next(iter(cfgs.values()))
     k, ignore = cfg.model.num_classes, cfg.evaluation.ignore_index
     items = [("run", name, uri, row) for name, uri in runs.items() for row in rows]
@@ -228,3 +228,33 @@ def evaluate_runs(
             )
         }
     return EvaluationResult(cfg, metrics, slides, rows, failed)
+
+
+CUE_NAMES = ("context", "texture", "either")  # the synthetic generator's cue map values
+
+
+def apsm_by_cue(res: EvaluationResult, run: str) -> dict[str, float] | None:
+    """Mean APSM (px) of ``run`` over the x_r cells whose centre the generator's cue map marks
+    as context-decided, texture-decided or either (synthetic sets only; None without cue maps).
+    Foveation should choose larger FoVs where context decides and smaller where texture does."""
+    from foveation.images import decode_label
+
+    s = res.cfg.patches.xr_scale
+    sums = np.zeros(len(CUE_NAMES))
+    counts = np.zeros(len(CUE_NAMES))
+    for row in res.rows:
+        score = res.slides.get(run, {}).get(row["slide_id"])
+        if not row.get("cue_uri") or score is None or score.apsm is None:
+            continue
+        cue = decode_label(storage.read_bytes(storage.absolute(row["cue_uri"])), row["cue_uri"])
+        h, w = score.apsm.shape
+        rows = np.minimum((np.arange(h) + 0.5) * s, cue.shape[0] - 1).astype(int)
+        cols = np.minimum((np.arange(w) + 0.5) * s, cue.shape[1] - 1).astype(int)
+        at = cue[rows[:, None], cols[None, :]]
+        for c in range(len(CUE_NAMES)):
+            sel = at == c
+            sums[c] += score.apsm[sel].sum()
+            counts[c] += sel.sum()
+    if not counts.any():
+        return None
+    return {n: float(sums[i] / counts[i]) for i, n in enumerate(CUE_NAMES) if counts[i]}

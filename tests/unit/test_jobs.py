@@ -7,33 +7,6 @@ import sys
 
 import pytest
 
-from foveation.checkpoint import load_checkpoint
-
-TINY = """
-name = "tiny"
-[patches]
-fovs = [64, 128, 256]
-patch_size = 64
-xr_scale = 16
-[model]
-backbone = "hrnet_w18_small"
-[data]
-root = "{root}"
-[data.toy]
-n_train = 4
-n_val = 1
-n_test = 2
-size = 128
-region_size = 48
-[training]
-epochs = 2
-batch_size = 2
-locations_per_image = 4
-lr_encoder = 1e-3
-lr_decoder = 1e-3
-lr_fovnet = 1e-2
-"""
-
 
 def run(root, *args, cwd=None):
     path = [str(root / "platform"), str(root), os.environ.get("PYTHONPATH", "")]
@@ -48,18 +21,24 @@ def run(root, *args, cwd=None):
     )
 
 
-@pytest.mark.slow
-def test_train_job_end_to_end(root, tmp_path):
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY.format(root=tmp_path / "data"))
-    out = tmp_path / "out"
-    r = run(root, "jobs.train", "--config", str(cfg), "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "| run | IoU benign" in r.stdout and "report and figures" in r.stdout
-    report = (out / "report.md").read_text()
-    assert "apsm_test.png" in report and (out / "apsm_test.png").stat().st_size > 1000
-    _model, loaded_cfg, meta = load_checkpoint(str(out / "checkpoint"))
-    assert loaded_cfg.name == "tiny" and meta["step"] == 4 and "miou" in meta["metrics"]
+def test_train_job_names_a_missing_manifest_before_starting_anything(root, tmp_path):
+    r = run(
+        root, "jobs.train", "--manifest", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")
+    )
+    assert r.returncode == 1, r.stderr
+    assert "nowhere" in r.stderr and "manifest" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_job_names_a_missing_checkpoint(root, tmp_path):
+    r = run(root, "jobs.evaluate", "--run", f"soft={tmp_path / 'nothing'}")
+    assert r.returncode == 1
+    assert "nothing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_job_refuses_a_malformed_run_argument(root):
+    r = run(root, "jobs.evaluate", "--run", "no-equals-sign")
+    assert r.returncode == 1 and "NAME=CHECKPOINT_URI" in r.stderr
 
 
 def test_train_job_bad_config_is_a_clear_error(root, tmp_path):

@@ -12,9 +12,11 @@ for, an existing run, a checkpoint of another architecture.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,9 +96,7 @@ def preflight(cfg: Config, manifest: str, run_uri: str, resume: bool, overwrite:
     if resume and latest:
         try:
             old = config_from_dict(
-                __import__("tomllib").loads(
-                    storage.read_bytes(storage.join(latest, CONFIG)).decode()
-                )
+                tomllib.loads(storage.read_bytes(storage.join(latest, CONFIG)).decode())
             )
         except (ConfigError, storage.StorageError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {latest!r}: unreadable config ({exc})") from None
@@ -161,11 +161,9 @@ def fit(
 
     fs, path = storage.resolve(out)
     if overwrite and _latest_checkpoint(run_uri):
-        fs.delete_dir(storage.resolve(run_uri)[1])
-        if storage.exists(storage.join(out, "history")) or storage.list_files(
-            storage.join(out, "history")
-        ):
-            fs.delete_dir(storage.resolve(storage.join(out, "history"))[1])
+        for stale in (run_uri, storage.join(out, "history")):
+            with contextlib.suppress(FileNotFoundError):
+                fs.delete_dir(storage.resolve(stale)[1])
         log(f"--overwrite: removed the previous run in {run_uri}")
     dc, tc = cfg.distributed, cfg.training
     clock = epoch_clock(0)
