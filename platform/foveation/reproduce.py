@@ -108,10 +108,12 @@ def reproduce(
             if _done(model_uri, rcfg):
                 log(f"{name}: reusing {model_uri}")
             elif trainer == "ray":
-                from foveation.training.trainer import fit
+                from foveation.training.trainer import RUN_NAME, fit, resumable
 
-                log(f"{name}: training through Ray Train")
-                fit(rcfg, run_out, manifest, resume=True, log=log)
+                # Continue an interrupted run of this config; anything else there is replaced.
+                again = resumable(storage.join(run_out, RUN_NAME), rcfg)
+                log(f"{name}: training through Ray Train" + (" (resuming)" if again else ""))
+                fit(rcfg, run_out, manifest, resume=again, overwrite=not again, log=log)
             else:
                 log(f"{name}: training on one device")
                 train_single(rcfg, manifest, model_uri, log)

@@ -82,6 +82,11 @@ def score_slide(run: str, checkpoint_uri: str, row: dict, thumb_px: int = 256) -
     image = SlideReader(row["image_uri"])
     label = SlideReader(row["label_uri"], rgb=False)
     try:
+        if (label.height, label.width) != (image.height, image.width):
+            raise ValueError(
+                f"{row['label_uri']}: label map is {label.width} x {label.height}, the slide "
+                f"{row['image_uri']} is {image.width} x {image.height}; expected the same size"
+            )
         sink = ScoringSink(label, cfg.model.num_classes, cfg.evaluation.ignore_index, thumb_px)
         with torch.no_grad():
             segment(model, image.as_source(0), cfg, sink)
@@ -106,7 +111,9 @@ def score_experts(row: dict, num_classes: int, ignore_index: int) -> list[SlideS
     for uri in row.get("annotator_uris") or []:
         m = decode_label(storage.read_bytes(uri), uri)
         cm = ConfusionMatrix(num_classes, ignore_index)
-        cm.update(np.where(m < num_classes, m, 0), fused)
+        if m.shape != fused.shape:
+            raise ValueError(f"{uri}: annotator map {m.shape} differs from the label {fused.shape}")
+        cm.update(np.where(m < num_classes, m, ignore_index), fused)
         out.append(SlideScore(f"{EXPERT_RUN}:{uri.rsplit('_', 1)[-1]}", row["slide_id"], cm.matrix))
     return out
 
@@ -129,18 +136,15 @@ def thumbnail(row: dict, px: int = 256) -> tuple[np.ndarray, np.ndarray]:
         r = SlideReader(uri, rgb=rgb)
         try:
             stride = max(1, math.ceil(max(r.height, r.width) / px))
-            k = max(
-                (
-                    i
-                    for i, lv in enumerate(r.levels)
-                    if lv.downsample <= stride and stride % lv.downsample == 0
-                ),
-                key=lambda i: r.levels[i].downsample,
-            )
-            lv, ds = r.levels[k], int(r.levels[k].downsample)
+            # The coarsest level not coarser than the stride (real pyramids have downsamples
+            # like 4.0003), sampled at the level-0 pixels the mask thumbnail takes.
+            k = r.level_for(stride, 1)
+            lv = r.levels[k]
             a = r.read_level(k, 0, 0, lv.height, lv.width, (255,) * r.bands)
-            step = stride // ds
-            a = a[::step, ::step]
+            ds = lv.downsample
+            rows = np.minimum((np.arange(0, r.height, stride) / ds).astype(int), lv.height - 1)
+            cols = np.minimum((np.arange(0, r.width, stride) / ds).astype(int), lv.width - 1)
+            a = a[rows[:, None], cols[None, :]]
             out.append(a[..., :3] if rgb else a[..., 0])
         finally:
             r.close()

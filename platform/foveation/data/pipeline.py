@@ -188,7 +188,7 @@ class Pipeline:
             {
                 "slide_id": r["slide_id"],
                 "image_uri": storage.absolute(r["image_uri"]),
-                "label_uri": storage.absolute(r["label_uri"]) if r["label_uri"] else r["label_uri"],
+                "label_uri": storage.absolute(r["label_uri"]) if r["label_uri"] else "",
             }
             for r in rows
         ]

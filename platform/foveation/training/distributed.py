@@ -82,12 +82,32 @@ def learning_rates(engine) -> dict[str, float]:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a no-op outside a process group); returns ``t`` reduced in place."""
+    """Sum over ranks (``t`` itself outside a process group), on the device the backend
+    needs (NCCL reduces CUDA tensors only), returned on ``t``'s device."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    dev = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else t.device
+    )
+    out = t.to(dev)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) to every rank: DeepSpeed keeps the
+    parameters in step but not the buffers, so without this each rank validates (and rank 0
+    saves) a slightly different model."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, src=0)
 
 
 def barrier() -> None:

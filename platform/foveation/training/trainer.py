@@ -13,6 +13,7 @@ for, an existing run, a checkpoint of another architecture.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -108,6 +109,24 @@ def preflight(cfg: Config, manifest: str, run_uri: str, resume: bool, overwrite:
     return splits
 
 
+def resumable(run_uri: str, cfg: Config) -> bool:
+    """Whether the run in ``run_uri`` was trained from ``cfg`` (its epoch count aside), so
+    resuming it continues the same training rather than another one."""
+    latest = _latest_checkpoint(run_uri)
+    if latest is None:
+        return False
+    try:
+        old = config_from_dict(
+            tomllib.loads(storage.read_bytes(storage.join(latest, CONFIG)).decode())
+        )
+    except (ConfigError, storage.StorageError, ValueError):
+        return False
+    same = dataclasses.replace(
+        old, training=dataclasses.replace(old.training, epochs=cfg.training.epochs)
+    )
+    return same == cfg
+
+
 def check_resources(cfg: Config) -> None:
     """GPUs asked for must exist in the cluster, and the workers must fit at all."""
     import ray
@@ -172,7 +191,9 @@ def fit(
     if splits["val"]:
         # The same locations every epoch, read once: a few MB, and no reader actors to start
         # again for every validation pass.
-        datasets["val"] = Pipeline(manifest, "val", cfg).epoch(0).materialize()
+        val_pipe = Pipeline(manifest, "val", cfg)
+        datasets["val"] = val_pipe.epoch(0).materialize()
+        val_pipe.check()  # unreadable val slides fail here, not as a silently smaller val set
     rows = len(splits["train"]) * tc.locations_per_image
     steps_per_epoch = max(
         1, math.ceil(rows / dc.num_workers / (tc.batch_size * tc.locations_per_image))
@@ -187,6 +208,7 @@ def fit(
         if splits["val"]
         else None,
         "fail_at_step": int(fail_at) if fail_at else None,
+        "has_val": bool(splits["val"]),
     }
     resources = {"CPU": dc.cpus_per_worker} | ({"GPU": dc.gpus_per_worker} if dc.use_gpu else {})
     trainer = TorchTrainer(
@@ -222,7 +244,9 @@ def fit(
     best = list(result.best_checkpoints or [])
     if not best:
         raise TrainingError(f"training {cfg.name!r} finished without a checkpoint")
-    ckpt, metrics = max(best, key=lambda cm: (cm[1].get("val_miou", 0.0), cm[1].get("step", 0)))
+    ckpt, metrics = max(
+        best, key=lambda cm: (cm[1].get("val_miou", 0.0), -cm[1].get("step", 0))
+    )  # ties: the earlier epoch-end checkpoint
     best_uri = _uri_of(out, ckpt.path)
     model, _, meta = load_checkpoint(best_uri)
     model_uri = save_checkpoint(storage.join(out, "model"), model, cfg, meta | {"source": best_uri})

@@ -27,6 +27,9 @@ from foveation.training import distributed
 from foveation.training.step import batch_forward
 
 DEEPSPEED_DIR = "deepspeed"
+MAX_HISTORY_PIXELS = 64 << 20
+"""The per-epoch APSM (Fig. 4) is drawn for validation slides up to this size (a TMA core or
+a synthetic slide); bigger ones are skipped."""
 FAULT_ENV = "FOVEATION_FAIL_AT_STEP"
 """Fault injection for the tests: rank 0 dies at this step once (only in an attempt that did
 not resume), so Ray Train must restart the group and resume from the last checkpoint."""
@@ -110,12 +113,15 @@ def train_worker(config: dict) -> None:
         epoch, step, best = meta["epoch"], meta["step"], meta.get("best_val_miou", 0.0)
         history = meta.get("history", [])
         resumed_from = step
+        skip = meta.get("epoch_batches", 0) if meta.get("partial") else 0
         if rank == 0:
             print(f"resumed from the checkpoint at epoch {epoch}, step {step}", flush=True)
     fail_at = config.get("fail_at_step")
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    # Ray Train 2.60 raises KeyError for a dataset it was not given (a set without val slides).
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
+    skip = 0  # batches of the first epoch already trained before a mid-epoch checkpoint
     rows = tc.batch_size * tc.locations_per_image
     val_miou = best
     while epoch < tc.epochs:
@@ -123,7 +129,9 @@ def train_worker(config: dict) -> None:
             ray.get(config["clock"].set.remote(epoch))
         distributed.barrier()  # no rank starts the epoch's execution before the clock is set
         t0, losses, wsum, n_rows, pixels = time.perf_counter(), [], 0.0, 0, 0
-        for batch in torch_batches(train_shard, rows):
+        for i, batch in enumerate(torch_batches(train_shard, rows)):
+            if i < skip:  # resumed mid-epoch: these were trained before the checkpoint
+                continue
             if fail_at is not None and step == fail_at and resumed_from is None and rank == 0:
                 print(f"injected fault: rank 0 exits at step {step}", flush=True)
                 os._exit(17)
@@ -141,12 +149,14 @@ def train_worker(config: dict) -> None:
                     "step": step,
                     "best_val_miou": best,
                     "partial": True,
+                    "epoch_batches": i + 1,
                     "history": history,
                 }
-                _report(
-                    engine, cfg, {"epoch": epoch, "step": step, "val_miou": val_miou}, meta, rank
-                )
+                # Unvalidated weights: a score below any real one, so never kept as the best.
+                _report(engine, cfg, {"epoch": epoch, "step": step, "val_miou": -1.0}, meta, rank)
+        skip = 0
         seconds = time.perf_counter() - t0
+        distributed.broadcast_buffers(engine.module)  # one model on every rank
         val = (
             validate(engine.module, torch_batches(val_shard, rows), cfg, device)
             if val_shard
@@ -207,8 +217,10 @@ def _write_apsm(model: FoveatedSegmenter, cfg: Config, history: dict, epoch: int
     from foveation.patches import pad_xr
     from foveation.slides import open_slide
 
-    model.eval()
     source = open_slide(history["image_uri"]).as_source(0)
+    if source.height * source.width > MAX_HISTORY_PIXELS:
+        return  # a whole-slide x_r every epoch would stall the other ranks in the next collective
+    model.eval()
     w = model.weights(pad_xr(xr_from_source(source, cfg))[None].to(device))
     apsm = model.apsm(w)[0].float().cpu().numpy()
     model.train()
