@@ -11,18 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from foveation import storage
 from foveation.data.gleason import DataError
 from foveation.data.ingest import IngestError, ingest, ray_tasks, serial_map
+from foveation.data.prepare import has_files
 from foveation.data.synthetic import write_synthetic_set
 from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
-
-
-def _has_files(uri: str) -> bool:
-    try:
-        return bool(storage.list_files(uri))
-    except storage.StorageError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ic = cfg.data.ingest
     source, dest = args.source or ic.source, args.dest or ic.dest
     # Generate only into a source that holds nothing at all: never beside (or over) real data.
-    if args.generate and not _has_files(source):
+    if args.generate and not has_files(source):
         write_synthetic_set(source, cfg.data.synthetic, cfg.patches)
     map_fn = serial_map if args.serial else ray_tasks(ic)
 

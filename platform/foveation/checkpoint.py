@@ -33,6 +33,17 @@ class CheckpointError(ValueError):
 def save_checkpoint(
     uri: str, model: FoveatedSegmenter, cfg: Config, meta: dict | None = None
 ) -> str:
+    """Write the checkpoint at ``uri`` whole or not at all."""
+    with storage.local_staging_dir(uri) as tmp:
+        write_files(tmp, model, cfg, meta)
+    return uri
+
+
+def write_files(
+    directory: str, model: FoveatedSegmenter, cfg: Config, meta: dict | None = None
+) -> None:
+    """The weights, config and metadata into an existing local directory (which may hold other
+    files, e.g. a Ray Train checkpoint's ``deepspeed/``)."""
     state = {
         k: v.detach().to("cpu", torch.float32).contiguous()
         for k, v in model.state_dict().items()
@@ -52,32 +63,40 @@ def save_checkpoint(
             "python": _stdlib_platform.python_version(),
         },
     )
-    with storage.local_staging_dir(uri) as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS))
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            f.write(cfg.to_toml())
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump(meta, f, indent=1)
-    return uri
+    save_file(state, os.path.join(directory, WEIGHTS))
+    with open(os.path.join(directory, CONFIG), "w") as f:
+        f.write(cfg.to_toml())
+    with open(os.path.join(directory, META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def read_config(uri: str) -> Config:
+    """The config a checkpoint directory was built from, without loading its weights."""
+    import tomllib
+
+    try:
+        text = storage.read_bytes(storage.join(uri, CONFIG)).decode()
+    except storage.StorageError as exc:
+        raise CheckpointError(
+            f"checkpoint {uri!r}: incomplete or missing ({exc}); expected {CONFIG}"
+        ) from None
+    try:
+        return config_from_dict(tomllib.loads(text))
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {uri!r}: bad {CONFIG}: {exc}") from None
 
 
 def load_checkpoint(
     uri: str, device: str | torch.device = "cpu"
 ) -> tuple[FoveatedSegmenter, Config, dict]:
     """(model in eval mode, its config, its metadata) from a checkpoint directory (local or S3)."""
-    import tomllib
-
     try:
-        cfg_text = storage.read_bytes(storage.join(uri, CONFIG)).decode()
         weights = storage.read_bytes(storage.join(uri, WEIGHTS))
     except storage.StorageError as exc:
         raise CheckpointError(
             f"checkpoint {uri!r}: incomplete or missing ({exc}); expected {WEIGHTS} and {CONFIG}"
         ) from None
-    try:
-        cfg = config_from_dict(tomllib.loads(cfg_text))
-    except (ConfigError, tomllib.TOMLDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {uri!r}: bad {CONFIG}: {exc}") from None
+    cfg = read_config(uri)
     # Pretrained weights are already inside the checkpoint; never require the file again.
     cfg = _without_pretrained(cfg)
     meta_uri = storage.join(uri, META)

@@ -10,11 +10,12 @@ from foveation import storage
 from foveation.config import Config
 
 
-def _empty(uri: str) -> bool:
+def has_files(uri: str) -> bool:
+    """Whether ``uri`` holds any file (a missing folder or bucket prefix holds none)."""
     try:
-        return not storage.list_files(uri)
+        return bool(storage.list_files(uri))
     except storage.StorageError:
-        return True
+        return False
 
 
 def ensure_store(
@@ -30,7 +31,7 @@ def ensure_store(
 
     raw = raw or cfg.data.ingest.source
     store = store or cfg.data.ingest.dest
-    if _empty(raw):
+    if not has_files(raw):  # generate only into an empty source, never beside real data
         log(f"generating {cfg.data.synthetic.n_slides} synthetic slides into {raw}")
         write_synthetic_set(raw, cfg.data.synthetic, cfg.patches, log=lambda s: None)
     else:

@@ -17,13 +17,18 @@ import dataclasses
 import json
 import math
 import os
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from foveation import storage
-from foveation.checkpoint import CONFIG, META, CheckpointError, load_checkpoint, save_checkpoint
-from foveation.config import Config, ConfigError, config_from_dict
+from foveation.checkpoint import (
+    META,
+    CheckpointError,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+)
+from foveation.config import Config
 
 RUN_NAME = "train"
 
@@ -95,12 +100,7 @@ def preflight(cfg: Config, manifest: str, run_uri: str, resume: bool, overwrite:
             "--resume to continue it or --overwrite to start afresh"
         )
     if resume and latest:
-        try:
-            old = config_from_dict(
-                tomllib.loads(storage.read_bytes(storage.join(latest, CONFIG)).decode())
-            )
-        except (ConfigError, storage.StorageError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {latest!r}: unreadable config ({exc})") from None
+        old = read_config(latest)
         if architecture(old) != architecture(cfg):
             raise CheckpointError(
                 f"--resume: checkpoint {latest!r} is of another architecture "
@@ -116,10 +116,8 @@ def resumable(run_uri: str, cfg: Config) -> bool:
     if latest is None:
         return False
     try:
-        old = config_from_dict(
-            tomllib.loads(storage.read_bytes(storage.join(latest, CONFIG)).decode())
-        )
-    except (ConfigError, storage.StorageError, ValueError):
+        old = read_config(latest)
+    except CheckpointError:
         return False
     same = dataclasses.replace(
         old, training=dataclasses.replace(old.training, epochs=cfg.training.epochs)

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from foveation.checkpoint import META, save_checkpoint
+from foveation.checkpoint import META, write_files
 from foveation.config import Config, config_from_dict
 from foveation.metrics import ConfusionMatrix
 from foveation.models.foveated import FoveatedSegmenter, build_model
@@ -71,10 +71,7 @@ def _report(engine, cfg: Config, metrics: dict, meta: dict, rank: int) -> None:
     with tempfile.TemporaryDirectory(prefix="fov-ckpt-") as tmp:
         distributed.save_state(engine, os.path.join(tmp, DEEPSPEED_DIR))
         if rank == 0:  # rank-0 side effect: the weights, config and metadata
-            save_checkpoint(os.path.join(tmp, "model"), engine.module, cfg, meta)
-            for name in os.listdir(os.path.join(tmp, "model")):
-                os.replace(os.path.join(tmp, "model", name), os.path.join(tmp, name))
-            os.rmdir(os.path.join(tmp, "model"))
+            write_files(tmp, engine.module, cfg, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
