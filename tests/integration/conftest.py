@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -76,9 +78,22 @@ def ray_cluster(tmp_path_factory) -> Iterator[str]:
     import ray
 
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    port, dash = _free_port(), _free_port()
+    port, dash, client = _free_port(), _free_port(), _free_port()
     env = dict(os.environ)
-    start = [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--disable-usage-stats"]
+    # A temp dir of its own (short: Unix socket paths are limited to 107 bytes) and its own
+    # client-server port, so that the teardown stops this head only and two test sessions on
+    # one machine never stop each other's Ray (`ray stop` kills every local Ray).
+    temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+    start = [
+        ray_bin,
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--ray-client-server-port={client}",
+        f"--temp-dir={temp_dir}",
+        "--num-cpus=4",
+        "--disable-usage-stats",
+    ]
     # The dashboard hosts the job server that `ray job submit` talks to.
     dashboard = [
         "--include-dashboard=true",
@@ -93,7 +108,8 @@ def ray_cluster(tmp_path_factory) -> Iterator[str]:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(temp_dir, port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 DASHBOARD: dict[str, str] = {}
@@ -103,6 +119,30 @@ DASHBOARD: dict[str, str] = {}
 def ray_dashboard(ray_cluster) -> str:
     """The session head node's dashboard URL (its job server), for ``ray job submit``."""
     return DASHBOARD["url"]
+
+
+def _stop_head(temp_dir: str, port: int) -> None:
+    """Kill the processes of the head node started with ``temp_dir`` and ``port``, with their
+    children (the workers hang under the raylet), and no other Ray on the machine."""
+    import psutil
+
+    marks = (temp_dir, f":{port} ")
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or []) + " "
+        if any(mark in cmdline for mark in marks):
+            roots.append(proc)
+    procs = {p.pid: p for p in roots}
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+    for proc in procs.values():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def _free_port() -> int:
