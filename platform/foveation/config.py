@@ -462,6 +462,98 @@ class EvaluationConfig:
         )
 
 
+TUNE_PRESETS = ("custom", "fov", "resolution", "tradeoff")
+TUNE_SEARCHES = ("grid", "random")
+TUNE_SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A Ray Tune sweep over patch-set configurations (``jobs.tune``, ``foveation.tuning``).
+
+    Every trial is a short ``jobs.train`` run of the base config with one point of the space
+    applied. A "custom" space is the product of ``fov_sets`` x ``base_fovs`` x ``xr_scales`` x
+    ``mixes`` x ``lrs``; the output size ``patches.patch_size`` stays fixed (the pixel budget per
+    patch). The three presets are the paper's analyses (Sec. 2.1, Fig. 2), each over single-patch
+    configurations (D = 1):
+
+    - "fov": patches of ``patches.patch_size`` x ``fov_ratios`` pixels at full resolution
+      (the pixels per patch grow with the FoV);
+    - "resolution": the whole image (``whole_image`` px) downsampled by each of ``downsamples``
+      (the pixels per patch shrink);
+    - "tradeoff": FoVs ``patches.patch_size`` x ``fov_ratios`` all resized to
+      ``patches.patch_size``: the same pixels per patch, the paper's fixed memory budget.
+    """
+
+    preset: str = "custom"
+    fov_sets: tuple[tuple[float, ...], ...] = ((1.0, 2.0, 4.0),)
+    """Custom: patch sets as FoV ratios of the smallest (the first is 1, strictly increasing);
+    each gives D and the FoVs ``base_fov x ratio``."""
+    base_fovs: tuple[int, ...] = ()
+    """Custom: smallest FoVs in px to try; empty: the base config's ``patches.fovs[0]``."""
+    xr_scales: tuple[int, ...] = ()
+    """Custom: x_r downsampling factors to try; empty: the base config's."""
+    mixes: tuple[str, ...] = ("soft",)
+    """Custom: mix modes ("soft", "hard", "average", "random", "gumbel") or "onehot-N"."""
+    lrs: tuple[float, ...] = ()
+    """Learning rates of the segmenter (encoder and decoder) to try; F's keeps the base ratio
+    ``lr_fovnet / lr_encoder``. Empty: the base config's."""
+    fov_ratios: tuple[float, ...] = (1.0, 2.0, 4.0)
+    """Presets "fov" and "tradeoff": FoVs as multiples of ``patches.patch_size``."""
+    downsamples: tuple[int, ...] = (1, 2, 4)
+    """Preset "resolution": downsampling factors of the whole image."""
+    whole_image: int | None = None
+    """Preset "resolution": the image side in px; default ``data.ingest.crop_size``."""
+    search: str = "grid"
+    """"grid": every point ``num_samples`` times; "random": ``num_samples`` points drawn."""
+    num_samples: int = 1
+    seed: int = 0
+    """Of the random search, and added to each repeat's training seed."""
+    epochs: int | None = None
+    """Epochs per trial (the short budget; ASHA's max_t); default ``training.epochs``. The best
+    config is written with the base's ``training.epochs``, the full budget."""
+    scheduler: str = "asha"
+    """"asha" stops trials whose val mIoU trails at a rung; "fifo" runs every trial to the end."""
+    grace_period: int = 1
+    """ASHA: epochs every trial gets before it can be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA: the top 1/reduction_factor of trials at each rung go on."""
+    max_concurrent_trials: int = 2
+    trial_cpus: float = 0.25
+    """Logical CPUs of each trial's driver (its Ray Train workers and reader actors take
+    ``[distributed]`` and ``[data.pipeline]``'s on top)."""
+
+    def __post_init__(self) -> None:
+        w = "tune"
+        for name in ("fov_sets", "base_fovs", "xr_scales", "mixes", "lrs", "fov_ratios"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "fov_sets", tuple(tuple(map(float, s)) for s in self.fov_sets))
+        _check(self.preset in TUNE_PRESETS, f"{w}.preset", f"must be one of {TUNE_PRESETS}")
+        _check(self.search in TUNE_SEARCHES, f"{w}.search", f"must be one of {TUNE_SEARCHES}")
+        _check(
+            self.scheduler in TUNE_SCHEDULERS, f"{w}.scheduler", f"must be one of {TUNE_SCHEDULERS}"
+        )
+        for name in ("fov_sets", "mixes", "fov_ratios", "downsamples"):
+            _check(len(getattr(self, name)) >= 1, f"{w}.{name}", "is empty: nothing to search")
+        for ratios in self.fov_sets:
+            _check(
+                len(ratios) >= 1
+                and ratios[0] == 1.0
+                and all(a < b for a, b in zip(ratios, ratios[1:], strict=False)),
+                f"{w}.fov_sets",
+                f"each set starts at 1 and increases strictly, got {list(ratios)}",
+            )
+        _check(all(r >= 1 for r in self.fov_ratios), f"{w}.fov_ratios", "must all be >= 1")
+        _check(all(d >= 1 for d in self.downsamples), f"{w}.downsamples", "must all be >= 1")
+        _check(all(lr >= 0 for lr in self.lrs), f"{w}.lrs", "must all be >= 0")
+        _check(self.num_samples >= 1, f"{w}.num_samples", "must be >= 1")
+        _check(self.epochs is None or self.epochs >= 1, f"{w}.epochs", "must be >= 1")
+        _check(self.grace_period >= 1, f"{w}.grace_period", "must be >= 1")
+        _check(self.reduction_factor > 1, f"{w}.reduction_factor", "must be > 1")
+        _check(self.max_concurrent_trials >= 1, f"{w}.max_concurrent_trials", "must be >= 1")
+        _check(self.trial_cpus > 0, f"{w}.trial_cpus", "must be > 0")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole config of a run; ``config.toml`` of a checkpoint is this, serialised."""
@@ -473,6 +565,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     name: str = "run"
 
     def __post_init__(self) -> None:

@@ -158,8 +158,10 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    callbacks: list | None = None,
 ) -> FitResult:
-    """Train ``cfg`` on ``manifest`` (default: ``data.ingest.dest``) into ``out`` (path or URI)."""
+    """Train ``cfg`` on ``manifest`` (default: ``data.ingest.dest``) into ``out`` (path or URI).
+    ``callbacks``: Ray Train callbacks (a Tune trial passes Tune's report callback)."""
     # Workers run in their own directories (and on a cluster, on other machines): local paths
     # must be absolute before they leave the driver.
     manifest, out = storage.absolute(manifest or cfg.data.ingest.dest), storage.absolute(out)
@@ -222,6 +224,7 @@ def fit(
             storage_path=path,
             storage_filesystem=fs if storage.is_remote(out) else None,
             failure_config=ray.train.FailureConfig(max_failures=dc.max_failures),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=dc.keep_checkpoints,
                 checkpoint_score_attribute="val_miou",

@@ -65,6 +65,16 @@ def validate(model: FoveatedSegmenter, batches, cfg: Config, device: torch.devic
     return summary
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This rank's peak memory so far: allocated accelerator memory on a GPU, else the process's
+    peak resident set (model, optimiser, activations and the data it holds)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _report(engine, cfg: Config, metrics: dict, meta: dict, rank: int) -> None:
     import ray.train
 
@@ -175,6 +185,7 @@ def train_worker(config: dict) -> None:
             "megapixels_per_s": float(stats[1]) / seconds / 1e6,
             "seconds": seconds,
             "world_size": world,
+            "peak_memory_mb": peak_memory_mb(device),
             **_flat("lr", distributed.learning_rates(engine)),
             **_flat(
                 "weight_mean", (wsum / max(1, n_rows)).tolist(), [str(f) for f in cfg.patches.fovs]

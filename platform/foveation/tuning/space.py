@@ -1,0 +1,170 @@
+"""The search space of a sweep: a list of points, each a patch set (FoVs, output size, x_r
+scale), a mix mode, a learning rate and a seed, and how a point turns the base config into a
+trial's config.
+
+Points are plain dicts (what Ray Tune stores in a trial's config and shows in its tables) and
+are all built, and validated as configs, before any trial starts: an empty or contradictory
+space fails here with the point and the field that make it so.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from foveation import config as C
+from foveation.config import Config, ConfigError
+
+
+class SpaceError(ValueError):
+    """The search space is empty or one of its points is not a valid config."""
+
+
+def parse_mix(name: str) -> C.MixConfig:
+    """ "soft", "hard", ... or "onehot-N" -> the mix config."""
+    if name.startswith("onehot-"):
+        index = name.removeprefix("onehot-")
+        if not index.isdigit():
+            raise SpaceError(f"tune.mixes: {name!r} is not onehot-N with N a patch index")
+        return C.MixConfig(mode="onehot", index=int(index))
+    if name == "onehot":
+        raise SpaceError(
+            "tune.mixes: 'onehot' needs a patch index: write 'onehot-0', 'onehot-1'..."
+        )
+    try:
+        return C.MixConfig(mode=name)
+    except ConfigError as exc:
+        raise SpaceError(f"tune.mixes: {exc}") from None
+
+
+def _single(fov: int, patch_size: int, xr_scale: int) -> dict[str, Any]:
+    return {"fovs": [fov], "patch_size": patch_size, "xr_scale": xr_scale, "mix": "onehot-0"}
+
+
+def _preset_points(cfg: Config) -> list[dict[str, Any]]:
+    t, p = cfg.tune, cfg.patches
+    if t.preset == "tradeoff":  # the same pixels per patch: FoV and resolution trade
+        return [_single(_even(p.patch_size * r), p.patch_size, p.xr_scale) for r in t.fov_ratios]
+    if t.preset == "fov":  # full resolution: the patch is as big as its FoV
+        sides = [_even(p.patch_size * r) for r in t.fov_ratios]
+        return [_single(s, s, p.xr_scale) for s in sides]
+    whole = t.whole_image or cfg.data.ingest.crop_size
+    if whole is None:
+        raise SpaceError(
+            "tune.whole_image: the resolution preset needs the image side; set it or "
+            "data.ingest.crop_size"
+        )
+    out = []
+    for d in t.downsamples:
+        if whole % d:
+            raise SpaceError(f"tune.downsamples: {d} does not divide tune.whole_image {whole}")
+        out.append(_single(whole, whole // d, p.xr_scale))
+    return out
+
+
+def _even(x: float) -> int:
+    return round(x / 2) * 2
+
+
+def _custom_points(cfg: Config) -> list[dict[str, Any]]:
+    t, p = cfg.tune, cfg.patches
+    bases = t.base_fovs or (p.fovs[0],)
+    xrs = t.xr_scales or (p.xr_scale,)
+    out = []
+    for ratios, base, xr, mix in itertools.product(t.fov_sets, bases, xrs, t.mixes):
+        fovs = [_even(base * r) for r in ratios]
+        out.append({"fovs": fovs, "patch_size": p.patch_size, "xr_scale": xr, "mix": mix})
+    return out
+
+
+def points(cfg: Config) -> list[dict[str, Any]]:
+    """Every point of the sweep, validated. Grid search repeats each ``num_samples`` times with
+    a different seed; random search draws from this list."""
+    t = cfg.tune
+    base = _custom_points(cfg) if t.preset == "custom" else _preset_points(cfg)
+    lrs = t.lrs or (None,)
+    repeats = t.num_samples if t.search == "grid" else 1
+    out = []
+    for pt, lr, rep in itertools.product(base, lrs, range(repeats)):
+        out.append(pt | {"lr": lr, "seed": t.seed + rep})
+    if not out:
+        raise SpaceError("tune: the search space is empty")
+    labels = set()
+    for pt in out:
+        trial_config(cfg, pt)  # raises SpaceError naming the point
+        labels.add(label(pt))
+    if len(labels) < len(out):
+        raise SpaceError("tune: the search space lists the same point twice")
+    return out
+
+
+def label(point: dict[str, Any]) -> str:
+    """A short, unique, file-name-safe name: ``fov64-128-256_p64_xr16_soft_lr0.001_s0``."""
+    fovs = "-".join(str(f) for f in point["fovs"])
+    lr = "" if point.get("lr") is None else f"_lr{point['lr']:g}"
+    return f"fov{fovs}_p{point['patch_size']}_xr{point['xr_scale']}_{point['mix']}{lr}_s{point['seed']}"
+
+
+def trial_config(base: Config, point: dict[str, Any]) -> Config:
+    """The config of the trial at ``point``: the base with the point's patch set, mix, learning
+    rate and seed, the sweep's per-trial epochs, and per-epoch checkpoints only (every report is
+    a scheduler decision)."""
+    t = base.tune
+    try:
+        patches = C.replace(
+            base.patches,
+            fovs=tuple(point["fovs"]),
+            patch_size=int(point["patch_size"]),
+            xr_scale=int(point["xr_scale"]),
+        )
+        mix = parse_mix(point["mix"])
+        tc = base.training
+        lrs = {}
+        if point.get("lr") is not None:
+            ratio = tc.lr_fovnet / tc.lr_encoder if tc.lr_encoder > 0 else 1.0
+            lr = float(point["lr"])
+            lrs = {"lr_encoder": lr, "lr_decoder": lr, "lr_fovnet": lr * ratio}
+        training = C.replace(
+            tc, epochs=t.epochs or tc.epochs, seed=tc.seed + int(point["seed"]), **lrs
+        )
+        return C.replace(
+            base,
+            patches=patches,
+            model=C.replace(base.model, mix=mix),
+            training=training,
+            distributed=C.replace(base.distributed, checkpoint_every_steps=None),
+            name=f"{base.name}-{label(point)}",
+        )
+    except (ConfigError, SpaceError) as exc:
+        raise SpaceError(f"tune: the point {point} is not a valid config: {exc}") from None
+
+
+def best_config(base: Config, point: dict[str, Any]) -> Config:
+    """What ``jobs.train`` should run: the trial's config with the base's full epoch budget and
+    the default (empty) tune section."""
+    cfg = trial_config(base, point)
+    return C.replace(
+        cfg,
+        training=C.replace(cfg.training, epochs=base.training.epochs),
+        distributed=base.distributed,
+        tune=C.TuneConfig(),
+        name=f"{base.name}-best",
+    )
+
+
+def single_patch(point: dict[str, Any]) -> tuple[int, float] | None:
+    """(FoV, downsampling factor) of a point that uses one patch per location (D = 1, or a
+    one-hot mix), else None: the trade-off figure's x axis."""
+    fovs, mix = point["fovs"], point["mix"]
+    if len(fovs) == 1:
+        fov = fovs[0]
+    elif mix.startswith("onehot-"):
+        fov = fovs[int(mix.removeprefix("onehot-"))]
+    else:
+        return None
+    return fov, fov / point["patch_size"]
+
+
+def pixels_per_location(point: dict[str, Any]) -> int:
+    """Input pixels the segmenter sees per location: D x P^2 (the memory budget)."""
+    return len(point["fovs"]) * int(point["patch_size"]) ** 2
