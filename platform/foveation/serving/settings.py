@@ -43,8 +43,27 @@ class AuthConfig:
     """Environment variable (of the Ray nodes) holding the bearer token; unset or empty: no
     authentication. /healthz and /docs stay open."""
 
+    token_file: str | None = None
+    """A file holding the bearer token (e.g. a mounted Kubernetes secret); read by the ingress
+    replica, and used instead of ``token_env`` when set."""
+
     def __post_init__(self) -> None:
         _check(bool(self.token_env), "serve.auth.token_env", "must name a variable")
+
+    def read_token(self) -> str:
+        """The token ('' = no authentication). A token file that cannot be read is an error,
+        never a silently open server."""
+        import os
+
+        if self.token_file:
+            try:
+                with open(self.token_file) as f:
+                    return f.read().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"serve.auth.token_file {self.token_file!r}: cannot read it ({exc.strerror})"
+                ) from None
+        return os.environ.get(self.token_env, "").strip()
 
 
 @dataclass(frozen=True)

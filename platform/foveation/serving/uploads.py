@@ -5,6 +5,7 @@ decompression-bomb guard set to the same limit as a second line."""
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -74,4 +75,5 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "image") -> np.ndarr
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"\s*<[^>]*object at 0x[0-9a-f]+>", "", line)  # no reprs of our buffers
