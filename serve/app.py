@@ -12,7 +12,6 @@ Endpoints (JSON errors everywhere, OpenAPI at /docs):
 Metrics: ``foveation.monitoring`` (ray.util.metrics, exported by Ray's metrics agent).
 """
 
-
 import hmac
 import json
 import logging
@@ -85,6 +84,54 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     slide_uri: str = Field(description="a slide under an allowed prefix (path or s3://)")
+
+
+# Helpers the routes call are defined before the class: serve.ingress pickles the routes
+# when the class is decorated.
+
+
+def _unwrap(result: dict[str, Any]) -> dict[str, Any]:
+    if "error" in result:
+        e = result["error"]
+        raise RequestError(e["status"], e["code"], e["message"])
+    return result["ok"]
+
+
+def _public(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k != "options"} | {
+        "slide": {k: rec.get("options", {}).get(k) for k in ("width", "height")}
+    }
+
+
+def _segment_response(res: dict[str, Any], fmt: str) -> Response:
+    from foveation.images import encode_png
+
+    mask: np.ndarray = res["mask"]
+    names = res["class_names"]
+    total = max(1, int(sum(res["counts"])))
+    fractions = {n: c / total for n, c in zip(names, res["counts"], strict=True)}
+    if fmt == "png":
+        return Response(
+            encode_png(mask),
+            media_type="image/png",
+            headers={"X-Class-Fractions": json.dumps(fractions, separators=(",", ":"))},
+        )
+    body: dict[str, Any] = {
+        "width": int(mask.shape[1]),
+        "height": int(mask.shape[0]),
+        "class_names": names,
+        "class_fractions": fractions,
+        "pixel_counts": dict(zip(names, res["counts"], strict=True)),
+    }
+    if res.get("apsm") is not None:
+        a = np.asarray(res["apsm"], dtype=np.float32)
+        body["apsm"] = {
+            "xr_scale": res["xr_scale"],
+            "shape": list(a.shape),
+            "unit": "px",
+            "values": np.round(a, 2).tolist(),
+        }
+    return JSONResponse(body)
 
 
 @serve.deployment
@@ -225,50 +272,6 @@ class Ingress:
         check_job_id(job_id)
         rec = _unwrap(await self._call(self.runner.cancel.remote(job_id)))
         return JSONResponse(_public(rec), status_code=202)
-
-
-def _unwrap(result: dict[str, Any]) -> dict[str, Any]:
-    if "error" in result:
-        e = result["error"]
-        raise RequestError(e["status"], e["code"], e["message"])
-    return result["ok"]
-
-
-def _public(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in rec.items() if k != "options"} | {
-        "slide": {k: rec.get("options", {}).get(k) for k in ("width", "height")}
-    }
-
-
-def _segment_response(res: dict[str, Any], fmt: str) -> Response:
-    from foveation.images import encode_png
-
-    mask: np.ndarray = res["mask"]
-    names = res["class_names"]
-    total = max(1, int(sum(res["counts"])))
-    fractions = {n: c / total for n, c in zip(names, res["counts"], strict=True)}
-    if fmt == "png":
-        return Response(
-            encode_png(mask),
-            media_type="image/png",
-            headers={"X-Class-Fractions": json.dumps(fractions, separators=(",", ":"))},
-        )
-    body: dict[str, Any] = {
-        "width": int(mask.shape[1]),
-        "height": int(mask.shape[0]),
-        "class_names": names,
-        "class_fractions": fractions,
-        "pixel_counts": dict(zip(names, res["counts"], strict=True)),
-    }
-    if res.get("apsm") is not None:
-        a = np.asarray(res["apsm"], dtype=np.float32)
-        body["apsm"] = {
-            "xr_scale": res["xr_scale"],
-            "shape": list(a.shape),
-            "unit": "px",
-            "values": np.round(a, 2).tolist(),
-        }
-    return JSONResponse(body)
 
 
 # ------------------------------------------------------------------------------ the builder

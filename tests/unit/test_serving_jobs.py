@@ -1,8 +1,10 @@
 """Whole-slide jobs without Ray: the job store, GeoJSON polygons, the job sink's outputs and
 the job runner (submit, progress, cancel, resume after a crash), on a tiny random model."""
 
+import itertools
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,7 +114,7 @@ def test_job_sink_writes_pyramids_and_polygons_equal_to_inference(tiny_model, tm
     seen = []
     sink = JobSink(str(tmp_path), cfg.patches.xr_scale, lambda d, t: seen.append((d, t)))
     segment(model, ArraySource(img), cfg, sink)
-    assert seen[-1] == (300, 300) and all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
+    assert seen[-1] == (300, 300) and all(a[0] < b[0] for a, b in itertools.pairwise(seen))
     res = sink.write_results(str(tmp_path / "out"), cfg.evaluation.class_names, 256, 64)
     labels = pyvips.Image.new_from_file(res["labels"])
     assert (labels.numpy() == ref.mask).all()
@@ -122,8 +124,7 @@ def test_job_sink_writes_pyramids_and_polygons_equal_to_inference(tiny_model, tm
     heat = pyvips.Image.new_from_file(res["probabilities"], n=-1)
     hh = heat.get("page-height")
     assert hh == 300 // 16 + 1 and heat.height == 4 * hh
-    # heat is the mean probability per 16 x 16 block: its argmax mostly agrees with the mask's
-    areas = geojson.class_areas(json.loads(open(res["geojson"]).read()))
+    areas = geojson.class_areas(json.loads(Path(res["geojson"]).read_text()))
     for k, name in enumerate(cfg.evaluation.class_names):  # traced at 1/2: edge blocks differ
         assert abs(areas.get(name, 0) - (ref.mask == k).sum()) <= 0.02 * ref.mask.size
     assert abs(sum(sink.fractions()) - 1) < 1e-9
