@@ -114,7 +114,7 @@ class SlideJobRunner:
 
         self.settings = serve_config_from_dict(settings)
         model, cfg, _ = _load(checkpoint, self.settings, self.settings.runner.torch_threads)
-        self.runner = JobRunner(model, cfg, self.settings, checkpoint)
+        self.runner = JobRunner(model, cfg, self.settings, checkpoint, _record_job)
         resumed = self.runner.resume()
         if resumed:
             log.info("resumed %d unfinished job(s)", len(resumed))
@@ -127,6 +127,12 @@ class SlideJobRunner:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _record_job(rec, running: int) -> None:
+    monitoring.record("foveation_serve_jobs_running", float(running))
+    if rec.final:
+        monitoring.record("foveation_serve_jobs_total", state=rec.state)
 
 
 def _as_result(fn) -> dict[str, Any]:

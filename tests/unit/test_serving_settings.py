@@ -14,8 +14,11 @@ def test_shipped_serve_config_and_yaml_load(root):
     doc = yaml.safe_load((root / "serve/serve.yaml").read_text())
     (app,) = doc["applications"]
     assert app["import_path"] == "serve.app:build_app"
+    from ray.serve.schema import ServeDeploySchema
+
     from serve.app import AppArgs
 
+    ServeDeploySchema.model_validate(doc)  # what `serve deploy` checks first
     args = AppArgs.model_validate(app["args"])
     merged = load_serve_config(root / args.config, args.settings)
     assert merged.autoscaling.max_replicas == 4 and merged.limits == cfg.limits
@@ -76,3 +79,18 @@ def test_builder_sets_autoscaling_queues_and_resources(tmp_path):
     assert runner.num_replicas == 1
     with pytest.raises(Exception, match="checkpoint"):
         AppArgs.model_validate({})
+
+
+def test_serve_calls_the_builder_with_typed_arguments(tmp_path):
+    """What `serve run serve.app:build_app checkpoint=... config=...` does with its args."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from serve.app import build_app
+
+    app = call_user_app_builder_with_args_if_necessary(
+        build_app, {"checkpoint": str(tmp_path), "config": "serve/serve.toml", "device": "cpu"}
+    )
+    assert isinstance(app, Application)
+    with pytest.raises(Exception, match=r"[Ee]xtra"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": "x", "typo": 1})

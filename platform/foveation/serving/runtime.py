@@ -107,10 +107,18 @@ class JobRunner:
     """Runs whole-slide jobs on ``settings.jobs.max_concurrent`` threads; see the module doc."""
 
     def __init__(
-        self, model: FoveatedSegmenter, cfg: Config, settings: ServeConfig, checkpoint: str = ""
+        self,
+        model: FoveatedSegmenter,
+        cfg: Config,
+        settings: ServeConfig,
+        checkpoint: str = "",
+        on_state: Callable[[JobRecord, int], None] | None = None,
     ) -> None:
+        """``on_state(record, running)``: called after every state change (metrics), with
+        the number of jobs running."""
         self.model, self.cfg, self.settings = model, cfg, settings
         self.checkpoint = checkpoint
+        self.on_state = on_state
         self.store = JobStore(settings.jobs.store)
         self.pool = ThreadPoolExecutor(settings.jobs.max_concurrent, thread_name_prefix="job")
         self._lock = threading.Lock()
@@ -208,7 +216,10 @@ class JobRunner:
                 changes.setdefault("cancel_requested", True)
             rec = self.store.update(current, **changes)
             self._records[rec.id] = rec
-            return rec
+            running = sum(r.state == RUNNING for r in self._records.values())
+        if self.on_state is not None and "state" in changes:
+            self.on_state(rec, running)
+        return rec
 
     def _schedule(self, rec: JobRecord) -> None:
         with self._lock:
