@@ -236,8 +236,16 @@ class Ingress:
                 raise RequestError(422, "invalid_request", "apsm=true needs format=json")
             data = await self._upload(request)
             image = decode_upload(data, self.settings.limits.max_pixels)
+            t_model = time.perf_counter()
             res = await self._call(self.model.segment.remote(image, apsm))
-            return _segment_response(res, format)
+            timing = dict(res.get("timing", {}))
+            timing["handle"] = time.perf_counter() - t_model
+            response = _segment_response(res, format)
+            timing["ingress"] = time.perf_counter() - t0
+            response.headers["Server-Timing"] = ", ".join(
+                f"{k};dur={v * 1000:.2f}" for k, v in timing.items()
+            )
+            return response
         except RequestError as exc:
             status = exc.status
             raise

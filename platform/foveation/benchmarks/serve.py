@@ -3,8 +3,11 @@ in-process forward of the same model on the same image, in one run.
 
 - Batching off, concurrency 1: p50 / p99 latency and throughput of ``POST /v1/segment`` (PNG
   in, PNG mask out) vs ``runtime.segment_image`` on the decoded image in this process, with
-  the same torch threads as the model replica (1). The overhead figure is the p50 difference
-  (target: at most 10 ms). The load generator shares the machine's cores with Ray.
+  the same torch threads as the model replica (1), the two interleaved request by request.
+  The overhead figure is the p50 difference (target: at most 10 ms); the Server-Timing
+  header splits it (inference, model replica, handle round trip, ingress). The load
+  generator shares the machine's cores with Ray. ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the
+  environment (read when Ray starts) measures Serve's throughput-optimised mode.
 - Batching on (``@serve.batch`` of tile forwards): throughput at concurrency 8 vs 1, and at
   concurrency 8 vs batching off at concurrency 8. One model replica throughout, so the figures
   measure batching, not autoscaling.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import socket
 import tempfile
 import threading
@@ -48,6 +52,16 @@ def _png(img: np.ndarray) -> bytes:
 
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
+
+
+def _server_timing(r) -> dict[str, float]:
+    """Seconds per part of a response's Server-Timing header."""
+    out = {}
+    for part in r.headers.get("server-timing", "").split(", "):
+        if ";dur=" in part:
+            k, v = part.split(";dur=")
+            out[k] = float(v) / 1000
+    return out
 
 
 def _load(url: str, body: bytes, concurrency: int, requests: int) -> tuple[list[float], float]:
@@ -101,7 +115,16 @@ def _deploy(ckpt: str, port: int, store: str, batching: bool, name: str) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+_PART_NOTES = {
+    "inference": "Server-Timing: segment_image inside the model replica",
+    "model": "Server-Timing: the model replica's method, entry to return",
+    "handle": "Server-Timing: the ingress's call of the model deployment (handle round trip)",
+    "ingress": "Server-Timing: the ingress's whole request (decode, call, PNG encode)",
+}
+
+
 def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Figure]:
+    import httpx
     import torch
     from ray import serve
 
@@ -120,31 +143,38 @@ def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Fi
     torch.manual_seed(0)
     save_checkpoint(ckpt, build_model(cfg), dataclasses.replace(cfg, name="bench-serve"))
 
-    # In-process: the same model and image, the replica's thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, mcfg, _ = load_checkpoint(ckpt)
-        for _ in range(3):
-            segment_image(model, mcfg, img)
-        local = []
-        t0 = time.perf_counter()
-        for _ in range(n1):
-            t = time.perf_counter()
-            segment_image(model, mcfg, img)
-            local.append(time.perf_counter() - t)
-        local_rps = n1 / (time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-
+    model, mcfg, _ = load_checkpoint(ckpt)
     init_ray()
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    threads = torch.get_num_threads()
     try:
         url = _deploy(ckpt, port, f"{tmp}/jobs", batching=False, name="bench")
-        _load(url, body, 1, 5)  # warm-up
-        off1, wall = _load(url, body, 1, n1)
-        off1_rps = n1 / wall
+        # Concurrency 1, batching off, interleaved with the in-process forward (the replica's
+        # thread count, 1), so that both see the same background load on a shared machine.
+        torch.set_num_threads(1)
+        local: list[float] = []
+        off1: list[float] = []
+        timing: dict[str, list[float]] = {}
+        with httpx.Client(base_url=url, timeout=300) as client:
+            for i in range(n1 + 5):
+                t = time.perf_counter()
+                segment_image(model, mcfg, img)
+                dt_local = time.perf_counter() - t
+                t = time.perf_counter()
+                r = client.post("/v1/segment", content=body, headers={"Content-Type": "image/png"})
+                dt = time.perf_counter() - t
+                if r.status_code != 200:
+                    raise RuntimeError(f"benchmark request failed: {r.status_code} {r.text[:200]}")
+                if i >= 5:  # warm-up
+                    local.append(dt_local)
+                    off1.append(dt)
+                    for k, v in _server_timing(r).items():
+                        timing.setdefault(k, []).append(v)
+        torch.set_num_threads(threads)
+        local_rps = 1 / float(np.mean(local))
+        off1_rps = 1 / float(np.mean(off1))
+        parts = {k: _pct(v, 50) for k, v in timing.items()}
         _load(url, body, 8, 8)
         off8, wall = _load(url, body, 8, n8)
         off8_rps = n8 / wall
@@ -156,10 +186,15 @@ def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Fi
         on8, wall = _load(url, body, 8, n8)
         on8_rps = n8 / wall
     finally:
+        torch.set_num_threads(threads)
         serve.shutdown()
 
     ms = 1000.0
-    note = f"{size}x{size} PNG, {cfg.name} model ({cfg.model.backbone}), 1 replica, 1 thread"
+    mode = "throughput-optimised" if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") else "default"
+    note = (
+        f"{size}x{size} PNG, {cfg.name} model ({cfg.model.backbone}), 1 replica, 1 thread, "
+        f"Serve {mode} mode"
+    )
     return [
         compared(
             "serve_p50_latency_c1_batching_off",
@@ -186,6 +221,16 @@ def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Fi
             10.0,
             note="served p50 minus in-process p50 (HTTP, PNG codec, proxy, ingress, handle)",
         ),
+        *[
+            Figure(
+                f"serve_p50_{k}_c1_batching_off",
+                v * ms,
+                "ms",
+                "lower",
+                note=_PART_NOTES.get(k, ""),
+            )
+            for k, v in parts.items()
+        ],
         compared("serve_throughput_c1_batching_off", off1_rps, local_rps, "req/s", "higher", None),
         Figure("serve_throughput_c8_batching_off", off8_rps, "req/s", "higher"),
         Figure("serve_p50_latency_c1_batching_on", _pct(on1, 50) * ms, "ms", "lower"),
