@@ -1,6 +1,8 @@
 """Decoding an uploaded image under limits: the format and the pixel count are read from the
-header (PIL opens lazily) and checked before a single pixel is decoded, with PIL's own
-decompression-bomb guard set to the same limit as a second line."""
+header (PIL opens lazily) and checked before a single pixel is decoded. PIL's own
+decompression-bomb guard is a second line: the ingress replica sets ``Image.MAX_IMAGE_PIXELS``
+to the same limit (a process-wide setting, so never changed here), and its warning is an
+error here."""
 
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "image") -> np.ndarr
 
     if not data:
         raise RequestError(400, "empty_body", f"{name}: no bytes; expected a PNG, JPEG or TIFF")
-    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's bomb guard: errors at 2x, warns above
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
