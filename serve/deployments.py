@@ -5,7 +5,7 @@
   are batched with ``@serve.batch``.
 - ``SlideJobRunner`` (one replica): whole-slide jobs, out of core, state in the job store; on
   start it resumes the jobs a previous replica left unfinished.
-- ``Ingress`` (FastAPI, ``serve.ingress_app``): HTTP, auth, limits, JSON errors.
+- ``Ingress`` (FastAPI, in ``serve.app``): HTTP, auth, limits, JSON errors.
 """
 
 from __future__ import annotations

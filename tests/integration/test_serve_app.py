@@ -314,3 +314,22 @@ def test_a_job_survives_a_restart_of_the_job_runner(served):
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 2, done
     assert runner.pid.remote().result(timeout_s=60) != pid
+
+
+def test_the_token_never_reaches_a_log(served):
+    """Requests with the right and a wrong token were made above; no log file of the
+    session's Ray (driver, controller, proxy, replicas) holds either."""
+    import pathlib
+
+    import ray
+
+    c = served["client"]
+    c.get("/healthz")
+    c.get(f"/v1/jobs/{'0' * 32}", headers={"Authorization": "Bearer wrong-secret-in-header"})
+    session = pathlib.Path(ray._private.worker._global_node.get_session_dir_path())
+    files = [p for p in (session / "logs").rglob("*") if p.is_file()]
+    assert any("Ingress" in p.name or "serve" in str(p) for p in files)
+    for p in files:
+        data = p.read_bytes()
+        assert TOKEN.encode() not in data, p
+        assert b"wrong-secret-in-header" not in data, p
