@@ -333,3 +333,33 @@ def test_the_token_never_reaches_a_log(served):
         data = p.read_bytes()
         assert TOKEN.encode() not in data, p
         assert b"wrong-secret-in-header" not in data, p
+
+
+def test_metrics_reach_rays_prometheus_endpoint(served):
+    """The ingress's and the model replica's metrics are exported by Ray's metrics agent
+    (Prometheus text, ray_ prefix), after the requests of the tests above."""
+    import ray
+
+    c = served["client"]
+    body = png_bytes(tissue(64, 64))
+    c.post("/v1/segment", content=body, headers={"Content-Type": "image/png"})
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = (
+        "ray_foveation_serve_requests_total",
+        "ray_foveation_serve_request_seconds_bucket",
+        "ray_foveation_serve_tile_batch_locations_bucket",
+        "ray_foveation_serve_jobs_total",
+    )
+
+    def exported():
+        text = httpx.get(url, timeout=10).text
+        return all(name in text for name in wanted) and text
+
+    text = wait_for(exported, 60, 2, f"{wanted} at {url}")
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("ray_foveation_serve_requests_total") and 'route="/v1/segment"' in ln
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 1
