@@ -18,8 +18,8 @@ demo: $(STAMP)   ## generate, ingest, train (Ray Train + DeepSpeed, CPU), evalua
 	$(PY) -m jobs.demo --config jobs/configs/debug.toml
 
 test: $(STAMP)   ## lint, then every test
-	$(PY) -m ruff check platform jobs tests
-	$(PY) -m ruff format --check platform jobs tests
+	$(PY) -m ruff check platform jobs tests serve
+	$(PY) -m ruff format --check platform jobs tests serve
 	$(PY) -m pytest
 
 bench: $(STAMP)  ## the benchmark suites

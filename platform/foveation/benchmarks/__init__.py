@@ -79,6 +79,7 @@ SUITES: dict[str, str] = {
     "io": "foveation.benchmarks.io:run",
     "train": "foveation.benchmarks.train:run",
     "gpu": "foveation.benchmarks.gpu:run",
+    "serve": "foveation.benchmarks.serve:run",
 }
 
 

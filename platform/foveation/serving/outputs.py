@@ -1,0 +1,248 @@
+"""What a whole-slide job writes, out of core: a sink (``inference.sinks.Sink``) that spills
+the label map and a 1/s class-probability map to memory-mapped files on local disk as rows
+arrive, then the results: a pyramidal OME-TIFF label map (levels shrunk by mode, in SubIFDs),
+the probability heatmap (one OME channel per class), the APSM, and GeoJSON polygons.
+
+Memory stays bounded by a few rows of the slide: the label map lives in a file, the pyramid
+is built by libvips streaming from that file, and polygons are traced tile by tile on the
+label map shrunk by mode to at most ``geojson_max_side`` px a side.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from xml.sax.saxutils import escape
+
+import numpy as np
+import torch
+
+from foveation import storage
+from foveation.serving import geojson
+
+
+class JobCancelled(Exception):
+    """Raised from inside the inference loop when the job was cancelled."""
+
+
+def ome_xml(width: int, height: int, channels: Sequence[str], pixel_type: str, name: str) -> str:
+    """A minimal OME-XML header for a single image (XYCZT, one TIFF page per channel)."""
+    chans = "".join(
+        f'<Channel ID="Channel:0:{i}" Name="{escape(c)}" SamplesPerPixel="1"/>'
+        for i, c in enumerate(channels)
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+        'xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 '
+        'http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd">'
+        f'<Image ID="Image:0" Name="{escape(name)}">'
+        f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="{pixel_type}" '
+        f'SizeX="{width}" SizeY="{height}" SizeC="{len(channels)}" SizeZ="1" SizeT="1">'
+        f"{chans}<TiffData/></Pixels></Image></OME>"
+    )
+
+
+def write_ome_tiff(
+    image, path: str, channels: Sequence[str], name: str, shrink: str, tile: int = 256
+) -> None:
+    """A pyvips image (bands = channels) -> a pyramidal OME-TIFF at the local ``path``: each
+    channel a page, each page's lower levels in SubIFDs, shrunk by ``shrink`` ("mode" for
+    labels, "mean" for maps)."""
+    import pyvips
+
+    w, h = image.width, image.height
+    pixel_type = {"uchar": "uint8", "ushort": "uint16", "float": "float"}[image.format]
+    if image.bands > 1:
+        image = pyvips.Image.arrayjoin(image.bandsplit(), across=1)
+    image = image.copy()
+    image.set_type(pyvips.GValue.gint_type, "page-height", h)
+    image.set_type(
+        pyvips.GValue.gstr_type, "image-description", ome_xml(w, h, channels, pixel_type, name)
+    )
+    image.tiffsave(
+        path,
+        tile=True,
+        tile_width=tile,
+        tile_height=tile,
+        pyramid=True,
+        subifd=True,
+        region_shrink=shrink,
+        compression="deflate",
+        bigtiff=True,
+    )
+
+
+class JobSink:
+    """A sink for one whole-slide job; files go to ``workdir`` (local, deleted by the caller).
+
+    ``progress(rows_done, rows_total)`` is called after every block of rows; ``cancelled()``
+    is polled there too, and a True ends the inference with :class:`JobCancelled`."""
+
+    def __init__(
+        self,
+        workdir: str,
+        heat_scale: int,
+        progress: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        self.workdir, self.s = workdir, heat_scale
+        self.progress, self.cancelled = progress, cancelled
+        self.rows_written = 0
+        self.apsm: np.ndarray | None = None
+        self.counts: np.ndarray | None = None
+
+    # -- the Sink protocol ----------------------------------------------------------------
+    def begin(self, height: int, width: int, num_classes: int) -> None:
+        self.height, self.width, self.k = height, width, num_classes
+        self.labels = np.lib.format.open_memmap(
+            os.path.join(self.workdir, "labels.npy"),
+            mode="w+",
+            dtype=np.uint8,
+            shape=(height, width),
+        )
+        s = self.s
+        self.hh, self.hw = math.ceil(height / s), math.ceil(width / s)
+        self.heat = np.lib.format.open_memmap(
+            os.path.join(self.workdir, "heat.npy"),
+            mode="w+",
+            dtype=np.uint8,
+            shape=(self.hh, self.hw, num_classes),
+        )
+        self._acc = torch.zeros((num_classes, self.hw * s))
+        self._acc_rows = 0
+        self._heat_row = 0
+        self.counts = np.zeros(num_classes, np.int64)
+
+    def write_weights(self, weights: torch.Tensor, apsm: torch.Tensor) -> None:
+        self.apsm = apsm.float().cpu().numpy()
+
+    def write_rows(self, top: int, probs: torch.Tensor) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise JobCancelled()
+        if top != self.rows_written:
+            raise RuntimeError(f"rows out of order: got {top}, expected {self.rows_written}")
+        probs = probs.float().cpu()
+        n = probs.shape[1]
+        mask = probs.argmax(0).to(torch.uint8).numpy()
+        self.labels[top : top + n] = mask
+        self.counts += np.bincount(mask.ravel(), minlength=self.k)[: self.k]
+        start = 0
+        while start < n:  # heat rows: means of s x s blocks
+            take = min(n - start, self.s - self._acc_rows)
+            self._acc[:, : self.width] += probs[:, start : start + take].sum(1)
+            self._acc_rows += take
+            start += take
+            if self._acc_rows == self.s:
+                self._emit_heat_row()
+        self.rows_written += n
+        if self.progress is not None:
+            self.progress(self.rows_written, self.height)
+
+    def _emit_heat_row(self) -> None:
+        s, w = self.s, self.width
+        sums = self._acc.reshape(self.k, self.hw, s).sum(-1)
+        cols = torch.full((self.hw,), float(s))
+        cols[-1] = w - (self.hw - 1) * s
+        mean = sums / (cols * self._acc_rows)
+        self.heat[self._heat_row] = (mean.T * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        self._heat_row += 1
+        self._acc.zero_()
+        self._acc_rows = 0
+
+    def close(self) -> None:
+        if self._acc_rows:
+            self._emit_heat_row()
+        if self.rows_written != self.height:
+            raise RuntimeError(f"sink closed after {self.rows_written} of {self.height} rows")
+        self.labels.flush()
+        self.heat.flush()
+
+    # -- results --------------------------------------------------------------------------
+    def fractions(self) -> list[float]:
+        total = max(1, int(self.counts.sum()))
+        return [float(c) / total for c in self.counts]
+
+    def write_results(
+        self,
+        prefix: str,
+        class_names: Sequence[str],
+        geojson_max_side: int = 4096,
+        geojson_tile: int = 1024,
+    ) -> dict[str, str]:
+        """Write every result under the storage ``prefix``; returns name -> URI."""
+        import pyvips
+
+        out = {}
+        local = os.path.join(self.workdir, "out.tif")
+
+        def publish(name: str, filename: str) -> None:
+            uri = storage.join(prefix, filename)
+            storage.upload_file(local, uri)
+            os.unlink(local)
+            out[name] = uri
+
+        labels = _vips_from_memmap(self.labels, self.width, self.height, 1)
+        write_ome_tiff(labels, local, ["labels"], "labels", "mode")
+        publish("labels", "labels.ome.tif")
+
+        heat = _vips_from_memmap(self.heat, self.hw, self.hh, self.k)
+        write_ome_tiff(heat, local, list(class_names), "class probabilities x255", "mean")
+        publish("probabilities", "probabilities.ome.tif")
+
+        if self.apsm is not None:
+            a = np.ascontiguousarray(self.apsm.astype(np.float32))
+            im = pyvips.Image.new_from_memory(a.data, a.shape[1], a.shape[0], 1, "float")
+            write_ome_tiff(im, local, ["apsm_px"], "average patch size map (px)", "mean")
+            publish("apsm", "apsm.ome.tif")
+
+        uri = storage.join(prefix, "annotations.geojson")
+        coll = self.geojson(class_names, geojson_max_side, geojson_tile)
+        storage.write_bytes(uri, geojson.dumps(coll))
+        out["geojson"] = uri
+        return out
+
+    def geojson(self, class_names: Sequence[str], max_side: int, tile: int) -> dict:
+        """Polygons of the label map shrunk by mode by ``g`` (the least power of 2 that brings
+        the longer side to ``max_side`` or less), traced per tile, in level-0 pixels."""
+        g = 1
+        while max(self.height, self.width) / g > max_side:
+            g *= 2
+        small = mode_shrink(self.labels, g, self.k)
+        feats = []
+        for r0 in range(0, small.shape[0], tile):
+            for c0 in range(0, small.shape[1], tile):
+                part = small[r0 : r0 + tile, c0 : c0 + tile]
+                feats += geojson.features(part, class_names, scale=g, offset=(c0, r0))
+        return geojson.feature_collection(feats)
+
+
+def mode_shrink(labels: np.ndarray, g: int, k: int, band_blocks: int = 64) -> np.ndarray:
+    """The majority class of every g x g block (edge blocks partial), read in row bands."""
+    h, w = labels.shape
+    if g == 1:
+        return np.array(labels)
+    hh, ww = math.ceil(h / g), math.ceil(w / g)
+    out = np.empty((hh, ww), np.uint8)
+    pad_w = ww * g - w
+    for b0 in range(0, hh, band_blocks):
+        rows = labels[b0 * g : min(h, (b0 + band_blocks) * g)]
+        nb = math.ceil(rows.shape[0] / g)
+        blk = np.full((nb * g, ww * g), 255, np.uint8)
+        blk[: rows.shape[0], :w] = rows
+        if pad_w:
+            blk[:, w:] = 255
+        blk = blk.reshape(nb, g, ww, g)
+        counts = np.stack([(blk == c).sum((1, 3)) for c in range(k)])
+        out[b0 : b0 + nb] = counts.argmax(0)
+    return out
+
+
+def _vips_from_memmap(mm: np.memmap, width: int, height: int, bands: int):
+    """A pyvips image streaming from the file behind a uint8 ``open_memmap`` (raw after the
+    .npy header), so libvips builds the pyramid without the map in memory."""
+    import pyvips
+
+    return pyvips.Image.rawload(mm.filename, width, height, bands, offset=mm.offset)

@@ -1,0 +1,266 @@
+"""Settings of the Serve application (``serve/``): one frozen dataclass per concern, validated in
+``__post_init__``, loaded from a TOML file and/or a nested dict (the app builder's ``settings``
+argument or the ``args`` of ``serve/serve.yaml``).
+
+Secrets are never settings: the bearer token is read from the environment variable named by
+``auth.token_env`` inside the replica, so it never appears in a Serve config, the dashboard or
+a log line.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from foveation.config import ConfigError, _build, _check
+
+HEATMAPS = ("probabilities", "apsm")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What a request may cost; beyond it the answer is a 4xx JSON error, never a crash."""
+
+    max_body_bytes: int = 64 << 20
+    """Largest request body (an uploaded image), checked while it is read."""
+    max_pixels: int = 40_000_000
+    """Largest uploaded image, width x height, checked from the header before decoding."""
+    max_slide_pixels: int = 20_000_000_000
+    """Largest slide (level 0, width x height) a whole-slide job accepts."""
+
+    def __post_init__(self) -> None:
+        w = "serve.limits"
+        _check(self.max_body_bytes >= 1024, f"{w}.max_body_bytes", "must be >= 1024")
+        _check(self.max_pixels >= 1, f"{w}.max_pixels", "must be >= 1")
+        _check(self.max_slide_pixels >= 1, f"{w}.max_slide_pixels", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    token_env: str = "FOVEATION_SERVE_TOKEN"
+    """Environment variable (of the Ray nodes) holding the bearer token; unset or empty: no
+    authentication. /healthz and /docs stay open."""
+
+    token_file: str | None = None
+    """A file holding the bearer token (e.g. a mounted Kubernetes secret); read by the ingress
+    replica, and used instead of ``token_env`` when set."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.token_env), "serve.auth.token_env", "must name a variable")
+
+    def read_token(self) -> str:
+        """The token ('' = no authentication). A token file that cannot be read is an error,
+        never a silently open server."""
+        import os
+
+        if self.token_file:
+            try:
+                with open(self.token_file) as f:
+                    return f.read().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"serve.auth.token_file {self.token_file!r}: cannot read it ({exc.strerror})"
+                ) from None
+        return os.environ.get(self.token_env, "").strip()
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """Whole-slide jobs: where their state and results live, which slides they may read."""
+
+    store: str = "runs/serve/jobs"
+    """Path or s3:// prefix: ``<store>/<job id>/state.json`` and the job's result files."""
+    allowed_prefixes: tuple[str, ...] = ("runs/data/",)
+    """Slide URIs must lie under one of these (paths resolved, symlinks followed; s3://
+    prefixes compared by bucket and key). Anything else is refused with 403."""
+    max_concurrent: int = 1
+    """Jobs the job runner segments at once; the others wait queued."""
+    progress_interval_s: float = 1.0
+    """Least time between two writes of a running job's progress to the store."""
+    heatmap: str = "probabilities"
+    """"probabilities": K-channel class probabilities at 1/s resolution; "apsm": F's average
+    patch size map (the x_r grid). Both are written; this one is ``results.heatmap``."""
+    geojson_max_side: int = 4096
+    """Polygons are traced on the label map shrunk (by mode) by the least power of 2 that
+    brings its longer side to at most this; coordinates are level-0 pixels."""
+    geojson_tile: int = 1024
+    """Polygons are traced per tile of this side (on the shrunk map); not merged across."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_prefixes", tuple(self.allowed_prefixes))
+        w = "serve.jobs"
+        _check(bool(self.store), f"{w}.store", "must be a path or s3:// prefix")
+        _check(self.max_concurrent >= 1, f"{w}.max_concurrent", "must be >= 1")
+        _check(self.progress_interval_s >= 0, f"{w}.progress_interval_s", "must be >= 0")
+        _check(self.heatmap in HEATMAPS, f"{w}.heatmap", f"must be one of {HEATMAPS}")
+        _check(self.geojson_max_side >= 16, f"{w}.geojson_max_side", "must be >= 16")
+        _check(self.geojson_tile >= 16, f"{w}.geojson_tile", "must be >= 16")
+        for p in self.allowed_prefixes:
+            _check(
+                bool(p) and ".." not in p.split("/"),
+                f"{w}.allowed_prefixes",
+                f"{p!r}: must be a non-empty path or s3:// prefix without '..'",
+            )
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """``@serve.batch`` of tile forwards from concurrent requests in a model replica."""
+
+    enabled: bool = True
+    max_batch_locations: int = 64
+    """Most locations (patch banks) in one segmenter forward."""
+    wait_timeout_s: float = 0.005
+    """Longest a tile batch waits for more requests' tiles before it runs."""
+
+    def __post_init__(self) -> None:
+        w = "serve.batching"
+        _check(self.max_batch_locations >= 1, f"{w}.max_batch_locations", "must be >= 1")
+        _check(self.wait_timeout_s >= 0, f"{w}.wait_timeout_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    """Serve's ``autoscaling_config`` of the model deployment (field names as Serve's)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+    metrics_interval_s: float = 1.0
+    look_back_period_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        w = "serve.autoscaling"
+        _check(self.min_replicas >= 1, f"{w}.min_replicas", "must be >= 1 (no scale to zero)")
+        _check(
+            self.max_replicas >= self.min_replicas,
+            f"{w}.max_replicas",
+            f"must be >= min_replicas ({self.min_replicas})",
+        )
+        _check(self.target_ongoing_requests > 0, f"{w}.target_ongoing_requests", "must be > 0")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            _check(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
+        for name in ("metrics_interval_s", "look_back_period_s"):
+            _check(getattr(self, name) > 0, f"{w}.{name}", "must be > 0")
+
+    def to_serve(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "initial_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
+        }
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """Resources and queue bounds of one deployment's replicas."""
+
+    num_cpus: float = 1.0
+    """Logical CPUs per replica (fractional on a laptop: DESIGN.md, "Ray on 2 cores")."""
+    num_gpus: float = 0.0
+    """GPUs per replica on a cluster (fractional shares one GPU)."""
+    max_ongoing_requests: int = 4
+    """Requests one replica works on at once."""
+    max_queued_requests: int = 16
+    """Requests waiting for a replica; beyond it callers get 503 at once (-1: no bound)."""
+    torch_threads: int | None = None
+    """torch intra-op threads in the replica; None: Ray's default (from num_cpus)."""
+
+    def __post_init__(self) -> None:
+        w = "serve.<deployment>"
+        _check(self.num_cpus >= 0, f"{w}.num_cpus", "must be >= 0")
+        _check(self.num_gpus >= 0, f"{w}.num_gpus", "must be >= 0")
+        _check(self.max_ongoing_requests >= 1, f"{w}.max_ongoing_requests", "must be >= 1")
+        _check(
+            self.max_queued_requests == -1 or self.max_queued_requests >= 1,
+            f"{w}.max_queued_requests",
+            "must be -1 (no bound) or >= 1",
+        )
+        _check(
+            self.torch_threads is None or self.torch_threads >= 1,
+            f"{w}.torch_threads",
+            "must be >= 1",
+        )
+
+    def actor_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            opts["num_gpus"] = self.num_gpus
+        return opts
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    device: str = "cpu"
+    """"cpu", "cuda" or "cuda:N" (give the model deployment ``num_gpus``)."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    model: ReplicaConfig = field(default_factory=ReplicaConfig)
+    """The model deployment (autoscaled; synchronous /v1/segment requests)."""
+    ingress: ReplicaConfig = field(
+        default_factory=lambda: ReplicaConfig(
+            num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=256
+        )
+    )
+    """The FastAPI ingress (light: decoding, validation, routing)."""
+    runner: ReplicaConfig = field(
+        default_factory=lambda: ReplicaConfig(
+            num_cpus=1.0, max_ongoing_requests=64, max_queued_requests=64
+        )
+    )
+    """The whole-slide job runner (one replica: it owns the jobs it runs)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.device == "cpu" or self.device.startswith("cuda"),
+            "serve.device",
+            f"must be 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
+        if self.device.startswith("cuda"):
+            _check(
+                self.model.num_gpus > 0 and self.runner.num_gpus > 0,
+                "serve.device",
+                "'cuda' needs serve.model.num_gpus and serve.runner.num_gpus > 0",
+            )
+
+
+def serve_config_from_dict(data: dict[str, Any] | None) -> ServeConfig:
+    """A validated :class:`ServeConfig` from nested dicts; unknown keys are errors."""
+    return _build(ServeConfig, dict(data or {}), "serve")
+
+
+def load_serve_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> ServeConfig:
+    """The ``[serve]`` table of a TOML file (or the whole file if it has none), with
+    ``overrides`` merged in table by table."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            doc = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"serve config file {str(p)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"serve config file {str(p)!r} is not valid TOML: {exc}") from None
+        data = doc.get("serve", doc)
+    return serve_config_from_dict(_merge(data, overrides or {}))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

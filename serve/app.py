@@ -1,0 +1,343 @@
+"""The HTTP ingress and the app builder.
+
+    serve run serve.app:build_app checkpoint=runs/debug/model [config=serve/serve.toml]
+    serve deploy serve/serve.yaml
+
+Endpoints (JSON errors everywhere, OpenAPI at /docs):
+    POST   /v1/segment          image (raw body or multipart field "image") -> PNG mask or JSON
+    POST   /v1/jobs             {"slide_uri": ...} -> 202, the job
+    GET    /v1/jobs/{id}        state, progress, result URIs
+    DELETE /v1/jobs/{id}        cancel
+    GET    /healthz             the model deployment answers
+Metrics: ``foveation.monitoring`` (ray.util.metrics, exported by Ray's metrics agent).
+"""
+
+import hmac
+import json
+import logging
+import time
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from foveation import monitoring
+from foveation.serving.errors import RequestError
+from foveation.serving.jobstore import JobStore, check_job_id
+from foveation.serving.settings import ServeConfig, load_serve_config, serve_config_from_dict
+from foveation.serving.uploads import check_content_type, decode_upload
+from foveation.serving.uris import check_slide_uri
+from serve.deployments import ModelServer, SlideJobRunner
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="Foveation segmentation",
+    version="1",
+    description="Foveated segmentation of histology images (Jin et al., MICCAI 2020): "
+    "synchronous region requests and whole-slide jobs. Errors are "
+    '`{"error": {"code", "message", "status"}}`.',
+)
+
+
+def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(
+        RequestError(status, code, message).to_dict(), status_code=status, headers=headers
+    )
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if exc.status == 503:
+        headers = {"Retry-After": "1"}
+    return _error(exc.status, exc.code, exc.message, headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error(exc.status_code, code, str(exc.detail))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected error: %s: %s", type(exc).__name__, exc)
+    return _error(500, "internal_error", "internal error; see the server log")
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    slide_uri: str = Field(description="a slide under an allowed prefix (path or s3://)")
+
+
+# Helpers the routes call are defined before the class: serve.ingress pickles the routes
+# when the class is decorated.
+
+
+def _unwrap(result: dict[str, Any]) -> dict[str, Any]:
+    if "error" in result:
+        e = result["error"]
+        raise RequestError(e["status"], e["code"], e["message"])
+    return result["ok"]
+
+
+def _public(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k != "options"} | {
+        "slide": {k: rec.get("options", {}).get(k) for k in ("width", "height")}
+    }
+
+
+def _segment_response(res: dict[str, Any], fmt: str) -> Response:
+    from foveation.images import encode_png
+
+    mask: np.ndarray = res["mask"]
+    names = res["class_names"]
+    total = max(1, int(sum(res["counts"])))
+    fractions = {n: c / total for n, c in zip(names, res["counts"], strict=True)}
+    if fmt == "png":
+        return Response(
+            encode_png(mask),
+            media_type="image/png",
+            headers={"X-Class-Fractions": json.dumps(fractions, separators=(",", ":"))},
+        )
+    body: dict[str, Any] = {
+        "width": int(mask.shape[1]),
+        "height": int(mask.shape[0]),
+        "class_names": names,
+        "class_fractions": fractions,
+        "pixel_counts": dict(zip(names, res["counts"], strict=True)),
+    }
+    if res.get("apsm") is not None:
+        a = np.asarray(res["apsm"], dtype=np.float32)
+        body["apsm"] = {
+            "xr_scale": res["xr_scale"],
+            "shape": list(a.shape),
+            "unit": "px",
+            "values": np.round(a, 2).tolist(),
+        }
+    return JSONResponse(body)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self, model: DeploymentHandle, runner: DeploymentHandle, settings: dict[str, Any]
+    ) -> None:
+        from PIL import Image
+
+        self.model, self.runner = model, runner
+        self.settings: ServeConfig = serve_config_from_dict(settings)
+        self.store = JobStore(self.settings.jobs.store)
+        # The token never leaves this process: not in the config, not in a log line.
+        self._token = self.settings.auth.read_token().encode()
+        Image.MAX_IMAGE_PIXELS = self.settings.limits.max_pixels  # decompression-bomb guard
+        log.info("ingress ready (auth %s)", "on" if self._token else "off")
+
+    # -- helpers -------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self._token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), self._token):
+            raise RequestError(401, "unauthorized", "missing or wrong bearer token")
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.settings.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, "body_too_large", f"body of {declared} bytes; limit {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, "body_too_large", f"body over the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        request._body = body  # Starlette reads the form from here
+        return body
+
+    async def _upload(self, request: Request) -> bytes:
+        ctype = request.headers.get("content-type", "")
+        body = await self._body(request)
+        if ctype.lower().startswith("multipart/form-data"):
+            try:
+                form = await request.form()
+            except Exception as exc:
+                raise RequestError(400, "bad_form", f"unreadable multipart body ({exc})") from None
+            part = form.get("image")
+            if part is None or isinstance(part, str):
+                raise RequestError(
+                    422, "missing_field", "multipart form: expected a file field 'image'"
+                )
+            check_content_type(part.content_type)
+            return await part.read()
+        check_content_type(ctype)
+        return body
+
+    async def _call(self, call) -> Any:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            return await call
+        except (BackPressureError, DeploymentUnavailableError):
+            raise RequestError(503, "overloaded", "server busy; retry shortly") from None
+
+    def _observe(self, route: str, status: int, t0: float) -> None:
+        monitoring.record("foveation_serve_requests_total", route=route, status=str(status))
+        monitoring.record("foveation_serve_request_seconds", time.perf_counter() - t0, route=route)
+
+    # -- endpoints -----------------------------------------------------------------------
+    @api.get("/healthz", summary="Liveness and readiness: the model deployment answers")
+    async def healthz(self) -> JSONResponse:
+        try:
+            info = await self._call(self.model.info.remote())
+        except RequestError:
+            return _error(503, "unavailable", "model deployment unavailable")
+        return JSONResponse({"status": "ok", "model": info})
+
+    @api.post(
+        "/v1/segment",
+        summary="Segment an image (PNG, JPEG or TIFF)",
+        description="The image as the raw body (Content-Type image/png, image/jpeg or "
+        "image/tiff) or as the file field `image` of a multipart form. `format=png` returns "
+        "the label mask (8-bit grey, pixel = class id; class fractions in the "
+        "X-Class-Fractions header); `format=json` returns class fractions, and the APSM with "
+        "`apsm=true`.",
+        responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+    )
+    async def segment(
+        self,
+        request: Request,
+        format: Literal["png", "json"] = Query("png"),
+        apsm: bool = Query(False, description="include F's average patch size map (json)"),
+    ) -> Response:
+        t0, status = time.perf_counter(), 200
+        try:
+            self._authorize(request)
+            if apsm and format != "json":
+                raise RequestError(422, "invalid_request", "apsm=true needs format=json")
+            data = await self._upload(request)
+            image = decode_upload(data, self.settings.limits.max_pixels)
+            t_model = time.perf_counter()
+            res = await self._call(self.model.segment.remote(image, apsm))
+            timing = dict(res.get("timing", {}))
+            timing["handle"] = time.perf_counter() - t_model
+            response = _segment_response(res, format)
+            timing["ingress"] = time.perf_counter() - t0
+            response.headers["Server-Timing"] = ", ".join(
+                f"{k};dur={v * 1000:.2f}" for k, v in timing.items()
+            )
+            return response
+        except RequestError as exc:
+            status = exc.status
+            raise
+        finally:
+            self._observe("/v1/segment", status, t0)
+
+    @api.post("/v1/jobs", status_code=202, summary="Segment a whole slide as a job")
+    async def submit_job(self, request: Request, job: JobRequest) -> JSONResponse:
+        t0, status = time.perf_counter(), 202
+        try:
+            self._authorize(request)
+            check_slide_uri(job.slide_uri, self.settings.jobs.allowed_prefixes)
+            rec = _unwrap(await self._call(self.runner.submit.remote(job.slide_uri)))
+            return JSONResponse(
+                _public(rec), status_code=202, headers={"Location": f"/v1/jobs/{rec['id']}"}
+            )
+        except RequestError as exc:
+            status = exc.status
+            raise
+        finally:
+            self._observe("/v1/jobs", status, t0)
+
+    @api.get("/v1/jobs/{job_id}", summary="A job's state, progress and result URIs")
+    async def get_job(self, request: Request, job_id: str) -> JSONResponse:
+        self._authorize(request)
+        check_job_id(job_id)
+        return JSONResponse(_public(self.store.get(job_id).to_dict()))
+
+    @api.delete("/v1/jobs/{job_id}", summary="Cancel a queued or running job")
+    async def cancel_job(self, request: Request, job_id: str) -> JSONResponse:
+        self._authorize(request)
+        check_job_id(job_id)
+        rec = _unwrap(await self._call(self.runner.cancel.remote(job_id)))
+        return JSONResponse(_public(rec), status_code=202)
+
+
+# ------------------------------------------------------------------------------ the builder
+
+
+class AppArgs(BaseModel):
+    """Typed arguments of :func:`build_app` (``serve run serve.app:build_app key=value ...``
+    or the ``args`` of an application in ``serve/serve.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str = Field(description="checkpoint directory (path or s3://)")
+    config: str | None = Field(None, description="TOML file with a [serve] table")
+    device: str | None = Field(None, description="overrides serve.device")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="nested overrides of the [serve] table"
+    )
+    name_prefix: str = Field("", description="prefix of the deployment names")
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    """The app: Ingress(ModelServer, SlideJobRunner), each with its options from the config.
+    Nothing is loaded here: replicas load the checkpoint in their constructors."""
+    if isinstance(args, dict):
+        args = AppArgs.model_validate(args)
+    overrides = dict(args.settings)
+    if args.device:
+        overrides["device"] = args.device
+    cfg = load_serve_config(args.config, overrides)
+    settings = _settings_dict(cfg)
+    p = args.name_prefix
+    model = ModelServer.options(
+        name=f"{p}ModelServer",
+        ray_actor_options=cfg.model.actor_options(),
+        autoscaling_config=cfg.autoscaling.to_serve(),
+        max_ongoing_requests=cfg.model.max_ongoing_requests,
+        max_queued_requests=cfg.model.max_queued_requests,
+    ).bind(args.checkpoint, settings)
+    runner = SlideJobRunner.options(
+        name=f"{p}SlideJobRunner",
+        ray_actor_options=cfg.runner.actor_options(),
+        max_ongoing_requests=cfg.runner.max_ongoing_requests,
+        max_queued_requests=cfg.runner.max_queued_requests,
+    ).bind(args.checkpoint, settings)
+    return Ingress.options(
+        name=f"{p}Ingress",
+        ray_actor_options=cfg.ingress.actor_options(),
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        max_queued_requests=cfg.ingress.max_queued_requests,
+    ).bind(model, runner, settings)
+
+
+def _settings_dict(cfg: ServeConfig) -> dict[str, Any]:
+    """The validated settings as plain data for the replicas (they validate them again)."""
+    import dataclasses
+
+    from foveation.config import _drop_none
+
+    return json.loads(json.dumps(_drop_none(dataclasses.asdict(cfg))))
+
+
+__all__ = ["AppArgs", "Ingress", "api", "build_app"]

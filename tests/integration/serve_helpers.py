@@ -1,0 +1,106 @@
+"""Helpers of the Serve integration tests: a checkpoint of a randomly initialised tiny model,
+test images and slides, crafted bad inputs, and starting the app on a free port."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import time
+import zlib
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_checkpoint(uri: str, root) -> str:
+    import torch
+
+    from foveation.checkpoint import save_checkpoint
+    from foveation.config import load_config
+    from foveation.models.foveated import build_model
+
+    cfg = load_config(root / "jobs/configs/tiny.toml")
+    torch.manual_seed(0)
+    return save_checkpoint(uri, build_model(cfg), cfg, {"step": 0, "note": "random init"})
+
+
+def tissue(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth colour image (a random model gives it several classes in blobs)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand((1, 3, max(2, height // 32), max(2, width // 32)), generator=g)
+    img = F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+    noise = torch.rand((1, 3, height, width), generator=g) * 0.1
+    return ((img * 0.8 + noise) * 255).clamp(0, 255).byte()[0].permute(1, 2, 0).numpy()
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_slide(img: np.ndarray, path: str) -> None:
+    """A pyramidal tiled TIFF, lossless, so the slide's pixels are the image's."""
+    import pyvips
+
+    from foveation.slides import write_pyramid
+
+    im = pyvips.Image.new_from_array(np.ascontiguousarray(img))
+    write_pyramid(im, path, tile=128, compression="deflate", sqrt2=False)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def png_zero_size() -> bytes:
+    """A PNG whose header declares 0 x 0 pixels."""
+    ihdr = struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IEND", b"")
+
+
+def tiff_declaring(width: int, height: int) -> bytes:
+    """A little TIFF whose header declares ``width`` x ``height`` 8-bit grey pixels (and holds
+    none): decoding it would allocate width * height bytes."""
+    entries = [
+        (256, 4, 1, width),  # ImageWidth, LONG
+        (257, 4, 1, height),  # ImageLength
+        (258, 3, 1, 8),  # BitsPerSample, SHORT
+        (259, 3, 1, 1),  # Compression: none
+        (262, 3, 1, 1),  # Photometric: black is zero
+        (273, 4, 1, 8),  # StripOffsets
+        (277, 3, 1, 1),  # SamplesPerPixel
+        (278, 4, 1, height),  # RowsPerStrip
+        (279, 4, 1, 4_000_000_000),  # StripByteCounts
+    ]
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        packed = struct.pack("<HHI", tag, typ, count)
+        packed += struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)
+        ifd += packed
+    ifd += struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd
+
+
+def wait_for(fn, timeout: float, interval: float = 0.25, what: str = "condition"):
+    """Poll ``fn()`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")

@@ -1,0 +1,365 @@
+"""The Serve app for real: the session's Ray head, Serve on a free port, real HTTP (httpx),
+the checkpoint and a slide in the local S3 endpoint. /v1/segment against in-process
+inference, every bad input of the issue then a good request, a whole-slide job (OME-TIFF,
+GeoJSON), cancelling, and a job that survives the job runner's replica being killed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+
+import httpx
+import numpy as np
+import pytest
+from serve_helpers import (
+    free_port,
+    png_bytes,
+    png_zero_size,
+    tiff_declaring,
+    tissue,
+    wait_for,
+    write_checkpoint,
+    write_slide,
+)
+
+from foveation import storage
+from foveation.raycluster import init_ray
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "test-token-7f3a"
+APP = "fov"
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, s3_endpoint, root, tmp_path_factory):
+    import boto3
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    init_ray(address=ray_cluster)  # forwards the S3 endpoint and credentials to the workers
+    tmp = tmp_path_factory.mktemp("serve")
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket="serving"
+    )
+    ckpt = write_checkpoint("s3://serving/models/tiny", root)
+    slides = tmp / "slides"
+    slides.mkdir()
+    small = tissue(320, 416, seed=1)
+    write_slide(small, str(slides / "small.tif"))
+    storage.upload_file(slides / "small.tif", "s3://serving/slides/small.tif")
+    big = tissue(1536, 1536, seed=2)
+    write_slide(big, str(slides / "big.tif"))
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN + "\n")
+    settings = {
+        "limits": {"max_body_bytes": 1 << 20, "max_pixels": 2_000_000},
+        "auth": {"token_file": str(token_file)},
+        "jobs": {
+            "store": "s3://serving/jobs",
+            "allowed_prefixes": [str(slides), "s3://serving/slides/"],
+            "progress_interval_s": 0.2,
+            "geojson_max_side": 4096,
+        },
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        "model": {"num_cpus": 0.5, "max_ongoing_requests": 4, "max_queued_requests": 16},
+        "runner": {"num_cpus": 0.5},
+    }
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(checkpoint=ckpt, settings=settings)), name=APP, route_prefix="/")
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
+    try:
+        yield {
+            "client": client,
+            "checkpoint": ckpt,
+            "slides": slides,
+            "small": small,
+            "big": big,
+            "port": port,
+        }
+    finally:
+        client.close()
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    """The same checkpoint, loaded in this process."""
+    from foveation.checkpoint import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(served["checkpoint"])
+    return model, cfg
+
+
+def in_process_mask(reference, img):
+    from foveation.serving.runtime import segment_image
+
+    model, cfg = reference
+    return segment_image(model, cfg, img).mask
+
+
+def decode_mask(content: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def test_health_docs_and_openapi(served):
+    c = served["client"]
+    r = httpx.get(f"http://127.0.0.1:{served['port']}/healthz", timeout=30)  # no token needed
+    assert r.status_code == 200, r.text
+    assert r.json()["model"]["class_names"] == ["benign", "grade3", "grade4", "grade5"]
+    assert c.get("/docs").status_code == 200
+    paths = c.get("/openapi.json").json()["paths"]
+    assert {"/v1/segment", "/v1/jobs", "/v1/jobs/{job_id}", "/healthz"} <= set(paths)
+
+
+def test_segment_returns_the_in_process_mask(served, reference):
+    c, img = served["client"], tissue(200, 264, seed=3)
+    want = in_process_mask(reference, img)
+    assert len(np.unique(want)) >= 2, "test image should give several classes"
+
+    r = c.post("/v1/segment", content=png_bytes(img), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    got = decode_mask(r.content)
+    assert got.shape == want.shape
+    assert (got == want).mean() >= 0.9999, f"{(got != want).sum()} pixels differ"
+    fractions = json.loads(r.headers["x-class-fractions"])
+    assert abs(fractions["grade3"] - (want == 1).mean()) < 1e-3
+
+    # the same image as a multipart upload, JSON answer with the APSM
+    files = {"image": ("x.png", png_bytes(img), "image/png")}
+    r = c.post("/v1/segment", params={"format": "json", "apsm": "true"}, files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["width"] == 264 and body["height"] == 200
+    for k, name in enumerate(body["class_names"]):
+        assert abs(body["class_fractions"][name] - (want == k).mean()) < 1e-3
+    apsm = np.asarray(body["apsm"]["values"])
+    s = body["apsm"]["xr_scale"]
+    assert apsm.shape == (-(-200 // s), -(-264 // s))  # the x_r grid: ceil
+    fovs = reference[1].patches.fovs
+    assert fovs[0] - 0.01 <= apsm.min() and apsm.max() <= fovs[-1] + 0.01
+
+
+def _error_of(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert err["message"] and err["status"] == status
+    if code:
+        assert err["code"] == code, err
+    return err
+
+
+def test_every_bad_input_is_a_clear_4xx_and_the_server_stays_healthy(served):
+    c, slides = served["client"], served["slides"]
+    good = png_bytes(tissue(64, 64))
+    png = {"Content-Type": "image/png"}
+    _error_of(
+        c.post("/v1/segment", content=b"not an image at all", headers=png), 400, "not_an_image"
+    )
+    _error_of(c.post("/v1/segment", content=good[: len(good) // 2], headers=png), 400)
+    _error_of(c.post("/v1/segment", content=png_zero_size(), headers=png), 400)
+    err = _error_of(
+        c.post(
+            "/v1/segment",
+            content=tiff_declaring(100_000, 100_000),
+            headers={"Content-Type": "image/tiff"},
+        ),
+        413,
+        "too_many_pixels",
+    )
+    assert "pixels" in err["message"]
+    _error_of(
+        c.post("/v1/segment", content=good, headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    _error_of(c.post("/v1/segment", content=b"", headers=png), 400, "empty_body")
+    _error_of(c.post("/v1/segment", content=b"\0" * (2 << 20), headers=png), 413, "body_too_large")
+    _error_of(c.post("/v1/segment", files={"other": ("x.png", good, "image/png")}), 422)
+    _error_of(c.post("/v1/segment", params={"format": "xml"}, content=good, headers=png), 422)
+    for auth in ({"Authorization": "Bearer wrong"}, {"Authorization": ""}):
+        _error_of(c.post("/v1/segment", content=good, headers=png | auth), 401, "unauthorized")
+        _error_of(c.get(f"/v1/jobs/{'0' * 32}", headers=auth), 401)
+    # jobs: missing field, bad and disallowed URIs, a missing slide, unknown ids
+    _error_of(c.post("/v1/jobs", json={}), 422, "invalid_request")
+    _error_of(
+        c.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}), 422
+    )
+    for uri, status in (
+        ("file:///etc/passwd", 403),
+        ("/etc/passwd", 403),
+        (f"{slides}/../../../etc/passwd", 403),
+        ("s3://another-bucket/slides/x.tif", 403),
+        ("s3://serving/slides/../jobs/x", 422),
+        ("http://example.com/x.tif", 422),
+    ):
+        _error_of(c.post("/v1/jobs", json={"slide_uri": uri}), status)
+    _error_of(
+        c.post("/v1/jobs", json={"slide_uri": f"{slides}/missing.tif"}), 404, "slide_not_found"
+    )
+    (slides / "junk.tif").write_bytes(b"this is no tiff")
+    _error_of(c.post("/v1/jobs", json={"slide_uri": f"{slides}/junk.tif"}), 422, "unreadable_slide")
+    _error_of(c.get(f"/v1/jobs/{'ab' * 16}"), 404, "unknown_job")
+    _error_of(c.get("/v1/jobs/not-a-job"), 404, "unknown_job")
+    _error_of(c.delete(f"/v1/jobs/{'cd' * 16}"), 404, "unknown_job")
+    _error_of(c.get("/v1/nothing-here"), 404)
+
+    # ... and the server still answers a good request
+    assert c.get("/healthz").status_code == 200
+    r = c.post("/v1/segment", content=good, headers=png)
+    assert r.status_code == 200 and decode_mask(r.content).shape == (64, 64)
+
+
+def _wait_final(c: httpx.Client, job_id: str, timeout: float = 90) -> dict:
+    def final():
+        j = c.get(f"/v1/jobs/{job_id}").json()
+        return j if j["state"] in ("succeeded", "failed", "cancelled") else None
+
+    return wait_for(final, timeout, 0.3, f"job {job_id}")
+
+
+def test_whole_slide_job_from_s3(served, reference):
+    import pyvips
+
+    from foveation.serving import geojson
+
+    c = served["client"]
+    r = c.post("/v1/jobs", json={"slide_uri": "s3://serving/slides/small.tif"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] in ("queued", "running") and r.headers["location"].endswith(job["id"])
+    done = _wait_final(c, job["id"])
+    assert done["state"] == "succeeded", done
+    assert done["progress"] == 1.0 and done["attempts"] == 1
+    res = done["results"]
+    assert set(res) >= {"labels", "heatmap", "probabilities", "apsm", "geojson"}
+    assert all(u.startswith("s3://serving/jobs/") for u in res.values())
+
+    # the label map: an OME-TIFF that opens at every level, equal to in-process inference
+    local = str(served["slides"].parent / "labels.ome.tif")
+    storage.download_file(res["labels"], local)
+    top = pyvips.Image.new_from_file(local)
+    assert "<OME" in top.get("image-description")
+    n = top.get("n-subifds")
+    assert n >= 1
+    sizes = [(top.width, top.height)]
+    for k in range(n):
+        lv = pyvips.Image.new_from_file(local, subifd=k)
+        sizes.append((lv.width, lv.height))
+        assert lv.max() <= 3
+    assert all(b[0] == (a[0] + 1) // 2 or b[0] == a[0] // 2 for a, b in itertools.pairwise(sizes))
+    mask = top.numpy()
+    want = in_process_mask(reference, served["small"])
+    assert mask.shape == want.shape
+    assert (mask == want).mean() >= 0.9999
+
+    # the GeoJSON: QuPath's form, per-class polygon areas match the mask's pixel counts
+    coll = json.loads(storage.read_bytes(res["geojson"]))
+    assert coll["type"] == "FeatureCollection" and coll["features"]
+    for f in coll["features"]:
+        assert f["properties"]["objectType"] == "annotation"
+        assert f["geometry"]["type"] == "MultiPolygon"
+    areas = geojson.class_areas(coll)
+    names = reference[1].evaluation.class_names
+    for k, name in enumerate(names):
+        assert abs(areas.get(name, 0) - (mask == k).sum()) <= 0.005 * mask.size, name
+    fr = done["summary"]["class_fractions"]
+    assert abs(fr["grade3"] - (mask == 1).mean()) < 1e-6
+
+    heat_local = str(served["slides"].parent / "heat.ome.tif")
+    storage.download_file(res["probabilities"], heat_local)
+    heat = pyvips.Image.new_from_file(heat_local, n=-1)
+    assert heat.get("page-height") * 4 == heat.height
+
+
+def test_cancel_a_running_and_a_queued_job(served):
+    c, big = served["client"], str(served["slides"] / "big.tif")
+    first = c.post("/v1/jobs", json={"slide_uri": big}).json()
+    second = c.post("/v1/jobs", json={"slide_uri": big}).json()  # queued behind the first
+    wait_for(
+        lambda: c.get(f"/v1/jobs/{first['id']}").json()["state"] == "running", 60, 0.1, "running"
+    )
+    r = c.delete(f"/v1/jobs/{second['id']}")
+    assert r.status_code == 202 and r.json()["state"] == "cancelled", r.text
+    r = c.delete(f"/v1/jobs/{first['id']}")
+    assert r.status_code == 202 and r.json()["cancel_requested"], r.text
+    assert _wait_final(c, first["id"])["state"] == "cancelled"
+    assert c.get(f"/v1/jobs/{second['id']}").json()["state"] == "cancelled"
+
+
+def test_a_job_survives_a_restart_of_the_job_runner(served):
+    from ray import serve
+
+    c = served["client"]
+    job = c.post("/v1/jobs", json={"slide_uri": str(served["slides"] / "big.tif")}).json()
+    wait_for(lambda: c.get(f"/v1/jobs/{job['id']}").json()["progress"] > 0, 60, 0.1, "progress")
+    runner = serve.get_deployment_handle("SlideJobRunner", app_name=APP)
+    pid = runner.pid.remote().result(timeout_s=30)
+    os.kill(pid, signal.SIGKILL)  # the replica dies mid-job; Serve starts a new one
+    done = _wait_final(c, job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    assert done["attempts"] == 2, done
+    assert runner.pid.remote().result(timeout_s=60) != pid
+
+
+def test_the_token_never_reaches_a_log(served):
+    """Requests with the right and a wrong token were made above; no log file of the
+    session's Ray (driver, controller, proxy, replicas) holds either."""
+    import pathlib
+
+    import ray
+
+    c = served["client"]
+    c.get("/healthz")
+    c.get(f"/v1/jobs/{'0' * 32}", headers={"Authorization": "Bearer wrong-secret-in-header"})
+    session = pathlib.Path(ray._private.worker._global_node.get_session_dir_path())
+    files = [p for p in (session / "logs").rglob("*") if p.is_file()]
+    assert any("Ingress" in p.name or "serve" in str(p) for p in files)
+    for p in files:
+        data = p.read_bytes()
+        assert TOKEN.encode() not in data, p
+        assert b"wrong-secret-in-header" not in data, p
+
+
+def test_metrics_reach_rays_prometheus_endpoint(served):
+    """The ingress's and the model replica's metrics are exported by Ray's metrics agent
+    (Prometheus text, ray_ prefix), after the requests of the tests above."""
+    import ray
+
+    c = served["client"]
+    body = png_bytes(tissue(64, 64))
+    c.post("/v1/segment", content=body, headers={"Content-Type": "image/png"})
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = (
+        "ray_foveation_serve_requests_total",
+        "ray_foveation_serve_request_seconds_bucket",
+        "ray_foveation_serve_tile_batch_locations_bucket",
+        "ray_foveation_serve_jobs_total",
+    )
+
+    def exported():
+        text = httpx.get(url, timeout=10).text
+        return all(name in text for name in wanted) and text
+
+    text = wait_for(exported, 60, 2, f"{wanted} at {url}")
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("ray_foveation_serve_requests_total") and 'route="/v1/segment"' in ln
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 1

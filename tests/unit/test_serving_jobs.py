@@ -1,0 +1,272 @@
+"""Whole-slide jobs without Ray: the job store, GeoJSON polygons, the job sink's outputs and
+the job runner (submit, progress, cancel, resume after a crash), on a tiny random model."""
+
+import itertools
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from foveation.serving import geojson
+from foveation.serving.errors import RequestError
+from foveation.serving.jobstore import RUNNING, JobStore
+from foveation.serving.settings import serve_config_from_dict
+
+
+@pytest.fixture(scope="module")
+def tiny_model(root):
+    import torch
+
+    from foveation.config import load_config
+    from foveation.models.foveated import build_model
+
+    cfg = load_config(root / "jobs/configs/tiny.toml")
+    torch.manual_seed(0)
+    return build_model(cfg).eval(), cfg
+
+
+def smooth_image(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    low = rng.uniform(0, 255, (h // 32 + 2, w // 32 + 2, 3))
+    img = np.kron(low, np.ones((32, 32, 1)))[:h, :w]
+    return (img * 0.8 + rng.uniform(0, 40, (h, w, 3))).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- the job store
+
+
+def test_job_store_round_trip_and_listing(tmp_path):
+    store = JobStore(str(tmp_path / "jobs"))
+    a = store.create("runs/data/a.tif", {"width": 3})
+    b = store.create("runs/data/b.tif")
+    assert store.get(a.id) == a
+    a2 = store.update(a, state=RUNNING, progress=0.5)
+    assert store.get(a.id).progress == 0.5 and store.get(a.id).updated >= a.updated
+    assert [r.id for r in store.list()] == [a.id, b.id]
+    assert a2.state == RUNNING and not a2.final
+    # no temporary files are left beside the state
+    assert sorted(p.name for p in (tmp_path / "jobs" / a.id).iterdir()) == ["state.json"]
+    with pytest.raises(RequestError) as info:
+        store.get("f" * 32)
+    assert info.value.status == 404
+    with pytest.raises(RequestError):
+        store.uri("../../etc")
+
+
+def test_an_empty_or_missing_store_lists_nothing(tmp_path):
+    assert JobStore(str(tmp_path / "none")).list() == []
+
+
+# ------------------------------------------------------------------------------- polygons
+
+
+def test_polygon_areas_equal_pixel_counts_on_random_maps():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        lab = rng.integers(0, 3, (rng.integers(1, 15), rng.integers(1, 15))).astype(np.uint8)
+        coll = geojson.feature_collection(geojson.features(lab, ["a", "b", "c"]))
+        areas = geojson.class_areas(coll)
+        for k, name in enumerate("abc"):
+            assert areas.get(name, 0) == (lab == k).sum()
+
+
+def test_holes_belong_to_their_ring_and_diagonal_pixels_are_separate():
+    lab = np.zeros((6, 6), np.uint8)
+    lab[1:5, 1:5] = 1
+    lab[2:4, 2:4] = 0  # a hole
+    polys = geojson.polygons(lab, 1)
+    assert len(polys) == 1 and len(polys[0]) == 2  # one outer ring, one hole
+    outer, hole = polys[0]
+    assert geojson.ring_area(outer) == 16 and geojson.ring_area(hole) == -4
+    diag = np.array([[1, 0], [0, 1]], np.uint8)
+    assert len(geojson.polygons(diag, 1)) == 2
+
+
+def test_features_are_in_qupaths_form_with_offsets():
+    lab = np.zeros((4, 4), np.uint8)
+    lab[:2, :2] = 2
+    feats = geojson.features(lab, ["benign", "grade3", "grade4", "grade5"], scale=8, offset=(10, 0))
+    f = next(f for f in feats if f["properties"]["classification"]["name"] == "grade4")
+    assert f["properties"]["objectType"] == "annotation"
+    assert len(f["properties"]["classification"]["color"]) == 3
+    ring = f["geometry"]["coordinates"][0][0]
+    assert ring[0] == ring[-1]
+    xs = [p[0] for p in ring]
+    assert min(xs) == 80 and max(xs) == 96  # (col + offset) * scale
+    json.dumps(feats)  # serialisable
+
+
+# ----------------------------------------------------------------------- sink and runner
+
+
+def test_job_sink_writes_pyramids_and_polygons_equal_to_inference(tiny_model, tmp_path):
+    import pyvips
+
+    from foveation.inference import ArraySink, ArraySource, segment
+    from foveation.serving.outputs import JobSink
+
+    model, cfg = tiny_model
+    img = smooth_image(300, 420)
+    ref = ArraySink()
+    segment(model, ArraySource(img), cfg, ref)
+    seen = []
+    sink = JobSink(str(tmp_path), cfg.patches.xr_scale, lambda d, t: seen.append((d, t)))
+    segment(model, ArraySource(img), cfg, sink)
+    assert seen[-1] == (300, 300) and all(a[0] < b[0] for a, b in itertools.pairwise(seen))
+    res = sink.write_results(str(tmp_path / "out"), cfg.evaluation.class_names, 256, 64)
+    labels = pyvips.Image.new_from_file(res["labels"])
+    assert (labels.numpy() == ref.mask).all()
+    assert labels.get("n-subifds") >= 1 and "<OME" in labels.get("image-description")
+    level1 = pyvips.Image.new_from_file(res["labels"], subifd=0)
+    assert (level1.width, level1.height) == (210, 150)
+    heat = pyvips.Image.new_from_file(res["probabilities"], n=-1)
+    hh = heat.get("page-height")
+    assert hh == 300 // 16 + 1 and heat.height == 4 * hh
+    areas = geojson.class_areas(json.loads(Path(res["geojson"]).read_text()))
+    for k, name in enumerate(cfg.evaluation.class_names):  # traced at 1/2: edge blocks differ
+        assert abs(areas.get(name, 0) - (ref.mask == k).sum()) <= 0.02 * ref.mask.size
+    assert abs(sum(sink.fractions()) - 1) < 1e-9
+
+
+def test_mode_shrink_takes_the_majority_of_each_block():
+    from foveation.serving.outputs import mode_shrink
+
+    lab = np.zeros((5, 7), np.uint8)
+    lab[:4, :4] = 1
+    lab[0, 0] = 2
+    small = mode_shrink(lab, 4, 3)
+    assert small.shape == (2, 2) and small[0, 0] == 1 and small[0, 1] == 0
+
+
+def _settings(tmp_path, **jobs):
+    return serve_config_from_dict(
+        {
+            "jobs": {
+                "store": str(tmp_path / "jobs"),
+                "allowed_prefixes": [str(tmp_path / "slides")],
+                "progress_interval_s": 0,
+                **jobs,
+            }
+        }
+    )
+
+
+def _slide(tmp_path, name, h, w):
+    import pyvips
+
+    from foveation.slides import write_pyramid
+
+    (tmp_path / "slides").mkdir(exist_ok=True)
+    path = str(tmp_path / "slides" / name)
+    img = smooth_image(h, w)
+    write_pyramid(pyvips.Image.new_from_array(img), path, 128, "deflate", sqrt2=False)
+    return path, img
+
+
+def test_runner_segments_a_slide_and_refuses_bad_ones(tiny_model, tmp_path):
+    from foveation.serving.runtime import JobRunner, segment_image
+
+    model, cfg = tiny_model
+    path, img = _slide(tmp_path, "s.tif", 256, 320)
+    runner = JobRunner(model, cfg, _settings(tmp_path))
+    try:
+        rec = runner.submit(path)
+        done = runner.wait(rec.id, 60)
+        assert done.state == "succeeded", done
+        assert done.progress == 1.0 and done.results["heatmap"] == done.results["probabilities"]
+        import pyvips
+
+        mask = pyvips.Image.new_from_file(done.results["labels"]).numpy()
+        assert (mask == segment_image(model, cfg, img).mask).all()
+        stored = JobStore(str(tmp_path / "jobs")).get(rec.id)
+        assert stored.state == "succeeded" and stored.summary["width"] == 320
+        for bad, status in ((str(tmp_path / "slides" / "none.tif"), 404), ("/etc/passwd", 403)):
+            with pytest.raises(RequestError) as info:
+                runner.submit(bad)
+            assert info.value.status == status
+        (tmp_path / "slides" / "junk.tif").write_bytes(b"junk")
+        with pytest.raises(RequestError) as info:
+            runner.submit(str(tmp_path / "slides" / "junk.tif"))
+        assert info.value.status == 422
+    finally:
+        runner.shutdown()
+
+
+def test_runner_slide_size_limit(tiny_model, tmp_path):
+    from foveation.serving.runtime import JobRunner
+
+    model, cfg = tiny_model
+    path, _ = _slide(tmp_path, "s.tif", 64, 64)
+    settings = _settings(tmp_path)
+    import dataclasses
+
+    settings = dataclasses.replace(
+        settings, limits=dataclasses.replace(settings.limits, max_slide_pixels=4000)
+    )
+    with pytest.raises(RequestError) as info:
+        JobRunner(model, cfg, settings).submit(path)
+    assert info.value.status == 413
+
+
+def test_cancel_and_resume_after_a_crash(tiny_model, tmp_path):
+    from foveation.serving import outputs
+    from foveation.serving.runtime import JobRunner
+
+    model, cfg = tiny_model
+    path, _ = _slide(tmp_path, "s.tif", 256, 256)
+    settings = _settings(tmp_path)
+    gate = threading.Event()
+    started = threading.Event()
+    real_write_rows = outputs.JobSink.write_rows
+
+    def slow_rows(self, top, probs):
+        started.set()
+        gate.wait(30)
+        return real_write_rows(self, top, probs)
+
+    outputs.JobSink.write_rows = slow_rows
+    try:
+        runner = JobRunner(model, cfg, settings)
+        running = runner.submit(path)
+        queued = runner.submit(path)
+        assert started.wait(30)
+        assert runner.cancel(queued.id).state == "cancelled"
+        assert runner.cancel(running.id).cancel_requested
+        gate.set()
+        assert runner.wait(running.id, 30).state == "cancelled"
+        runner.shutdown()
+    finally:
+        outputs.JobSink.write_rows = real_write_rows
+
+    # a runner that "crashed" mid-job: the store says running; a new runner resumes it
+    store = JobStore(settings.jobs.store)
+    crashed = store.update(store.create(path), state=RUNNING, attempts=1, progress=0.3)
+    cancelled = store.update(store.create(path), state=RUNNING, cancel_requested=True)
+    runner = JobRunner(model, cfg, settings)
+    try:
+        assert runner.resume() == [crashed.id]
+        done = runner.wait(crashed.id, 60)
+        assert done.state == "succeeded" and done.attempts == 2
+        assert store.get(cancelled.id).state == "cancelled"
+        assert runner.cancel(crashed.id).state == "succeeded"  # final: unchanged
+    finally:
+        runner.shutdown()
+
+
+def test_batched_forward_gives_the_same_mask(tiny_model):
+    from foveation.serving.runtime import forward_tiles, segment_image
+
+    model, cfg = tiny_model
+    img = smooth_image(130, 190, seed=3)
+    calls = []
+
+    def forward(bank, w):
+        calls.append(len(bank))
+        return forward_tiles(model, bank, w)
+
+    a = segment_image(model, cfg, img)
+    b = segment_image(model, cfg, img, forward)
+    assert calls and (a.mask == b.mask).all() and a.counts == b.counts
+    assert a.apsm.shape == (9, 12)  # ceil(130 / 16), ceil(190 / 16)
