@@ -9,6 +9,7 @@ run. Configs are passed as arguments and never mutated; :func:`replace` derives 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tomllib
 import types
 import typing
@@ -539,7 +540,7 @@ class TuneConfig:
             _check(
                 len(ratios) >= 1
                 and ratios[0] == 1.0
-                and all(a < b for a, b in zip(ratios, ratios[1:], strict=False)),
+                and all(a < b for a, b in itertools.pairwise(ratios)),
                 f"{w}.fov_sets",
                 f"each set starts at 1 and increases strictly, got {list(ratios)}",
             )

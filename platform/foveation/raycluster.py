@@ -31,8 +31,14 @@ FORWARDED_ENV = (
 )
 
 
-def init_ray(logical_cpus: int = DEFAULT_LOGICAL_CPUS, address: str | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray; idempotent."""
+def init_ray(
+    logical_cpus: int = DEFAULT_LOGICAL_CPUS, address: str | None = None, dashboard: bool = False
+) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray; idempotent.
+
+    ``dashboard``: start the local Ray with its dashboard, whose state API Ray Train needs to
+    free the placement group of a run whose driver was killed (a Tune trial that ASHA stops);
+    a cluster started with ``ray start`` has it already."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster started with `ray start` has token auth on (Ray 2.60); joining needs this
@@ -50,7 +56,8 @@ def init_ray(logical_cpus: int = DEFAULT_LOGICAL_CPUS, address: str | None = Non
         ray.init(
             address="local",  # a new local instance, never a stray `ray start` one found by chance
             num_cpus=logical_cpus,
-            include_dashboard=False,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
             runtime_env=runtime_env,
             log_to_driver=True,
         )

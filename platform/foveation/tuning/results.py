@@ -4,7 +4,6 @@ single-patch trials (the paper's Fig. 2a, from the sweep's own results)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 from collections.abc import Callable
@@ -89,21 +88,17 @@ def trial_row(
 
 
 def rows_of(grid, max_epochs: int) -> list[dict[str, Any]]:
-    """The table's rows from Tune's ``ResultGrid``."""
-    status: dict[str, str] = {}
-    with contextlib.suppress(AttributeError):  # Tune's own trial states, where it has them
-        status = {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+    """The table's rows from Tune's ``ResultGrid``: one per trial, pending ones included (an
+    interrupted sweep has trials that never reported: their results have no config)."""
+    trials = grid._experiment_analysis.trials  # Tune's trials, in the grid's order
     rows = []
-    for res in grid:
+    for trial, res in zip(trials, grid, strict=True):
         df = res.metrics_dataframe
         reports = df.to_dict("records") if df is not None and len(df) else []
-        trial_id = (res.metrics or {}).get("trial_id") or res.path.rstrip("/").rsplit("_", 2)[-2]
-        known = status.get(trial_id)
-        terminated = None if known is None else known in ("TERMINATED", "ERROR")
+        terminated = trial.status in ("TERMINATED", "ERROR")
         error = None if res.error is None else str(res.error).strip().splitlines()[-1][:500]
-        rows.append(
-            trial_row(trial_id, res.config["point"], reports, max_epochs, terminated, error)
-        )
+        point = trial.config["point"]
+        rows.append(trial_row(trial.trial_id, point, reports, max_epochs, terminated, error))
     return sorted(rows, key=lambda r: r["label"])
 
 

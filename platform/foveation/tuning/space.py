@@ -85,7 +85,9 @@ def points(cfg: Config) -> list[dict[str, Any]]:
     lrs = t.lrs or (None,)
     repeats = t.num_samples if t.search == "grid" else 1
     out = []
-    for pt, lr, rep in itertools.product(base, lrs, range(repeats)):
+    # Learning rates outermost: trials start in this order, so with the usual lrs (best guess
+    # first) ASHA's first rungs are set by the likelier configs.
+    for lr, pt, rep in itertools.product(lrs, base, range(repeats)):
         out.append(pt | {"lr": lr, "seed": t.seed + rep})
     if not out:
         raise SpaceError("tune: the search space is empty")

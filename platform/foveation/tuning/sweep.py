@@ -98,6 +98,10 @@ def _trial(config: dict, base: dict, out: str, manifest: str) -> None:
     # Tune runs a trial in its own directory; the manifest's relative paths are relative to the
     # job's directory, which Tune keeps in TUNE_ORIG_WORKING_DIR.
     os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))
+    import ray.data
+
+    # Several trials' progress bars in one terminal are noise; Tune's table says the progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = space.trial_config(config_from_dict(base), config["point"])
     trial_out = storage.join(out, TRIALS, ray.tune.get_context().get_trial_id())
     fit(cfg, trial_out, manifest, resume=True, callbacks=[TuneReportCallback()])
@@ -128,7 +132,7 @@ def run_sweep(
 
     from foveation.raycluster import init_ray
 
-    init_ray(cfg.distributed.logical_cpus)
+    init_ray(cfg.distributed.logical_cpus, dashboard=True)
     import ray
     from ray import tune
 
@@ -198,7 +202,9 @@ def run_sweep(
         )
     grid_result = tuner.fit()
     rows = results.rows_of(grid_result, epochs)
-    interrupted = any(r["status"] == results.UNFINISHED for r in rows)
+    expected = len(points) if t.search == "grid" else t.num_samples
+    # Interrupted (Ctrl-C): trials that did not finish, or that the search never started.
+    interrupted = len(rows) < expected or any(r["status"] == results.UNFINISHED for r in rows)
     res = results.write_outputs(cfg, out, rows, interrupted, log)
     failed = [r for r in rows if r["status"] == results.ERROR]
     if failed and len(failed) == len(rows):
