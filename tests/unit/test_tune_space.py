@@ -141,3 +141,13 @@ def test_tradeoff_marks_the_best_per_class_and_writes_a_figure():
 def test_tiny_config_round_trips_with_a_tune_section():
     cfg = _with(preset="fov", fov_ratios=[1, 2])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_an_unwritable_output_is_refused_before_any_trial(tmp_path):
+    from foveation.tuning.sweep import check_writable
+
+    check_writable(str(tmp_path / "fresh" / "sweep"))  # made on the way
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SweepError, match="is not writable"):
+        check_writable(str(blocker / "sweep"))
