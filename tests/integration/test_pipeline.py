@@ -194,8 +194,10 @@ def test_memory_does_not_grow_with_the_number_of_slides(sets):
         if later:
             growth.append(max(later) - rss)
     assert growth, "no reader actor was seen both early and late"
-    # Holding the 8 further slides whole would add about 110 MB to each of the two actors.
-    assert max(growth) < 40 * 2**20, [g / 2**20 for g in growth]
+    # Holding the 8 further slides whole would add about 110 MB to each of the two actors; the
+    # allocator's arenas alone have been seen to add up to about 58 MB on a loaded 2-core
+    # machine, so the bound sits between the two.
+    assert max(growth) < 80 * 2**20, [g / 2**20 for g in growth]
 
 
 def test_unreadable_slides_are_skipped_counted_and_fail_the_epoch_past_the_limit(sets):
