@@ -12,7 +12,6 @@ for, an existing run, a checkpoint of another architecture.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -125,24 +124,29 @@ def resumable(run_uri: str, cfg: Config) -> bool:
     return same == cfg
 
 
+def run_resources(cfg: Config) -> dict[str, float]:
+    """Logical resources a training run holds: its Ray Train workers and its reader actors."""
+    dc, pc = cfg.distributed, cfg.data.pipeline
+    cpu = dc.num_workers * dc.cpus_per_worker + pc.reader_actors * pc.actor_cpus
+    return {"CPU": cpu} | ({"GPU": dc.num_workers * dc.gpus_per_worker} if dc.use_gpu else {})
+
+
 def check_resources(cfg: Config) -> None:
     """GPUs asked for must exist in the cluster, and the workers must fit at all."""
     import ray
 
     dc = cfg.distributed
     have = ray.cluster_resources()
+    needs = run_resources(cfg)
     if dc.use_gpu:
-        need = dc.num_workers * dc.gpus_per_worker
+        need = needs["GPU"]
         if have.get("GPU", 0) < need:
             raise TrainingError(
                 f"distributed.use_gpu: {dc.num_workers} workers x {dc.gpus_per_worker} GPUs need "
                 f"{need} GPUs; the Ray cluster has {have.get('GPU', 0)}. Set distributed.use_gpu "
                 "= false to train on CPU"
             )
-    need_cpu = (
-        dc.num_workers * dc.cpus_per_worker
-        + cfg.data.pipeline.reader_actors * cfg.data.pipeline.actor_cpus
-    )
+    need_cpu = needs["CPU"]
     if have.get("CPU", 0) < need_cpu:
         raise TrainingError(
             f"distributed: {dc.num_workers} workers x {dc.cpus_per_worker} CPUs plus "
@@ -181,8 +185,7 @@ def fit(
     fs, path = storage.resolve(out)
     if overwrite and _latest_checkpoint(run_uri):
         for stale in (run_uri, storage.join(out, "history")):
-            with contextlib.suppress(FileNotFoundError):
-                fs.delete_dir(storage.resolve(stale)[1])
+            storage.delete(stale, missing_ok=True)
         log(f"--overwrite: removed the previous run in {run_uri}")
     dc, tc = cfg.distributed, cfg.training
     clock = epoch_clock(0)

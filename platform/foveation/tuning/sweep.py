@@ -15,13 +15,11 @@ concurrency, an existing sweep) runs before any trial starts.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from foveation import storage
 from foveation.config import Config, config_from_dict
@@ -47,12 +45,11 @@ class SweepResult:
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
-    """Logical resources one trial holds while it runs: its driver, its Ray Train workers and
-    its reader actors."""
-    dc, pc = cfg.distributed, cfg.data.pipeline
-    cpu = cfg.tune.trial_cpus + dc.num_workers * dc.cpus_per_worker
-    cpu += pc.reader_actors * pc.actor_cpus
-    return {"CPU": cpu} | ({"GPU": dc.num_workers * dc.gpus_per_worker} if dc.use_gpu else {})
+    """Logical resources one trial holds while it runs: its driver plus its training run."""
+    from foveation.training.trainer import run_resources
+
+    need = run_resources(cfg)
+    return need | {"CPU": cfg.tune.trial_cpus + need["CPU"]}
 
 
 def check_concurrency(cfg: Config, have: dict[str, float]) -> None:
@@ -78,12 +75,6 @@ def check_writable(out: str) -> None:
         storage.delete(probe, missing_ok=True)
     except (storage.StorageError, OSError) as exc:
         raise SweepError(f"sweep output {out!r} is not writable: {exc}") from None
-
-
-def _experiment(out: str) -> tuple[Any, str]:
-    """(filesystem, path) of Tune's experiment directory, as Tune's storage wants them."""
-    fs, path = storage.resolve(storage.join(out, SWEEP_NAME))
-    return fs, path
 
 
 def _trial(config: dict, base: dict, out: str, manifest: str) -> None:
@@ -137,7 +128,7 @@ def run_sweep(
     from ray import tune
 
     check_concurrency(cfg, ray.cluster_resources())
-    fs, exp_path = _experiment(out)
+    fs, exp_path = storage.resolve(storage.join(out, SWEEP_NAME))  # as Tune's storage wants
     exists = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if exists and not (resume or overwrite):
         raise SweepError(
@@ -146,8 +137,7 @@ def run_sweep(
         )
     if overwrite:
         for stale in (SWEEP_NAME, TRIALS):
-            with contextlib.suppress(FileNotFoundError):
-                fs.delete_dir(storage.resolve(storage.join(out, stale))[1])
+            storage.delete(storage.join(out, stale), missing_ok=True)
         exists = False
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), out=out, manifest=manifest),
@@ -155,6 +145,7 @@ def run_sweep(
     )
     t = cfg.tune
     epochs = t.epochs or cfg.training.epochs
+    n_trials = len(points) if t.search == "grid" else t.num_samples
     if exists:
         log(f"resuming the sweep in {storage.join(out, SWEEP_NAME)} (finished trials are kept)")
         tuner = tune.Tuner.restore(
@@ -195,16 +186,14 @@ def run_sweep(
                 verbose=1,
             ),
         )
-        n = len(points) if grid else t.num_samples
         log(
-            f"sweep {cfg.name!r} ({t.preset}): {n} trials, {t.max_concurrent_trials} at a time, "
+            f"sweep {cfg.name!r} ({t.preset}): {n_trials} trials, {t.max_concurrent_trials} at a time, "
             f"{epochs} epochs each, scheduler {t.scheduler}, into {out}"
         )
     grid_result = tuner.fit()
     rows = results.rows_of(grid_result, epochs)
-    expected = len(points) if t.search == "grid" else t.num_samples
     # Interrupted (Ctrl-C): trials that did not finish, or that the search never started.
-    interrupted = len(rows) < expected or any(r["status"] == results.UNFINISHED for r in rows)
+    interrupted = len(rows) < n_trials or any(r["status"] == results.UNFINISHED for r in rows)
     res = results.write_outputs(cfg, out, rows, interrupted, log)
     failed = [r for r in rows if r["status"] == results.ERROR]
     if failed and len(failed) == len(rows):
