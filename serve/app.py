@@ -200,9 +200,15 @@ class Ingress:
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "overloaded", "server busy; retry shortly") from None
 
-    def _observe(self, route: str, status: int, t0: float) -> None:
-        monitoring.record("foveation_serve_requests_total", route=route, status=str(status))
-        monitoring.record("foveation_serve_request_seconds", time.perf_counter() - t0, route=route)
+    def _observe(self, route: str, status: int, t0: float, reason: str | None = None) -> None:
+        """A request's count and latency by route and status; a refused one (any 4xx, or 503
+        when overloaded) also counts as rejected, by its error code."""
+        monitoring.record("foveation_serve_requests_total", route=route, status=status)
+        monitoring.record(
+            "foveation_serve_request_seconds", time.perf_counter() - t0, route=route, status=status
+        )
+        if reason is not None and (400 <= status < 500 or status == 503):
+            monitoring.record("foveation_serve_rejected_total", route=route, reason=reason)
 
     # -- endpoints -----------------------------------------------------------------------
     @api.get("/healthz", summary="Liveness and readiness: the model deployment answers")
@@ -229,7 +235,7 @@ class Ingress:
         format: Literal["png", "json"] = Query("png"),
         apsm: bool = Query(False, description="include F's average patch size map (json)"),
     ) -> Response:
-        t0, status = time.perf_counter(), 200
+        t0, status, reason = time.perf_counter(), 200, None
         try:
             self._authorize(request)
             if apsm and format != "json":
@@ -247,14 +253,17 @@ class Ingress:
             )
             return response
         except RequestError as exc:
-            status = exc.status
+            status, reason = exc.status, exc.code
+            raise
+        except Exception:  # answered 500 by the catch-all handler: count it as such
+            status = 500
             raise
         finally:
-            self._observe("/v1/segment", status, t0)
+            self._observe("/v1/segment", status, t0, reason)
 
     @api.post("/v1/jobs", status_code=202, summary="Segment a whole slide as a job")
     async def submit_job(self, request: Request, job: JobRequest) -> JSONResponse:
-        t0, status = time.perf_counter(), 202
+        t0, status, reason = time.perf_counter(), 202, None
         try:
             self._authorize(request)
             check_slide_uri(job.slide_uri, self.settings.jobs.allowed_prefixes)
@@ -263,10 +272,13 @@ class Ingress:
                 _public(rec), status_code=202, headers={"Location": f"/v1/jobs/{rec['id']}"}
             )
         except RequestError as exc:
-            status = exc.status
+            status, reason = exc.status, exc.code
+            raise
+        except Exception:  # answered 500 by the catch-all handler: count it as such
+            status = 500
             raise
         finally:
-            self._observe("/v1/jobs", status, t0)
+            self._observe("/v1/jobs", status, t0, reason)
 
     @api.get("/v1/jobs/{job_id}", summary="A job's state, progress and result URIs")
     async def get_job(self, request: Request, job_id: str) -> JSONResponse:

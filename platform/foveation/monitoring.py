@@ -1,19 +1,37 @@
 """Every Prometheus metric of the platform, defined once here and created lazily on first use
 (nothing happens at import).
 
-Code inside Ray (tasks, actors, Train workers, Serve replicas) records through
-``ray.util.metrics``; Ray's metrics agent exports the series with a ``ray_`` prefix (so
-``foveation_serve_requests_total`` is scraped as ``ray_foveation_serve_requests_total``).
+Two exporters, one set of definitions (DESIGN.md):
+
+- inside Ray (tasks, actors, Train workers, Serve replicas, and a driver that joined Ray)
+  :func:`record` goes through ``ray.util.metrics``; Ray's metrics agent on each node exports
+  the series with a ``ray_`` prefix (``foveation_serve_requests_total`` is scraped as
+  ``ray_foveation_serve_requests_total``) next to Ray's own metrics, so one Prometheus job
+  fed by Ray's service-discovery file finds them all (``infra/prometheus/prometheus.yml``);
+- outside Ray (a tool or benchmark run in-process) it goes to :data:`REGISTRY`, a
+  ``prometheus_client`` registry under the same names with the same ``ray_`` prefix, so that
+  dashboards and alerts need one spelling. :func:`start_http_server` exposes it (the
+  ``foveation-app`` job of the shipped scrape config); :func:`exposition` renders it (tests).
+
+Labels stay bounded: runs, classes, routes, statuses and patch scales, never a request id.
+A slide job's progress is the one per-job series; the job runner removes nothing, so it is
+set to 1 when a job ends (a stale series then says "done", not "stuck").
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+log = logging.getLogger(__name__)
+
+PREFIX = "ray_"  # what Ray's metrics agent prepends; the prometheus-client path matches it
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -24,37 +42,116 @@ class MetricDef:
     boundaries: tuple[float, ...] = ()
 
 
+def _counter(description: str, *tags: str) -> MetricDef:
+    return MetricDef("counter", description, tags)
+
+
+def _gauge(description: str, *tags: str) -> MetricDef:
+    return MetricDef("gauge", description, tags)
+
+
+def _histogram(description: str, boundaries: tuple[float, ...], *tags: str) -> MetricDef:
+    return MetricDef("histogram", description, tags, boundaries)
+
+
 METRICS: dict[str, MetricDef] = {
-    "foveation_serve_requests_total": MetricDef(
-        "counter", "HTTP requests answered by the Serve ingress", ("route", "status")
+    # -- data: the reader actors of the training pipeline (data/pipeline.py) ----------------
+    "foveation_data_patch_banks_total": _counter(
+        "Patch banks (one per sampled location: D patches, x_r and labels) cut from slides"
     ),
-    "foveation_serve_request_seconds": MetricDef(
-        "histogram",
-        "Time the Serve ingress spent on a request",
-        ("route",),
-        tuple(LATENCY_BUCKETS_S),
+    "foveation_data_bank_bytes_total": _counter("Bytes of patch banks handed to training"),
+    "foveation_data_storage_bytes_total": _counter(
+        "Bytes fetched from object storage by ranged GETs", "scheme"
     ),
-    "foveation_serve_tile_batch_locations": MetricDef(
-        "histogram",
+    "foveation_data_storage_gets_total": _counter(
+        "Ranged GET requests sent to object storage (retries included)", "scheme"
+    ),
+    "foveation_data_cache_blocks_total": _counter(
+        "Blocks of the range cache looked up, by result (hit or miss)", "result"
+    ),
+    "foveation_data_read_seconds": _histogram(
+        "Time to read one slide's patch banks for one epoch", LATENCY_BUCKETS_S
+    ),
+    "foveation_data_skipped_slides_total": _counter(
+        "Slides skipped after a failed read and one retry", "stage"
+    ),
+    # -- training: Ray Train workers (training/worker.py) ----------------------------------
+    "foveation_train_steps_total": _counter("Optimizer steps taken", "run", "rank"),
+    "foveation_train_step_seconds": _histogram(
+        "Wall time of one training step (forward, backward, optimizer)",
+        STEP_BUCKETS_S,
+        "run",
+        "rank",
+    ),
+    "foveation_train_samples_per_second": _gauge(
+        "Locations trained per second over the last epoch, all workers", "run"
+    ),
+    "foveation_train_megapixels_per_second": _gauge(
+        "Megapixels (output patch area) trained per second over the last epoch", "run"
+    ),
+    "foveation_train_loss": _gauge("Mean training loss of the last epoch", "run"),
+    "foveation_train_learning_rate": _gauge("Learning rate per parameter group", "run", "group"),
+    "foveation_train_fov_weight": _gauge(
+        "Mean foveation weight given to each patch scale (field of view, px) last epoch",
+        "run",
+        "fov",
+    ),
+    "foveation_train_val_miou": _gauge("Validation mIoU of the last epoch", "run"),
+    "foveation_train_epoch": _gauge("Epochs completed", "run"),
+    "foveation_train_accelerator_memory_bytes": _gauge(
+        "Peak memory of a worker: allocated CUDA memory on GPU, RSS on CPU", "run", "rank"
+    ),
+    "foveation_train_last_step_timestamp_seconds": _gauge(
+        "Unix time of the last optimizer step (the 'training stalled' alert)", "run"
+    ),
+    "foveation_train_running": _gauge("1 while a training run is in progress, 0 after", "run"),
+    # -- evaluation: the driver of jobs.evaluate (slide_eval.py) ----------------------------
+    "foveation_eval_iou": _gauge("Per-class IoU of an evaluated run", "run", "class"),
+    "foveation_eval_miou": _gauge("mIoU over all classes of an evaluated run", "run"),
+    "foveation_eval_pixel_accuracy": _gauge("Pixel accuracy of an evaluated run", "run"),
+    "foveation_eval_slides_total": _counter("Slides scored by evaluation", "run"),
+    # -- serving: the Serve app (serve/) ----------------------------------------------------
+    "foveation_serve_requests_total": _counter(
+        "HTTP requests answered by the Serve ingress", "route", "status"
+    ),
+    "foveation_serve_request_seconds": _histogram(
+        "Time the Serve ingress spent on a request", LATENCY_BUCKETS_S, "route", "status"
+    ),
+    "foveation_serve_rejected_total": _counter(
+        "Requests refused before any inference (4xx, or 503 when overloaded)", "route", "reason"
+    ),
+    "foveation_serve_inflight_requests": _gauge(
+        "Segment requests inside a model replica (queued for or in a batched forward)"
+    ),
+    "foveation_serve_tile_batch_locations": _histogram(
         "Locations (patch banks) per batched segmenter forward in a model replica",
-        (),
-        tuple(BATCH_BUCKETS),
+        BATCH_BUCKETS,
     ),
-    "foveation_serve_tile_batch_requests": MetricDef(
-        "histogram", "Requests whose tiles shared one batched forward", (), tuple(BATCH_BUCKETS)
+    "foveation_serve_tile_batch_requests": _histogram(
+        "Requests whose tiles shared one batched forward", BATCH_BUCKETS
     ),
-    "foveation_serve_jobs_total": MetricDef(
-        "counter", "Whole-slide jobs that reached a final state", ("state",)
-    ),
-    "foveation_serve_jobs_running": MetricDef(
-        "gauge", "Whole-slide jobs running in the job runner", ()
+    "foveation_serve_jobs_total": _counter("Whole-slide jobs that reached a final state", "state"),
+    "foveation_serve_jobs_running": _gauge("Whole-slide jobs running in the job runner"),
+    "foveation_serve_jobs_queued": _gauge("Whole-slide jobs waiting for a job thread"),
+    "foveation_serve_job_progress_ratio": _gauge(
+        "Progress of a whole-slide job, 0 to 1 (1 once it ended)", "job"
     ),
 }
 
 
+# ------------------------------------------------------------------------- the two exporters
+
+
+def _in_ray() -> bool:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return ray.is_initialized()
+
+
 @functools.cache
-def metric(name: str) -> Any:
-    """The ``ray.util.metrics`` object of ``name`` (created on first use, then cached)."""
+def _ray_metric(name: str) -> Any:
     from ray.util import metrics as rm
 
     d = METRICS[name]
@@ -65,16 +162,75 @@ def metric(name: str) -> Any:
     return rm.Histogram(name, d.description, boundaries=list(d.boundaries), tag_keys=d.tags)
 
 
-def record(name: str, value: float = 1.0, **tags: str) -> None:
-    """Count, set or observe ``value`` on metric ``name``; never fails the caller."""
+@functools.cache
+def registry():
+    """The ``prometheus_client`` registry of this process's metrics recorded outside Ray."""
+    import prometheus_client
+
+    prometheus_client.disable_created_metrics()  # Ray exports no *_created series either
+    return prometheus_client.CollectorRegistry()
+
+
+@functools.cache
+def _client_metric(name: str) -> Any:
+    import prometheus_client as pc
+
+    d = METRICS[name]
+    full = PREFIX + name
+    if d.kind == "counter":  # prometheus_client appends _total itself
+        return pc.Counter(full.removesuffix("_total"), d.description, d.tags, registry=registry())
+    if d.kind == "gauge":
+        return pc.Gauge(full, d.description, d.tags, registry=registry())
+    return pc.Histogram(full, d.description, d.tags, registry=registry(), buckets=d.boundaries)
+
+
+def metric(name: str) -> Any:
+    """The metric object of ``name`` for this process: ``ray.util.metrics`` inside Ray,
+    ``prometheus_client`` outside (created on first use, then cached)."""
+    if name not in METRICS:
+        raise KeyError(f"metric {name!r} is not defined in foveation.monitoring.METRICS")
+    return _ray_metric(name) if _in_ray() else _client_metric(name)
+
+
+_METHOD = {"counter": "inc", "gauge": "set", "histogram": "observe"}
+
+
+def record(name: str, value: float = 1.0, **tags: Any) -> None:
+    """Count (counter), set (gauge) or observe (histogram) ``value`` on metric ``name``.
+
+    Never fails the caller: a metric is worth less than the request or step it describes, so
+    a bad name or tag is logged once and dropped."""
     try:
-        m = metric(name)
-        kind = METRICS[name].kind
-        if kind == "counter":
-            m.inc(value, tags=tags or None)
-        elif kind == "gauge":
-            m.set(value, tags=tags or None)
+        d = METRICS[name]
+        tags = {k: str(v) for k, v in tags.items()}
+        if set(tags) != set(d.tags):
+            raise ValueError(f"tags {sorted(tags)}; expected {sorted(d.tags)}")
+        if d.kind == "counter" and value <= 0:
+            return  # Ray's counters refuse 0; nothing happened
+        m, method = metric(name), _METHOD[d.kind]
+        if _in_ray():
+            getattr(m, method)(value, tags=tags or None)
         else:
-            m.observe(value, tags=tags or None)
-    except Exception:  # metrics must never break serving (e.g. outside Ray)
-        pass
+            getattr(m.labels(**tags) if tags else m, method)(value)
+    except Exception as exc:
+        _warn_once(name, f"{type(exc).__name__}: {exc}")
+
+
+@functools.cache
+def _warn_once(name: str, error: str) -> None:
+    log.warning("metric %s not recorded: %s", name, error)
+
+
+def exposition() -> str:
+    """This process's outside-Ray metrics as Prometheus exposition text."""
+    import prometheus_client
+
+    return prometheus_client.generate_latest(registry()).decode()
+
+
+def start_http_server(port: int, addr: str = "127.0.0.1") -> None:
+    """Serve :func:`exposition` at ``http://addr:port/metrics`` from a daemon thread (for a
+    long-lived process outside Ray; the scrape config's ``foveation-app`` job)."""
+    import prometheus_client
+
+    prometheus_client.start_http_server(port, addr=addr, registry=registry())

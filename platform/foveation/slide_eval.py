@@ -215,6 +215,7 @@ def evaluate_runs(
         summary["mix"] = cfgs[name].model.mix.label
         metrics[name] = summary
         slides[name] = {s.slide_id: s for s in mine}
+        record_run_metrics(name, summary, len(mine))
     expert_scores = [s for s in scores if s.run.startswith(EXPERT_RUN)]
     if expert_scores:
         from foveation.data.staple import average_expert
@@ -232,6 +233,18 @@ def evaluate_runs(
             )
         }
     return EvaluationResult(cfg, metrics, slides, rows, failed)
+
+
+def record_run_metrics(run: str, summary: dict, slides: int) -> None:
+    """An evaluated run's scores as gauges (``foveation_eval_*``, labelled by run name), for
+    the evaluation dashboard's "per-class IoU over time"."""
+    from foveation import monitoring
+
+    for cls, iou in summary["iou"].items():
+        monitoring.record("foveation_eval_iou", iou, run=run, **{"class": cls})
+    monitoring.record("foveation_eval_miou", summary["miou"], run=run)
+    monitoring.record("foveation_eval_pixel_accuracy", summary["pixel_accuracy"], run=run)
+    monitoring.record("foveation_eval_slides_total", slides, run=run)
 
 
 CUE_NAMES = ("context", "texture", "either")  # the synthetic generator's cue map values

@@ -277,10 +277,15 @@ class SlideReader:
         """A region source (``inference.sources.RegionSource``) over one level."""
         return LevelSource(self, level, pad_value)
 
+    @property
+    def range_files(self) -> list:
+        """The block-cached files this reader fetches through (object storage only; empty for
+        local files): their ``stats`` count GETs, bytes and cache hits (monitoring)."""
+        return [f for f in (self.range_file, getattr(self, "_companion_file", None)) if f]
+
     def close(self) -> None:
-        for f in (self.range_file, getattr(self, "_companion_file", None)):
-            if f is not None:
-                f.close()
+        for f in self.range_files:
+            f.close()
         if getattr(self, "_osr", None) is not None:
             self._osr.close()
 

@@ -17,12 +17,13 @@ slides were skipped.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections import OrderedDict
 
 import numpy as np
 
-from foveation import storage
+from foveation import monitoring, storage
 from foveation.config import Config, config_from_dict
 from foveation.data.slidebank import empty_batch
 
@@ -120,18 +121,54 @@ class BankReader:
                 try:
                     if attempt:
                         self._evict(image_uri)
-                    locs = self.sample(sid, image_uri, label_uri)
-                    parts.append(self._reader(image_uri, label_uri).batch(locs, sid))
+                    with _ReadMetrics(self, image_uri, label_uri) as m:
+                        locs = self.sample(sid, image_uri, label_uri)
+                        m.batch = self._reader(image_uri, label_uri).batch(locs, sid)
+                    parts.append(m.batch)
                     break
                 except Exception as exc:
                     if attempt == 1:
                         _wait(
                             self.errors.record.remote(sid, "read", f"{type(exc).__name__}: {exc}")
                         )
+                        monitoring.record("foveation_data_skipped_slides_total", stage="read")
                         self._evict(image_uri)
         if not parts:
             return empty_batch(self.cfg)
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+class _ReadMetrics:
+    """Records one slide's read (``foveation_data_*``): its time, the banks and bytes it
+    produced, and what the reader's range caches fetched from object storage meanwhile."""
+
+    def __init__(self, owner: BankReader, image_uri: str, label_uri: str) -> None:
+        self.bank = owner._reader(image_uri, label_uri)
+        self.batch: dict[str, np.ndarray] | None = None
+
+    def _files(self) -> list:
+        readers = (self.bank.image, self.bank.label)
+        return [f for r in readers if r is not None for f in r.range_files]
+
+    def __enter__(self) -> _ReadMetrics:
+        self.t0 = time.perf_counter()
+        self.before = [f.stats.snapshot() for f in self._files()]
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None or self.batch is None:
+            return
+        monitoring.record("foveation_data_read_seconds", time.perf_counter() - self.t0)
+        n = len(self.batch["loc"])
+        monitoring.record("foveation_data_patch_banks_total", n)
+        monitoring.record("foveation_data_bank_bytes_total", self.batch["bank"].nbytes)
+        for f, before in zip(self._files(), self.before, strict=True):
+            d = f.stats - before
+            scheme = f.uri.split("://", 1)[0] if "://" in f.uri else "file"
+            monitoring.record("foveation_data_storage_gets_total", d.gets, scheme=scheme)
+            monitoring.record("foveation_data_storage_bytes_total", d.bytes_fetched, scheme=scheme)
+            monitoring.record("foveation_data_cache_blocks_total", d.hits, result="hit")
+            monitoring.record("foveation_data_cache_blocks_total", d.misses, result="miss")
 
 
 def epoch_clock(epoch: int = 0):

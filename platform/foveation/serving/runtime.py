@@ -112,10 +112,10 @@ class JobRunner:
         cfg: Config,
         settings: ServeConfig,
         checkpoint: str = "",
-        on_state: Callable[[JobRecord, int], None] | None = None,
+        on_state: Callable[[JobRecord, int, int], None] | None = None,
     ) -> None:
-        """``on_state(record, running)``: called after every state change (metrics), with
-        the number of jobs running."""
+        """``on_state(record, running, queued)``: called after every change of a job's state
+        or progress (metrics), with the numbers of jobs running and queued."""
         self.model, self.cfg, self.settings = model, cfg, settings
         self.checkpoint = checkpoint
         self.on_state = on_state
@@ -217,8 +217,9 @@ class JobRunner:
             rec = self.store.update(current, **changes)
             self._records[rec.id] = rec
             running = sum(r.state == RUNNING for r in self._records.values())
-        if self.on_state is not None and "state" in changes:
-            self.on_state(rec, running)
+            queued = sum(r.state == QUEUED for r in self._records.values())
+        if self.on_state is not None and ("state" in changes or "progress" in changes):
+            self.on_state(rec, running, queued)
         return rec
 
     def _schedule(self, rec: JobRecord) -> None:

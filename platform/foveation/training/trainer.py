@@ -212,6 +212,7 @@ def fit(
         else None,
         "fail_at_step": int(fail_at) if fail_at else None,
         "has_val": bool(splits["val"]),
+        "run": run_label(out),
     }
     resources = {"CPU": dc.cpus_per_worker} | ({"GPU": dc.gpus_per_worker} if dc.use_gpu else {})
     trainer = TorchTrainer(
@@ -256,6 +257,11 @@ def fit(
     model_uri = save_checkpoint(storage.join(out, "model"), model, cfg, meta | {"source": best_uri})
     log(f"best checkpoint {best_uri} (val mIoU {metrics.get('val_miou', 0.0):.3f}) -> {model_uri}")
     return FitResult(model_uri, best_uri, dict(metrics), history_of(result, out), skipped)
+
+
+def run_label(out: str) -> str:
+    """The ``run`` label of a training run's metrics: the last part of its output URI."""
+    return out.rstrip("/").rsplit("/", 1)[-1] or out
 
 
 def history_of(result, out: str) -> list[dict]:

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from foveation import monitoring
 from foveation.checkpoint import META, write_files
 from foveation.config import Config, config_from_dict
 from foveation.metrics import ConfusionMatrix
@@ -124,6 +125,10 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             print(f"resumed from the checkpoint at epoch {epoch}, step {step}", flush=True)
     fail_at = config.get("fail_at_step")
+    run = config.get("run") or cfg.name
+    if rank == 0:
+        monitoring.record("foveation_train_running", 1.0, run=run)
+        monitoring.record("foveation_train_last_step_timestamp_seconds", time.time(), run=run)
 
     train_shard = ray.train.get_dataset_shard("train")
     # Ray Train 2.60 raises KeyError for a dataset it was not given (a set without val slides).
@@ -142,9 +147,11 @@ def train_worker(config: dict) -> None:
             if fail_at is not None and step == fail_at and resumed_from is None and rank == 0:
                 print(f"injected fault: rank 0 exits at step {step}", flush=True)
                 os._exit(17)
+            t_step = time.perf_counter()
             loss, _, w, _ = batch_forward(engine, batch, cfg, step, total, device)
             distributed.train_step(engine, loss)
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()))  # syncs with the device: the step is done
+            _record_step(run, rank, time.perf_counter() - t_step)
             wsum = wsum + w.detach().sum(0).cpu()
             n_rows += len(w)
             pixels += len(w) * cfg.patches.patch_size**2
@@ -195,6 +202,7 @@ def train_worker(config: dict) -> None:
             metrics |= _flat("val_iou", val["iou"]) | {"val_miou_kept": val["miou_kept"]}
             metrics |= {"val_pixel_accuracy": val["pixel_accuracy"]}
         history.append(metrics)
+        _record_epoch(run, rank, metrics, device)
         if rank == 0 and config.get("history"):
             _write_apsm(engine.module, cfg, config["history"], epoch, device)
             print(
@@ -213,6 +221,41 @@ def train_worker(config: dict) -> None:
             "history": history,  # every epoch's metrics so far, resumed runs included
         }
         _report(engine, cfg, metrics, meta, rank)
+    if rank == 0:
+        monitoring.record("foveation_train_running", 0.0, run=run)
+
+
+def _record_step(run: str, rank: int, seconds: float) -> None:
+    monitoring.record("foveation_train_steps_total", 1.0, run=run, rank=rank)
+    monitoring.record("foveation_train_step_seconds", seconds, run=run, rank=rank)
+    if rank == 0:
+        monitoring.record("foveation_train_last_step_timestamp_seconds", time.time(), run=run)
+
+
+def _record_epoch(run: str, rank: int, metrics: dict, device: torch.device) -> None:
+    """An epoch's figures as gauges: memory from every rank, the rest (already reduced over
+    ranks, or the same on every rank) from rank 0 only."""
+    monitoring.record(
+        "foveation_train_accelerator_memory_bytes",
+        metrics["peak_memory_mb"] * 2**20,
+        run=run,
+        rank=rank,
+    )
+    if rank != 0:
+        return
+    for key, name in (
+        ("loss", "foveation_train_loss"),
+        ("samples_per_s", "foveation_train_samples_per_second"),
+        ("megapixels_per_s", "foveation_train_megapixels_per_second"),
+        ("val_miou", "foveation_train_val_miou"),
+        ("epoch", "foveation_train_epoch"),
+    ):
+        monitoring.record(name, float(metrics[key]), run=run)
+    for key, value in metrics.items():
+        if key.startswith("lr_"):
+            monitoring.record("foveation_train_learning_rate", value, run=run, group=key[3:])
+        elif key.startswith("weight_mean_"):
+            monitoring.record("foveation_train_fov_weight", value, run=run, fov=key[12:])
 
 
 @torch.no_grad()
