@@ -16,7 +16,8 @@ import sys
 from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (also what tests check the cluster manifests' entrypoints against)."""
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     add_config_arg(p)
     p.add_argument("--out", help="output directory or URI (default: runs/<config name>)")
@@ -24,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the run in <out> if any")
     g.add_argument("--overwrite", action="store_true", help="discard the run in <out> first")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     cfg = load_or_none(args.config)
     if cfg is None:
         return BAD_CONFIG

@@ -62,7 +62,6 @@ class ModelServer:
             self.settings.model.max_ongoing_requests, thread_name_prefix="segment"
         )
         self._forwards = ThreadPoolExecutor(1, thread_name_prefix="forward")
-        self._inflight = 0  # segment requests inside this replica (a gauge)
         log.info("model %s loaded (%s)", checkpoint, self.cfg.model.backbone)
 
     def info(self) -> dict[str, Any]:
@@ -93,21 +92,14 @@ class ModelServer:
             out = segment_image(self.model, self.cfg, image, forward, self.settings.device)
             return out, time.perf_counter() - t
 
-        self._inflight += 1
-        monitoring.record("foveation_serve_inflight_requests", self._inflight)
-        try:
-            if forward is None and image.shape[0] * image.shape[1] <= INLINE_MAX_PIXELS:
-                # Batching off, a small image: in this event loop, one request at a time. A
-                # worker thread cost about 13 ms per request on 2 cores (the GIL handed back
-                # and forth with the loop), and the work is CPU-bound. Big images go to a
-                # thread so that the loop (health checks in Serve's throughput-optimised
-                # mode) is never held long.
-                res, inference_s = run()
-            else:
-                res, inference_s = await loop.run_in_executor(self._requests, run)
-        finally:
-            self._inflight -= 1  # the event loop's thread only: no lock needed
-            monitoring.record("foveation_serve_inflight_requests", self._inflight)
+        if forward is None and image.shape[0] * image.shape[1] <= INLINE_MAX_PIXELS:
+            # Batching off, a small image: in this event loop, one request at a time. A worker
+            # thread cost about 13 ms per request on 2 cores (the GIL handed back and forth
+            # with the loop), and the work is CPU-bound. Big images go to a thread so that the
+            # loop (health checks in Serve's throughput-optimised mode) is never held long.
+            res, inference_s = run()
+        else:
+            res, inference_s = await loop.run_in_executor(self._requests, run)
         return {
             "timing": {"inference": inference_s, "model": time.perf_counter() - t_call},
             "mask": res.mask,
@@ -156,9 +148,10 @@ class SlideJobRunner:
 def _record_job(rec, running: int, queued: int) -> None:
     monitoring.record("foveation_serve_jobs_running", float(running))
     monitoring.record("foveation_serve_jobs_queued", float(queued))
-    monitoring.record(
-        "foveation_serve_job_progress_ratio", 1.0 if rec.final else rec.progress, job=rec.id
-    )
+    progress = 1.0 if rec.final else rec.progress
+    # An ended job's series goes after an hour: job ids are unbounded.
+    ttl = 3600.0 if rec.final else None
+    monitoring.record("foveation_serve_job_progress_ratio", progress, ttl_s=ttl, job=rec.id)
     if rec.final:
         monitoring.record("foveation_serve_jobs_total", state=rec.state)
 

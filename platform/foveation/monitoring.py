@@ -13,9 +13,13 @@ Two exporters, one set of definitions (DESIGN.md):
   dashboards and alerts need one spelling. :func:`start_http_server` exposes it (the
   ``foveation-app`` job of the shipped scrape config); :func:`exposition` renders it (tests).
 
+Gauges inside Ray go through one keeper actor (:data:`KEEPER_REFRESH_S` says why).
+
 Labels stay bounded: runs, classes, routes, statuses and patch scales, never a request id.
-A slide job's progress is the one per-job series; the job runner removes nothing, so it is
-set to 1 when a job ends (a stale series then says "done", not "stuck").
+A slide job's progress is the one per-job series: set to 1 when the job ends, then dropped by
+the keeper an hour later. Queue depth and in-flight requests of the Serve deployments are Ray
+Serve's own gauges (``ray_serve_deployment_queued_queries``,
+``ray_serve_replica_processing_queries``); the dashboards read them beside these.
 """
 
 from __future__ import annotations
@@ -120,9 +124,6 @@ METRICS: dict[str, MetricDef] = {
     "foveation_serve_rejected_total": _counter(
         "Requests refused before any inference (4xx, or 503 when overloaded)", "route", "reason"
     ),
-    "foveation_serve_inflight_requests": _gauge(
-        "Segment requests inside a model replica (queued for or in a batched forward)"
-    ),
     "foveation_serve_tile_batch_locations": _histogram(
         "Locations (patch banks) per batched segmenter forward in a model replica",
         BATCH_BUCKETS,
@@ -184,19 +185,15 @@ def _client_metric(name: str) -> Any:
     return pc.Histogram(full, d.description, d.tags, registry=registry(), buckets=d.boundaries)
 
 
-def metric(name: str) -> Any:
-    """The metric object of ``name`` for this process: ``ray.util.metrics`` inside Ray,
-    ``prometheus_client`` outside (created on first use, then cached)."""
-    if name not in METRICS:
-        raise KeyError(f"metric {name!r} is not defined in foveation.monitoring.METRICS")
-    return _ray_metric(name) if _in_ray() else _client_metric(name)
-
-
 _METHOD = {"counter": "inc", "gauge": "set", "histogram": "observe"}
 
 
-def record(name: str, value: float = 1.0, **tags: Any) -> None:
+def record(name: str, value: float = 1.0, ttl_s: float | None = None, **tags: Any) -> None:
     """Count (counter), set (gauge) or observe (histogram) ``value`` on metric ``name``.
+
+    Inside Ray a gauge is set through the :class:`GaugeKeeper` actor, which holds it until it
+    is set again (or for ``ttl_s`` seconds): the last loss of a finished run or the mIoU of
+    an evaluation stays on the dashboards after the process that set it is gone.
 
     Never fails the caller: a metric is worth less than the request or step it describes, so
     a bad name or tag is logged once and dropped."""
@@ -207,13 +204,101 @@ def record(name: str, value: float = 1.0, **tags: Any) -> None:
             raise ValueError(f"tags {sorted(tags)}; expected {sorted(d.tags)}")
         if d.kind == "counter" and value <= 0:
             return  # Ray's counters refuse 0; nothing happened
-        m, method = metric(name), _METHOD[d.kind]
-        if _in_ray():
-            getattr(m, method)(value, tags=tags or None)
+        if not _in_ray():
+            m = _client_metric(name)
+            getattr(m.labels(**tags) if tags else m, _METHOD[d.kind])(value)
+        elif d.kind == "gauge":
+            _keeper().set.remote(name, float(value), tags, ttl_s)
         else:
-            getattr(m.labels(**tags) if tags else m, method)(value)
+            getattr(_ray_metric(name), _METHOD[d.kind])(value, tags=tags or None)
     except Exception as exc:
         _warn_once(name, f"{type(exc).__name__}: {exc}")
+
+
+# ----------------------------------------------------------------------- the gauge keeper
+
+KEEPER_NAME, KEEPER_NAMESPACE = "foveation-gauges", "foveation"
+KEEPER_REFRESH_S = 5.0
+"""Why a keeper: Ray's metrics agent drops a gauge series that its process has not set for
+two export intervals (2 x 10 s; ray._private.telemetry.open_telemetry_metric_recorder), so a
+gauge set once (a run's final loss, an evaluation's IoU, a queue that stopped changing)
+vanishes within 20 s, and with it every panel and alert reading it. Counters and histograms
+are cumulative and kept. The keeper, one detached actor per cluster, sets every gauge it holds
+again every ``KEEPER_REFRESH_S`` seconds."""
+
+
+def _keeper_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1)
+    class GaugeKeeper:
+        def __init__(self) -> None:
+            import threading
+
+            self.values: dict[tuple, tuple[float, float | None]] = {}
+            self.lock = threading.Lock()
+            threading.Thread(target=self._refresh_forever, daemon=True).start()
+
+        def set(self, name: str, value: float, tags: dict, ttl_s: float | None) -> None:
+            import time
+
+            key = (name, tuple(sorted(tags.items())))
+            with self.lock:
+                self.values[key] = (value, time.monotonic() + ttl_s if ttl_s else None)
+            self._set(key, value)
+
+        def snapshot(self) -> dict[str, list]:
+            with self.lock:
+                out: dict[str, list] = {}
+                for (name, tags), (value, _) in self.values.items():
+                    out.setdefault(name, []).append((dict(tags), value))
+                return out
+
+        def _set(self, key: tuple, value: float) -> None:
+            name, tags = key
+            try:
+                _ray_metric(name).set(value, tags=dict(tags) or None)
+            except Exception as exc:  # a bad series must not stop the others
+                _warn_once(name, f"{type(exc).__name__}: {exc}")
+
+        def _refresh_forever(self) -> None:
+            import time
+
+            while True:
+                time.sleep(KEEPER_REFRESH_S)
+                now = time.monotonic()
+                with self.lock:
+                    for key in [k for k, (_, end) in self.values.items() if end and end < now]:
+                        del self.values[key]
+                    items = list(self.values.items())
+                for key, (value, _) in items:
+                    self._set(key, value)
+
+    return GaugeKeeper
+
+
+_KEEPER: dict[str, Any] = {}
+
+
+def _keeper():
+    """This cluster's gauge keeper (created by the first process that sets a gauge). The
+    handle is cached per Ray job: a new job (a test session joining again) looks it up anew."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    if _KEEPER.get("job") != job:
+        _KEEPER["handle"] = (
+            _keeper_class()
+            .options(
+                name=KEEPER_NAME,
+                namespace=KEEPER_NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+            )
+            .remote()
+        )
+        _KEEPER["job"] = job
+    return _KEEPER["handle"]
 
 
 @functools.cache

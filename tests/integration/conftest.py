@@ -103,6 +103,7 @@ def ray_cluster(tmp_path_factory) -> Iterator[str]:
     subprocess.run([*start, *dashboard], check=True, env=env, capture_output=True, timeout=180)
     address = f"127.0.0.1:{port}"
     DASHBOARD["url"] = f"http://127.0.0.1:{dash}"
+    DASHBOARD["temp_dir"] = temp_dir
     try:
         yield address
     finally:
@@ -119,6 +120,13 @@ DASHBOARD: dict[str, str] = {}
 def ray_dashboard(ray_cluster) -> str:
     """The session head node's dashboard URL (its job server), for ``ray job submit``."""
     return DASHBOARD["url"]
+
+
+@pytest.fixture(scope="session")
+def ray_temp_dir(ray_cluster) -> str:
+    """The session head node's --temp-dir: Ray writes its Prometheus service-discovery file
+    there (``prom_metrics_service_discovery.json``)."""
+    return DASHBOARD["temp_dir"]
 
 
 def _stop_head(temp_dir: str, port: int) -> None:

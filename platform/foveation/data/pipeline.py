@@ -140,35 +140,36 @@ class BankReader:
 
 class _ReadMetrics:
     """Records one slide's read (``foveation_data_*``): its time, the banks and bytes it
-    produced, and what the reader's range caches fetched from object storage meanwhile."""
+    produced, and what the slide's range caches fetched from object storage since the last
+    record (opening included: a small slide is often read whole by its first GET)."""
 
     def __init__(self, owner: BankReader, image_uri: str, label_uri: str) -> None:
         self.bank = owner._reader(image_uri, label_uri)
         self.batch: dict[str, np.ndarray] | None = None
 
-    def _files(self) -> list:
-        readers = (self.bank.image, self.bank.label)
-        return [f for r in readers if r is not None for f in r.range_files]
-
     def __enter__(self) -> _ReadMetrics:
         self.t0 = time.perf_counter()
-        self.before = [f.stats.snapshot() for f in self._files()]
         return self
 
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is not None or self.batch is None:
             return
+        from foveation.rangeio import RangeStats
+
         monitoring.record("foveation_data_read_seconds", time.perf_counter() - self.t0)
-        n = len(self.batch["loc"])
-        monitoring.record("foveation_data_patch_banks_total", n)
+        monitoring.record("foveation_data_patch_banks_total", len(self.batch["loc"]))
         monitoring.record("foveation_data_bank_bytes_total", self.batch["bank"].nbytes)
-        for f, before in zip(self._files(), self.before, strict=True):
+        readers = (self.bank.image, self.bank.label)
+        files = [f for r in readers if r is not None for f in r.range_files]
+        recorded = getattr(self.bank, "recorded_stats", None) or [RangeStats() for _ in files]
+        for f, before in zip(files, recorded, strict=True):
             d = f.stats - before
             scheme = f.uri.split("://", 1)[0] if "://" in f.uri else "file"
             monitoring.record("foveation_data_storage_gets_total", d.gets, scheme=scheme)
             monitoring.record("foveation_data_storage_bytes_total", d.bytes_fetched, scheme=scheme)
             monitoring.record("foveation_data_cache_blocks_total", d.hits, result="hit")
             monitoring.record("foveation_data_cache_blocks_total", d.misses, result="miss")
+        self.bank.recorded_stats = [f.stats.snapshot() for f in files]
 
 
 def epoch_clock(epoch: int = 0):

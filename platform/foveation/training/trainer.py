@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from foveation import storage
+from foveation import monitoring, storage
 from foveation.checkpoint import (
     META,
     CheckpointError,
@@ -245,6 +245,8 @@ def fit(
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error; keep its message, drop the chain
         raise TrainingError(f"training {cfg.name!r} failed: {exc}") from exc
+    finally:  # ended, however: not "running" (the training-stalled alert reads this)
+        monitoring.record("foveation_train_running", 0.0, run=loop_config["run"])
     skipped = train_pipe.check()
     best = list(result.best_checkpoints or [])
     if not best:

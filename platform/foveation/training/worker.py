@@ -225,11 +225,17 @@ def train_worker(config: dict) -> None:
         monitoring.record("foveation_train_running", 0.0, run=run)
 
 
+_LAST_STEP_EVERY_S = 2.0  # a gauge set goes through an actor call: not one per step
+_last_step_kept = [0.0]
+
+
 def _record_step(run: str, rank: int, seconds: float) -> None:
     monitoring.record("foveation_train_steps_total", 1.0, run=run, rank=rank)
     monitoring.record("foveation_train_step_seconds", seconds, run=run, rank=rank)
-    if rank == 0:
-        monitoring.record("foveation_train_last_step_timestamp_seconds", time.time(), run=run)
+    now = time.time()
+    if rank == 0 and now - _last_step_kept[0] >= _LAST_STEP_EVERY_S:
+        _last_step_kept[0] = now
+        monitoring.record("foveation_train_last_step_timestamp_seconds", now, run=run)
 
 
 def _record_epoch(run: str, rank: int, metrics: dict, device: torch.device) -> None:
