@@ -55,15 +55,9 @@ def panel_queries() -> list[tuple[str, str, str]]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(ray_temp_dir, tmp_path_factory):
+def prometheus(prometheus_binary, ray_temp_dir, tmp_path_factory):
     """Prometheus with the shipped config; only the service-discovery path is changed, to the
     one this session's head node (started with its own --temp-dir) writes."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        msg = "Debian's prometheus is not installed (.ci/run installs it)"
-        if os.environ.get("FOVEATION_REQUIRE_PROMETHEUS"):
-            pytest.fail(msg)
-        pytest.skip(msg)
     conf = tmp_path_factory.mktemp("prometheus") / "infra"
     shutil.copytree(ROOT / "infra/prometheus", conf)
     text = (conf / "prometheus.yml").read_text()
@@ -79,7 +73,7 @@ def prometheus(ray_temp_dir, tmp_path_factory):
     log = open(conf.parent / "prometheus.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
-            binary,
+            prometheus_binary,
             f"--config.file={conf / 'prometheus.yml'}",
             f"--storage.tsdb.path={conf.parent / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",

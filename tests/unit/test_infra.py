@@ -8,7 +8,6 @@ The real Prometheus scraping a running platform is tests/integration/test_monito
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -16,7 +15,6 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-import pytest
 import yaml
 
 from foveation import monitoring
@@ -35,40 +33,30 @@ RAY_METRICS = {
 PROMQL_BUILTINS = {"up", "time", "vector", "le"}
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        msg = "promtool (Debian's prometheus package) is not installed; .ci/run installs it"
-        if os.environ.get("FOVEATION_REQUIRE_PROMETHEUS"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
-
-
-def run_promtool(*args: str, cwd: Path = INFRA / "prometheus") -> str:
-    r = subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+def run_promtool(promtool: str, *args: str, cwd: Path = INFRA / "prometheus") -> str:
+    r = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
     assert r.returncode == 0, f"promtool {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
     return r.stdout + r.stderr
 
 
-def test_promtool_accepts_the_scrape_config_and_the_alert_rules():
-    out = run_promtool("check", "config", "prometheus.yml")
+def test_promtool_accepts_the_scrape_config_and_the_alert_rules(promtool):
+    out = run_promtool(promtool, "check", "config", "prometheus.yml")
     assert "SUCCESS: 1 rule files found" in out
-    out = run_promtool("check", "rules", "alerts.yml")
+    out = run_promtool(promtool, "check", "rules", "alerts.yml")
     assert re.search(r"SUCCESS: [5-9] rules found", out), out
 
 
-def test_each_alert_fires_on_its_case_and_not_on_healthy_series():
-    assert "SUCCESS" in run_promtool("test", "rules", "alerts_test.yml")
+def test_each_alert_fires_on_its_case_and_not_on_healthy_series(promtool):
+    assert "SUCCESS" in run_promtool(promtool, "test", "rules", "alerts_test.yml")
 
 
-def test_a_broken_alert_fails_its_rule_test(tmp_path):
+def test_a_broken_alert_fails_its_rule_test(promtool, tmp_path):
     """The rule tests can fail: a threshold moved out of reach makes them fail."""
     shutil.copytree(INFRA / "prometheus", tmp_path / "p")
     rules = tmp_path / "p/alerts.yml"
     rules.write_text(rules.read_text().replace("> 600", "> 6000"))
     r = subprocess.run(
-        [promtool(), "test", "rules", "alerts_test.yml"],
+        [promtool, "test", "rules", "alerts_test.yml"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -156,7 +144,7 @@ def test_dashboards_are_well_formed_and_read_the_provisioned_datasource():
             assert var["datasource"]["uid"] == uid
 
 
-def test_every_panel_query_parses_and_every_metric_is_defined_and_shown(tmp_path):
+def test_every_panel_query_parses_and_every_metric_is_defined_and_shown(promtool, tmp_path):
     shown: set[str] = set()
     rules = []
     for name, p in panels():
@@ -171,7 +159,7 @@ def test_every_panel_query_parses_and_every_metric_is_defined_and_shown(tmp_path
     (tmp_path / "panels.yml").write_text(
         yaml.safe_dump({"groups": [{"name": "p", "rules": rules}]})
     )
-    out = run_promtool("check", "rules", str(tmp_path / "panels.yml"))
+    out = run_promtool(promtool, "check", "rules", str(tmp_path / "panels.yml"))
     assert f"SUCCESS: {len(rules)} rules found" in out
     # Every metric the platform defines is on some dashboard (none recorded for nothing).
     assert shown == set(monitoring.METRICS), set(monitoring.METRICS) - shown

@@ -80,6 +80,7 @@ SUITES: dict[str, str] = {
     "train": "foveation.benchmarks.train:run",
     "gpu": "foveation.benchmarks.gpu:run",
     "serve": "foveation.benchmarks.serve:run",
+    "monitoring": "foveation.benchmarks.metrics_overhead:run",
 }
 
 
