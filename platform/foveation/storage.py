@@ -512,7 +512,22 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole file or object: on S3 the body of one version, even while it is replaced.
+
+    Why one GetObject on S3 and not pyarrow's input stream: that asks the object's size
+    first and then reads byte ranges, so an object replaced in between reads as the first
+    bytes of the new version, a torn read (seen as truncated JSON when a slide job's state
+    was read while its runner wrote the next progress)."""
     loc = _locate(uri)
+    if loc.remote:
+        _require_key(loc)
+        assert loc.target is not None
+        client = _s3_client(loc.target)
+
+        def get() -> bytes:
+            return client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+
+        return _run(loc, "read", "an existing file", get)
 
     def read() -> bytes:
         with loc.fs.open_input_stream(loc.path) as f:

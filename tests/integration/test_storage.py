@@ -459,3 +459,31 @@ def test_import_has_no_side_effects() -> None:
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_a_read_while_the_object_is_replaced_sees_one_whole_version(s3_bucket):
+    """Readers see the old object or the whole new one, also while a writer replaces it with
+    versions of other sizes (a slide job's state while its runner writes progress)."""
+    uri = f"{s3_bucket}/jobs/state.json"
+    versions = [
+        json.dumps({"progress": i / 7, "pad": "x" * (i * 37 % 300)}).encode() for i in range(8)
+    ]
+    storage.write_bytes(uri, versions[0])
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            storage.write_bytes(uri, versions[i % len(versions)])
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        seen = [storage.read_bytes(uri) for _ in range(150)]
+    finally:
+        stop.set()
+        t.join()
+    torn = [s for s in seen if s not in versions]
+    assert not torn, f"{len(torn)} of {len(seen)} reads were torn, e.g. {torn[0][:80]!r}"
+    assert len(set(seen)) > 1, "the writer never replaced the object during the reads"
