@@ -109,8 +109,10 @@ def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Fi
             m["gauge"],
             "us",
             "lower",
-            200.0,
-            note="an actor call to the gauge keeper",
+            1000.0,
+            # Gauges are set per epoch, per job state or progress change, and the last-step
+            # time at most every 2 s: never per step, read or request.
+            note="an actor call to the gauge keeper; off the per-step and per-request paths",
         ),
         Figure("record_histogram_outside_ray", _outside_ray_us(quick), "us", "lower", 50.0),
         Figure(
