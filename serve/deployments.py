@@ -150,7 +150,7 @@ def _record_job(rec, running: int, queued: int) -> None:
     monitoring.record("foveation_serve_jobs_queued", float(queued))
     progress = 1.0 if rec.final else rec.progress
     # An ended job's series goes after an hour: job ids are unbounded.
-    ttl = 3600.0 if rec.final else None
+    ttl = 3600.0 if rec.final else monitoring.GAUGE_TTL_S
     monitoring.record("foveation_serve_job_progress_ratio", progress, ttl_s=ttl, job=rec.id)
     if rec.final:
         monitoring.record("foveation_serve_jobs_total", state=rec.state)

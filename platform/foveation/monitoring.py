@@ -186,14 +186,16 @@ def _client_metric(name: str) -> Any:
 
 
 _METHOD = {"counter": "inc", "gauge": "set", "histogram": "observe"}
+GAUGE_TTL_S = 7 * 24 * 3600.0
 
 
-def record(name: str, value: float = 1.0, ttl_s: float | None = None, **tags: Any) -> None:
+def record(name: str, value: float = 1.0, ttl_s: float = GAUGE_TTL_S, **tags: Any) -> None:
     """Count (counter), set (gauge) or observe (histogram) ``value`` on metric ``name``.
 
-    Inside Ray a gauge is set through the :class:`GaugeKeeper` actor, which holds it until it
-    is set again (or for ``ttl_s`` seconds): the last loss of a finished run or the mIoU of
-    an evaluation stays on the dashboards after the process that set it is gone.
+    Inside Ray a gauge is set through the gauge keeper actor, which holds it until it is set
+    again or for ``ttl_s`` seconds (a week by default): the last loss of a finished run or
+    the mIoU of an evaluation stays on the dashboards after the process that set it is gone,
+    and the keeper's memory stays bounded by what was set in the last ``ttl_s``.
 
     Never fails the caller: a metric is worth less than the request or step it describes, so
     a bad name or tag is logged once and dropped."""
@@ -235,17 +237,17 @@ def _keeper_class():
         def __init__(self) -> None:
             import threading
 
-            self.values: dict[tuple, tuple[float, float | None]] = {}
+            self.values: dict[tuple, tuple[float, float]] = {}  # key -> (value, expiry)
             self.lock = threading.Lock()
             threading.Thread(target=self._refresh_forever, daemon=True).start()
 
-        def set(self, name: str, value: float, tags: dict, ttl_s: float | None) -> None:
+        def set(self, name: str, value: float, tags: dict, ttl_s: float) -> None:
             import time
 
             key = (name, tuple(sorted(tags.items())))
-            with self.lock:
-                self.values[key] = (value, time.monotonic() + ttl_s if ttl_s else None)
-            self._set(key, value)
+            with self.lock:  # held while setting: a refresh never writes an older value back
+                self.values[key] = (value, time.monotonic() + ttl_s)
+                self._set(key, value)
 
         def snapshot(self) -> dict[str, list]:
             with self.lock:
@@ -268,11 +270,10 @@ def _keeper_class():
                 time.sleep(KEEPER_REFRESH_S)
                 now = time.monotonic()
                 with self.lock:
-                    for key in [k for k, (_, end) in self.values.items() if end and end < now]:
+                    for key in [k for k, (_, end) in self.values.items() if end < now]:
                         del self.values[key]
-                    items = list(self.values.items())
-                for key, (value, _) in items:
-                    self._set(key, value)
+                    for key, (value, _) in self.values.items():
+                        self._set(key, value)
 
     return GaugeKeeper
 
@@ -294,6 +295,11 @@ def _keeper():
                 namespace=KEEPER_NAMESPACE,
                 lifetime="detached",
                 get_if_exists=True,
+                # On the head node, as Ray Train's own state actor: a worker node can be
+                # scaled away (and a restarted keeper starts empty); and out of the placement
+                # group of the Train worker or Tune trial that happens to create it.
+                resources={"node:__internal_head__": 0.001},
+                scheduling_strategy="DEFAULT",
             )
             .remote()
         )

@@ -27,6 +27,7 @@ GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "10s"
 # Ray's own metrics the dashboards and alerts read (their names are checked in Ray's source).
 RAY_METRICS = {
     "ray_serve_deployment_replica_healthy",
+    "ray_serve_deployment_status",
     "ray_serve_deployment_queued_queries",
     "ray_serve_replica_processing_queries",
 }

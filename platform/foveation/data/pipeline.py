@@ -17,6 +17,7 @@ slides were skipped.
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections import OrderedDict
@@ -26,6 +27,8 @@ import numpy as np
 from foveation import monitoring, storage
 from foveation.config import Config, config_from_dict
 from foveation.data.slidebank import empty_batch
+
+log = logging.getLogger(__name__)
 
 
 class PipelineError(RuntimeError):
@@ -154,6 +157,12 @@ class _ReadMetrics:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is not None or self.batch is None:
             return
+        try:
+            self._record()
+        except Exception as exc:  # a good read never fails for its metrics
+            log.warning("data metrics not recorded: %s: %s", type(exc).__name__, exc)
+
+    def _record(self) -> None:
         from foveation.rangeio import RangeStats
 
         monitoring.record("foveation_data_read_seconds", time.perf_counter() - self.t0)

@@ -218,8 +218,10 @@ class JobRunner:
             self._records[rec.id] = rec
             running = sum(r.state == RUNNING for r in self._records.values())
             queued = sum(r.state == QUEUED for r in self._records.values())
-        if self.on_state is not None and ("state" in changes or "progress" in changes):
-            self.on_state(rec, running, queued)
+            # Under the lock: the counts reach on_state in the order they were taken, so
+            # the last value recorded is the current one (on_state must be quick).
+            if self.on_state is not None and ("state" in changes or "progress" in changes):
+                self.on_state(rec, running, queued)
         return rec
 
     def _schedule(self, rec: JobRecord) -> None:

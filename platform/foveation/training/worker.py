@@ -127,8 +127,7 @@ def train_worker(config: dict) -> None:
     fail_at = config.get("fail_at_step")
     run = config.get("run") or cfg.name
     if rank == 0:
-        monitoring.record("foveation_train_running", 1.0, run=run)
-        monitoring.record("foveation_train_last_step_timestamp_seconds", time.time(), run=run)
+        _heartbeat(run, time.time())
 
     train_shard = ray.train.get_dataset_shard("train")
     # Ray Train 2.60 raises KeyError for a dataset it was not given (a set without val slides).
@@ -227,6 +226,18 @@ def train_worker(config: dict) -> None:
 
 _LAST_STEP_EVERY_S = 2.0  # a gauge set goes through an actor call: not one per step
 _last_step_kept = [0.0]
+HEARTBEAT_TTL_S = 3600.0
+"""How long "running" and the last-step time outlive the last step: a run killed without
+ending (its driver and workers gone) shows as stalled, then leaves the dashboards."""
+
+
+def _heartbeat(run: str, now: float) -> None:
+    """Rank 0: the run is running and stepped at ``now`` (what the stalled alert reads)."""
+    _last_step_kept[0] = now
+    monitoring.record("foveation_train_running", 1.0, ttl_s=HEARTBEAT_TTL_S, run=run)
+    monitoring.record(
+        "foveation_train_last_step_timestamp_seconds", now, ttl_s=HEARTBEAT_TTL_S, run=run
+    )
 
 
 def _record_step(run: str, rank: int, seconds: float) -> None:
@@ -234,8 +245,7 @@ def _record_step(run: str, rank: int, seconds: float) -> None:
     monitoring.record("foveation_train_step_seconds", seconds, run=run, rank=rank)
     now = time.time()
     if rank == 0 and now - _last_step_kept[0] >= _LAST_STEP_EVERY_S:
-        _last_step_kept[0] = now
-        monitoring.record("foveation_train_last_step_timestamp_seconds", now, run=run)
+        _heartbeat(run, now)
 
 
 def _record_epoch(run: str, rank: int, metrics: dict, device: torch.device) -> None:
