@@ -411,18 +411,20 @@ def test_error_classification(exc: BaseException, kind: ErrorKind) -> None:
 
 
 def test_read_retries_until_the_endpoint_comes_up(s3_bucket: str, caplog) -> None:
-    """A real transient failure: the endpoint refuses connections for 0.5 s, then a server
-    (sharing the first one's in-process state) starts listening there."""
+    """A real transient failure: the endpoint refuses connections for 2 s, then a server
+    (sharing the first one's in-process state) starts listening there. (2 s: the first read
+    also creates the S3 client, which took over 0.5 s on a loaded 2-core machine, and a
+    server already up by then tests nothing.)"""
     from moto.server import ThreadedMotoServer
 
     uri = f"{s3_bucket}/slides/a.svs"
     storage.write_bytes(uri, b"slide")
     port = _free_port()
     late = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    starter = threading.Timer(0.5, late.start)
+    starter = threading.Timer(2.0, late.start)
     storage.configure(
         endpoint_url=f"http://127.0.0.1:{port}",
-        retry=RetryPolicy(attempts=10, base_delay_s=0.1, max_delay_s=0.4),
+        retry=RetryPolicy(attempts=40, base_delay_s=0.1, max_delay_s=0.4),
     )
     starter.start()
     try:
