@@ -12,6 +12,7 @@ Endpoints (JSON errors everywhere, OpenAPI at /docs):
 Metrics: ``foveation.monitoring`` (ray.util.metrics, exported by Ray's metrics agent).
 """
 
+import contextlib
 import hmac
 import json
 import logging
@@ -95,6 +96,35 @@ def _unwrap(result: dict[str, Any]) -> dict[str, Any]:
         e = result["error"]
         raise RequestError(e["status"], e["code"], e["message"])
     return result["ok"]
+
+
+def _observe(route: str, status: int, t0: float, reason: str | None = None) -> None:
+    """A request's count and latency by route and status; a refused one (any 4xx, or 503
+    when overloaded) also counts as rejected, by its error code."""
+    monitoring.record("foveation_serve_requests_total", route=route, status=status)
+    monitoring.record(
+        "foveation_serve_request_seconds", time.perf_counter() - t0, route=route, status=status
+    )
+    if reason is not None and (400 <= status < 500 or status == 503):
+        monitoring.record("foveation_serve_rejected_total", route=route, reason=reason)
+
+
+@contextlib.contextmanager
+def _observed(route: str, ok: int):
+    """Count and time one request of ``route`` however it ends: ``ok``, a RequestError's status
+    and code, or 500 for anything else (what the catch-all handler answers). Yields the start
+    time."""
+    t0, status, reason = time.perf_counter(), ok, None
+    try:
+        yield t0
+    except RequestError as exc:
+        status, reason = exc.status, exc.code
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        _observe(route, status, t0, reason)
 
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
@@ -200,16 +230,6 @@ class Ingress:
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "overloaded", "server busy; retry shortly") from None
 
-    def _observe(self, route: str, status: int, t0: float, reason: str | None = None) -> None:
-        """A request's count and latency by route and status; a refused one (any 4xx, or 503
-        when overloaded) also counts as rejected, by its error code."""
-        monitoring.record("foveation_serve_requests_total", route=route, status=status)
-        monitoring.record(
-            "foveation_serve_request_seconds", time.perf_counter() - t0, route=route, status=status
-        )
-        if reason is not None and (400 <= status < 500 or status == 503):
-            monitoring.record("foveation_serve_rejected_total", route=route, reason=reason)
-
     # -- endpoints -----------------------------------------------------------------------
     @api.get("/healthz", summary="Liveness and readiness: the model deployment answers")
     async def healthz(self) -> JSONResponse:
@@ -235,8 +255,7 @@ class Ingress:
         format: Literal["png", "json"] = Query("png"),
         apsm: bool = Query(False, description="include F's average patch size map (json)"),
     ) -> Response:
-        t0, status, reason = time.perf_counter(), 200, None
-        try:
+        with _observed("/v1/segment", 200) as t0:
             self._authorize(request)
             if apsm and format != "json":
                 raise RequestError(422, "invalid_request", "apsm=true needs format=json")
@@ -252,33 +271,16 @@ class Ingress:
                 f"{k};dur={v * 1000:.2f}" for k, v in timing.items()
             )
             return response
-        except RequestError as exc:
-            status, reason = exc.status, exc.code
-            raise
-        except Exception:  # answered 500 by the catch-all handler: count it as such
-            status = 500
-            raise
-        finally:
-            self._observe("/v1/segment", status, t0, reason)
 
     @api.post("/v1/jobs", status_code=202, summary="Segment a whole slide as a job")
     async def submit_job(self, request: Request, job: JobRequest) -> JSONResponse:
-        t0, status, reason = time.perf_counter(), 202, None
-        try:
+        with _observed("/v1/jobs", 202):
             self._authorize(request)
             check_slide_uri(job.slide_uri, self.settings.jobs.allowed_prefixes)
             rec = _unwrap(await self._call(self.runner.submit.remote(job.slide_uri)))
             return JSONResponse(
                 _public(rec), status_code=202, headers={"Location": f"/v1/jobs/{rec['id']}"}
             )
-        except RequestError as exc:
-            status, reason = exc.status, exc.code
-            raise
-        except Exception:  # answered 500 by the catch-all handler: count it as such
-            status = 500
-            raise
-        finally:
-            self._observe("/v1/jobs", status, t0, reason)
 
     @api.get("/v1/jobs/{job_id}", summary="A job's state, progress and result URIs")
     async def get_job(self, request: Request, job_id: str) -> JSONResponse:

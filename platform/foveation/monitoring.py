@@ -8,7 +8,7 @@ Two exporters, one set of definitions (DESIGN.md):
   the series with a ``ray_`` prefix (``foveation_serve_requests_total`` is scraped as
   ``ray_foveation_serve_requests_total``) next to Ray's own metrics, so one Prometheus job
   fed by Ray's service-discovery file finds them all (``infra/prometheus/prometheus.yml``);
-- outside Ray (a tool or benchmark run in-process) it goes to :data:`REGISTRY`, a
+- outside Ray (a tool or benchmark run in-process) it goes to :func:`registry`, a
   ``prometheus_client`` registry under the same names with the same ``ray_`` prefix, so that
   dashboards and alerts need one spelling. :func:`start_http_server` exposes it (the
   ``foveation-app`` job of the shipped scrape config); :func:`exposition` renders it (tests).
@@ -144,10 +144,8 @@ METRICS: dict[str, MetricDef] = {
 
 
 def _in_ray() -> bool:
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return False
+    import ray
+
     return ray.is_initialized()
 
 
@@ -248,13 +246,6 @@ def _keeper_class():
             with self.lock:  # held while setting: a refresh never writes an older value back
                 self.values[key] = (value, time.monotonic() + ttl_s)
                 self._set(key, value)
-
-        def snapshot(self) -> dict[str, list]:
-            with self.lock:
-                out: dict[str, list] = {}
-                for (name, tags), (value, _) in self.values.items():
-                    out.setdefault(name, []).append((dict(tags), value))
-                return out
 
         def _set(self, key: tuple, value: float) -> None:
             name, tags = key

@@ -35,6 +35,8 @@ def _measure(config: str, quick: bool) -> dict[str, float]:
     from foveation import monitoring
     from foveation.config import load_config
     from foveation.models.foveated import build_model
+    from foveation.models.segmenter import OUTPUT_STRIDE
+    from foveation.patches import XR_CONTEXT
     from foveation.training.optim import build_optimizer
     from foveation.training.step import batch_forward
     from foveation.training.worker import _record_step
@@ -59,11 +61,13 @@ def _measure(config: str, quick: bool) -> dict[str, float]:
     torch.manual_seed(0)
     model = build_model(cfg).train()
     opt, _ = build_optimizer(model, tc, 100)
-    n, P, k = tc.batch_size * tc.locations_per_image, pc.patch_size, 7
+    n, P, k = tc.batch_size * tc.locations_per_image, pc.patch_size, 2 * XR_CONTEXT + 1
     batch = {
         "bank": torch.randint(0, 255, (n, pc.depth, 3, P, P), dtype=torch.uint8),
         "xr": torch.randn(n, 3, k, k),
-        "label": torch.randint(0, cfg.model.num_classes, (n, P // 4, P // 4), dtype=torch.uint8),
+        "label": torch.randint(
+            0, cfg.model.num_classes, (n, P // OUTPUT_STRIDE, P // OUTPUT_STRIDE), dtype=torch.uint8
+        ),
         "loc": torch.zeros(n, 2, dtype=torch.int32),
     }
 

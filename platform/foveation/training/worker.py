@@ -220,8 +220,6 @@ def train_worker(config: dict) -> None:
             "history": history,  # every epoch's metrics so far, resumed runs included
         }
         _report(engine, cfg, metrics, meta, rank)
-    if rank == 0:
-        monitoring.record("foveation_train_running", 0.0, run=run)
 
 
 _LAST_STEP_EVERY_S = 2.0  # a gauge set goes through an actor call: not one per step
