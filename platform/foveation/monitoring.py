@@ -106,7 +106,8 @@ METRICS: dict[str, MetricDef] = {
         "Peak memory of a worker: allocated CUDA memory on GPU, RSS on CPU", "run", "rank"
     ),
     "foveation_train_last_step_timestamp_seconds": _gauge(
-        "Unix time of the last optimizer step (the 'training stalled' alert)", "run"
+        "Unix time of the last optimizer step or validation batch (the 'training stalled' alert)",
+        "run",
     ),
     "foveation_train_running": _gauge("1 while a training run is in progress, 0 after", "run"),
     # -- evaluation: the driver of jobs.evaluate (slide_eval.py) ----------------------------

@@ -156,3 +156,55 @@ def test_bf16_autocast_step_on_cpu():
     )
     assert math.isfinite(res.loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+
+
+def test_validation_keeps_the_run_alive(monkeypatch):
+    """A validation pass calls back after every batch, and the worker turns those calls into
+    the run's heartbeat (at most every 2 s, rank 0 only), so a long pass is not a stall."""
+    from foveation.config import load_config
+    from foveation.models.segmenter import OUTPUT_STRIDE
+    from foveation.patches import XR_CONTEXT
+    from foveation.training import worker
+
+    cfg = load_config("jobs/configs/tiny.toml")
+    pc, k, n = cfg.patches, 2 * XR_CONTEXT + 1, 2
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "bank": torch.randint(
+                0,
+                255,
+                (n, pc.depth, 3, pc.patch_size, pc.patch_size),
+                generator=g,
+                dtype=torch.uint8,
+            ),
+            "xr": torch.randn(n, 3, k, k, generator=g),
+            "label": torch.randint(
+                0,
+                cfg.model.num_classes,
+                (n, pc.patch_size // OUTPUT_STRIDE, pc.patch_size // OUTPUT_STRIDE),
+                generator=g,
+                dtype=torch.uint8,
+            ),
+        }
+        for _ in range(3)
+    ]
+    calls = []
+    summary = worker.validate(
+        build_model(cfg), batches, cfg, torch.device("cpu"), on_batch=lambda: calls.append(1)
+    )
+    assert len(calls) == 3 and 0.0 <= summary["miou"] <= 1.0
+    assert sum(summary["weight_mean"]) == pytest.approx(1.0)
+
+    beats, kept = [], [0.0]
+
+    def heartbeat(run, now):  # what the real one records, without a metrics backend
+        beats.append(run)
+        kept[0] = now
+
+    monkeypatch.setattr(worker, "_heartbeat", heartbeat)
+    monkeypatch.setattr(worker, "_last_step_kept", kept)
+    worker._keep_alive("r", 1)  # not rank 0: never
+    worker._keep_alive("r", 0)
+    worker._keep_alive("r", 0)  # within 2 s of the last: skipped
+    assert beats == ["r"]

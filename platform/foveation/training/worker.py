@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -42,8 +43,16 @@ def autocast(cfg: Config, device: torch.device):
 
 
 @torch.no_grad()
-def validate(model: FoveatedSegmenter, batches, cfg: Config, device: torch.device) -> dict:
-    """Patch-level scores on the validation locations of this rank, summed over all ranks."""
+def validate(
+    model: FoveatedSegmenter,
+    batches,
+    cfg: Config,
+    device: torch.device,
+    on_batch: Callable[[], None] | None = None,
+) -> dict:
+    """Patch-level scores on the validation locations of this rank, summed over all ranks.
+    ``on_batch`` is called after every batch (the worker keeps the run's heartbeat with it: a
+    long validation pass is progress, not a stall)."""
     model.eval()
     k = cfg.model.num_classes
     cm = ConfusionMatrix(k, cfg.evaluation.ignore_index)
@@ -56,6 +65,8 @@ def validate(model: FoveatedSegmenter, batches, cfg: Config, device: torch.devic
         cm.update(logits.argmax(1).cpu().numpy(), batch["label"].numpy())
         wsum += w.double().sum(0).cpu()
         n += len(w)
+        if on_batch is not None:
+            on_batch()
     model.train()
     counts = torch.from_numpy(cm.matrix.astype(np.float64))
     packed = distributed.all_reduce_sum(torch.cat([counts.flatten(), wsum, torch.tensor([n])]))
@@ -171,7 +182,13 @@ def train_worker(config: dict) -> None:
         seconds = time.perf_counter() - t0
         distributed.broadcast_buffers(engine.module)  # one model on every rank
         val = (
-            validate(engine.module, torch_batches(val_shard, rows), cfg, device)
+            validate(
+                engine.module,
+                torch_batches(val_shard, rows),
+                cfg,
+                device,
+                on_batch=lambda: _keep_alive(run, rank),
+            )
             if val_shard
             else None
         )
@@ -230,7 +247,8 @@ ending (its driver and workers gone) shows as stalled, then leaves the dashboard
 
 
 def _heartbeat(run: str, now: float) -> None:
-    """Rank 0: the run is running and stepped at ``now`` (what the stalled alert reads)."""
+    """Rank 0: the run is running and made progress at ``now``, an optimizer step or a
+    validation batch (what the stalled alert reads)."""
     _last_step_kept[0] = now
     monitoring.record("foveation_train_running", 1.0, ttl_s=HEARTBEAT_TTL_S, run=run)
     monitoring.record(
@@ -238,12 +256,18 @@ def _heartbeat(run: str, now: float) -> None:
     )
 
 
-def _record_step(run: str, rank: int, seconds: float) -> None:
-    monitoring.record("foveation_train_steps_total", 1.0, run=run, rank=rank)
-    monitoring.record("foveation_train_step_seconds", seconds, run=run, rank=rank)
+def _keep_alive(run: str, rank: int) -> None:
+    """Rank 0, after a training step or a validation batch: the heartbeat, at most every
+    ``_LAST_STEP_EVERY_S``."""
     now = time.time()
     if rank == 0 and now - _last_step_kept[0] >= _LAST_STEP_EVERY_S:
         _heartbeat(run, now)
+
+
+def _record_step(run: str, rank: int, seconds: float) -> None:
+    monitoring.record("foveation_train_steps_total", 1.0, run=run, rank=rank)
+    monitoring.record("foveation_train_step_seconds", seconds, run=run, rank=rank)
+    _keep_alive(run, rank)
 
 
 def _record_epoch(run: str, rank: int, metrics: dict, device: torch.device) -> None:
