@@ -98,22 +98,12 @@ def _unwrap(result: dict[str, Any]) -> dict[str, Any]:
     return result["ok"]
 
 
-def _observe(route: str, status: int, t0: float, reason: str | None = None) -> None:
-    """A request's count and latency by route and status; a refused one (any 4xx, or 503
-    when overloaded) also counts as rejected, by its error code."""
-    monitoring.record("foveation_serve_requests_total", route=route, status=status)
-    monitoring.record(
-        "foveation_serve_request_seconds", time.perf_counter() - t0, route=route, status=status
-    )
-    if reason is not None and (400 <= status < 500 or status == 503):
-        monitoring.record("foveation_serve_rejected_total", route=route, reason=reason)
-
-
 @contextlib.contextmanager
 def _observed(route: str, ok: int):
-    """Count and time one request of ``route`` however it ends: ``ok``, a RequestError's status
-    and code, or 500 for anything else (what the catch-all handler answers). Yields the start
-    time."""
+    """Count and time one request of ``route`` by status however it ends: ``ok``, a
+    RequestError's status and code, or 500 for anything else (what the catch-all handler
+    answers). A refused request (any 4xx, or 503 when overloaded) also counts as rejected, by
+    its error code. Yields the start time."""
     t0, status, reason = time.perf_counter(), ok, None
     try:
         yield t0
@@ -124,7 +114,12 @@ def _observed(route: str, ok: int):
         status = 500
         raise
     finally:
-        _observe(route, status, t0, reason)
+        monitoring.record("foveation_serve_requests_total", route=route, status=status)
+        monitoring.record(
+            "foveation_serve_request_seconds", time.perf_counter() - t0, route=route, status=status
+        )
+        if reason is not None and (400 <= status < 500 or status == 503):
+            monitoring.record("foveation_serve_rejected_total", route=route, reason=reason)
 
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:

@@ -126,7 +126,7 @@ class BankReader:
                         self._evict(image_uri)
                     with _ReadMetrics(self, image_uri, label_uri) as m:
                         locs = self.sample(sid, image_uri, label_uri)
-                        m.batch = self._reader(image_uri, label_uri).batch(locs, sid)
+                        m.batch = m.bank.batch(locs, sid)
                     parts.append(m.batch)
                     break
                 except Exception as exc:
@@ -144,14 +144,15 @@ class BankReader:
 class _ReadMetrics:
     """Records one slide's read (``foveation_data_*``): its time, the banks and bytes it
     produced, and what the slide's range caches fetched from object storage since the last
-    record (opening included: a small slide is often read whole by its first GET)."""
+    record. Opening the slide (on its first read, or after an eviction) counts in both: a
+    small slide is often read whole by its first GET."""
 
     def __init__(self, owner: BankReader, image_uri: str, label_uri: str) -> None:
-        self.bank = owner._reader(image_uri, label_uri)
+        self.t0 = time.perf_counter()
+        self.bank = owner._reader(image_uri, label_uri)  # opens the slide if not cached
         self.batch: dict[str, np.ndarray] | None = None
 
     def __enter__(self) -> _ReadMetrics:
-        self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, exc_type, *_) -> None:
