@@ -18,9 +18,9 @@ demo: $(STAMP)   ## generate, ingest, train (Ray Train + DeepSpeed, CPU), evalua
 	$(PY) -m jobs.demo --config jobs/configs/debug.toml
 
 test: $(STAMP)   ## lint, then every test
-	$(PY) -m ruff check platform jobs tests serve
-	$(PY) -m ruff format --check platform jobs tests serve
-	$(PY) -m pytest
+	$(PY) -m ruff check platform jobs tests serve benchmarks
+	$(PY) -m ruff format --check platform jobs tests serve benchmarks
+	$(PY) -m pytest --durations=15
 
 bench: $(STAMP)  ## the benchmark suites
 	$(PY) -m jobs.benchmark patches --json runs/bench-patches.json

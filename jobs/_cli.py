@@ -17,8 +17,12 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
 
 def load_or_none(path: str) -> Config | None:
     """The validated config, or None after printing why it is not one (no traceback)."""
+    from foveation.models.foveated import check_config
+
     try:
-        return load_config(path)
+        cfg = load_config(path)
+        check_config(cfg, path)  # the checks that need the model registries, before any work
+        return cfg
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None

@@ -1,6 +1,7 @@
-"""Run a benchmark suite; print a table, optionally write the JSON list DESIGN.md pins.
+"""Run a benchmark suite; print a table, optionally write the JSON list
+``docs/contracts.md#benchmarks`` pins. The suites live in the top-level ``benchmarks`` package.
 
-python -m jobs.benchmark patches [--json FILE] [--quick]
+python -m jobs.benchmark SUITE [--json FILE] [--quick]
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import argparse
 import json
 import sys
 
+from benchmarks import SUITES, format_table, get_suite
 from foveation import storage
-from foveation.benchmarks import SUITES, format_table, get_suite
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -344,9 +344,9 @@ def _settings_dict(cfg: ServeConfig) -> dict[str, Any]:
     """The validated settings as plain data for the replicas (they validate them again)."""
     import dataclasses
 
-    from foveation.config import _drop_none
+    from foveation.config import drop_none
 
-    return json.loads(json.dumps(_drop_none(dataclasses.asdict(cfg))))
+    return json.loads(json.dumps(drop_none(dataclasses.asdict(cfg))))
 
 
 __all__ = ["AppArgs", "Ingress", "api", "build_app"]

@@ -1,7 +1,7 @@
 """The three deployments of the app (composed in ``serve.app.build_app``):
 
 - ``ModelServer`` (autoscaled): loads the checkpoint in its constructor and segments uploaded
-  images with the Core tiled inference; the tiles' segmenter forwards of concurrent requests
+  images with the tiled whole-image inference; the tiles' segmenter forwards of concurrent requests
   are batched with ``@serve.batch``.
 - ``SlideJobRunner`` (one replica): whole-slide jobs, out of core, state in the job store; on
   start it resumes the jobs a previous replica left unfinished.

@@ -1,4 +1,4 @@
-"""Checkpoints in the directory format DESIGN.md pins:
+"""Checkpoints in the directory format of docs/contracts.md#checkpoint:
 
     <dir>/model.safetensors   fp32 weights of the whole foveated segmenter
     <dir>/config.toml         the full config that built it

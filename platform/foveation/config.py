@@ -1,9 +1,21 @@
 """Typed configuration: one frozen dataclass per concern, loaded from TOML and validated.
 
-Every check runs in ``__post_init__`` so a bad config fails when it is loaded, with a
-message naming the field (``patches.fovs``, ``model.mix.index``...), never an hour into a
-run. Configs are passed as arguments and never mutated; :func:`replace` derives variants
-(a baseline, a sweep trial) from a base config.
+Every check of the config's own values runs in ``__post_init__`` so a bad config fails when it
+is loaded, with a message naming the field (``patches.fovs``, ``model.mix.index``...), never an
+hour into a run. The checks that need the models (a registered mix mode, a known backbone, the
+segmenter's output stride) run where models are built, in
+``foveation.models.foveated.check_config``: this module imports nothing from ``foveation``, so
+every other part can import it (docs/contracts.md, docs/architecture.md). Configs are passed as
+arguments and never mutated; :func:`replace` derives variants (a baseline, a sweep trial) from a
+base config.
+
+The typed-TOML loader is public and shared with other settings (``foveation.serving.settings``):
+:func:`read_toml` reads a file, :func:`dataclass_from_dict` builds any frozen dataclass from
+nested tables (coercing and checking types, refusing unknown keys), :func:`require` is the
+check of every ``__post_init__``, :func:`drop_none` turns a dataclass dict back into TOML data.
+It stays plain stdlib rather than pydantic v2: the type coercion it would replace is ~50 lines,
+while the cross-field checks in ``__post_init__`` and the error wording (field then file) would
+stay, so pydantic would remove little code and add a translation of its error format.
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ class ConfigError(ValueError):
     """A config value is missing, of the wrong type, or inconsistent with another."""
 
 
-def _check(cond: bool, where: str, msg: str) -> None:
+def require(cond: bool, where: str, msg: str) -> None:
+    """Raise ``ConfigError("<where>: <msg>")`` unless ``cond``; ``where`` is the field's dotted
+    path (``patches.fovs``), so the message says what to fix."""
     if not cond:
         raise ConfigError(f"{where}: {msg}")
 
@@ -37,7 +51,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class PatchSetConfig:
-    """Geometry of the patch bank (REFERENCE.md, "Geometry")."""
+    """Geometry of the patch bank (docs/method.md, "Geometry")."""
 
     fovs: tuple[int, ...] = (64, 128, 256)
     """Field-of-view side lengths in full-resolution pixels, strictly increasing (P1 < ... < PD)."""
@@ -54,36 +68,38 @@ class PatchSetConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "fovs", tuple(int(f) for f in self.fovs))
         w = "patches"
-        _check(len(self.fovs) >= 1, f"{w}.fovs", "needs at least one field of view")
-        _check(self.patch_size >= 8, f"{w}.patch_size", f"must be >= 8, got {self.patch_size}")
-        _check(
+        require(len(self.fovs) >= 1, f"{w}.fovs", "needs at least one field of view")
+        require(self.patch_size >= 8, f"{w}.patch_size", f"must be >= 8, got {self.patch_size}")
+        require(
             all(a < b for a, b in zip(self.fovs, self.fovs[1:], strict=False)),
             f"{w}.fovs",
             f"must be strictly increasing, got {list(self.fovs)}",
         )
-        _check(
+        require(
             self.fovs[0] >= self.patch_size,
             f"{w}.fovs",
             f"every FoV must be >= patch_size {self.patch_size} (patches are only ever "
             f"downsampled), got {list(self.fovs)}",
         )
-        _check(
+        require(
             all(f % 2 == 0 for f in self.fovs),
             f"{w}.fovs",
             f"must be even so patches centre on a pixel corner, got {list(self.fovs)}",
         )
-        _check(
+        require(
             self.xr_scale >= 2 and self.xr_scale % 2 == 0,
             f"{w}.xr_scale",
             f"must be an even integer >= 2, got {self.xr_scale}",
         )
-        _check(
+        require(
             self.xr_scale <= self.fovs[0],
             f"{w}.xr_scale",
             f"must be <= the smallest FoV {self.fovs[0]} or predictions leave gaps",
         )
-        _check(self.padding in PADDING_MODES, f"{w}.padding", f"must be one of {PADDING_MODES}")
-        _check(self.resample in RESAMPLE_MODES, f"{w}.resample", f"must be one of {RESAMPLE_MODES}")
+        require(self.padding in PADDING_MODES, f"{w}.padding", f"must be one of {PADDING_MODES}")
+        require(
+            self.resample in RESAMPLE_MODES, f"{w}.resample", f"must be one of {RESAMPLE_MODES}"
+        )
 
     @property
     def depth(self) -> int:
@@ -93,10 +109,11 @@ class PatchSetConfig:
 
 @dataclass(frozen=True)
 class MixConfig:
-    """How the foveation weights combine the D patches (REFERENCE.md, "Mix modes")."""
+    """How the foveation weights combine the D patches (docs/method.md, "Mix modes")."""
 
     mode: str = "soft"
-    """A name from ``foveation.models.mixing.MIXERS``: soft, hard, gumbel, onehot, average, random."""
+    """A name from ``foveation.models.mixing.MIXERS``: soft, hard, gumbel, onehot, average,
+    random (checked against the registry when the model is built)."""
     index: int | None = None
     """For mode "onehot": which patch (0 = smallest FoV)."""
     straight_through: str = "plain"
@@ -107,25 +124,19 @@ class MixConfig:
     """For "gumbel": the annealed temperature max(tau_min, exp(-step / total_steps))."""
 
     def __post_init__(self) -> None:
-        from foveation.models.mixing import MIXERS  # lazy: config must not import torch eagerly
-
-        _check(
-            self.mode in MIXERS,
-            "model.mix.mode",
-            f"unknown mix mode {self.mode!r}; known: {sorted(MIXERS)}",
-        )
+        require(bool(self.mode), "model.mix.mode", "must name a mix mode")
         if self.mode == "onehot":
-            _check(
+            require(
                 self.index is not None and self.index >= 0,
                 "model.mix.index",
                 "onehot mode needs index >= 0",
             )
-        _check(
+        require(
             self.straight_through in ("plain", "inverse"),
             "model.mix.straight_through",
             f"must be 'plain' or 'inverse', got {self.straight_through!r}",
         )
-        _check(self.tau_min > 0, "model.mix.tau_min", "must be > 0")
+        require(self.tau_min > 0, "model.mix.tau_min", "must be > 0")
 
     @property
     def label(self) -> str:
@@ -138,7 +149,8 @@ class ModelConfig:
     """The foveated segmenter: foveation net F, mixer, and segmenter on a timm backbone."""
 
     backbone: str = "hrnet_w18_small"
-    """A name from ``foveation.models.segmenter.BACKBONES`` (or "timm:<name>" for any timm features model)."""
+    """A name from ``foveation.models.segmenter.BACKBONES`` (or "timm:<name>" for any timm
+    features model; checked when the model is built)."""
     num_classes: int = 4
     head_channels: int | None = None
     """Width of the head's 3x3 conv; default: the concatenated width / 4 (720 -> 180 for W48)."""
@@ -151,18 +163,14 @@ class ModelConfig:
     mix: MixConfig = field(default_factory=MixConfig)
 
     def __post_init__(self) -> None:
-        from foveation.models.segmenter import known_backbone
-
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        _check(
-            known_backbone(self.backbone), "model.backbone", f"unknown backbone {self.backbone!r}"
-        )
-        _check(self.num_classes >= 2, "model.num_classes", "must be >= 2")
-        _check(len(self.mean) == 3 and len(self.std) == 3, "model.mean/std", "need 3 values (RGB)")
-        _check(all(s > 0 for s in self.std), "model.std", "must be > 0")
+        require(bool(self.backbone), "model.backbone", "must name a backbone")
+        require(self.num_classes >= 2, "model.num_classes", "must be >= 2")
+        require(len(self.mean) == 3 and len(self.std) == 3, "model.mean/std", "need 3 values (RGB)")
+        require(all(s > 0 for s in self.std), "model.std", "must be > 0")
         if self.pretrained is not None:
-            _check(
+            require(
                 Path(self.pretrained).is_file(),
                 "model.pretrained",
                 f"weight file {self.pretrained!r} does not exist (no weights can be downloaded here; "
@@ -190,12 +198,15 @@ class ToyConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "n_test"):
-            _check(getattr(self, name) >= 1, f"data.toy.{name}", "must be >= 1")
-        _check(self.size >= 32, "data.toy.size", "must be >= 32")
-        _check(self.region_size >= 8, "data.toy.region_size", "must be >= 8")
+            require(getattr(self, name) >= 1, f"data.toy.{name}", "must be >= 1")
+        require(self.size >= 32, "data.toy.size", "must be >= 32")
+        require(self.region_size >= 8, "data.toy.region_size", "must be >= 8")
 
 
 IMAGE_FORMATS = ("png", "jpg")
+
+
+SYNTHETIC_REGIMES = ("blind", "informative")
 
 
 @dataclass(frozen=True)
@@ -216,27 +227,36 @@ class SyntheticConfig:
     """Each slide is labelled by a random number of annotators in this range (Gleason2019: 3-6)."""
     image_format: str = "png"
     """"png" keeps the weak texture cue intact; "jpg" (quality 95) mimics the real data."""
+    regime: str = "blind"
+    """"blind": the classes look alike at x_r, so x_r cannot tell where to look (the ablation);
+    "informative": a tissue-architecture cue that survives downsampling shows which scale
+    decides a region, without giving away the class (docs/method.md#f-must-see-where-to-look)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "annotators_per_slide", tuple(int(v) for v in self.annotators_per_slide)
         )
         w = "data.synthetic"
-        _check(self.n_slides >= 1, f"{w}.n_slides", "must be >= 1")
-        _check(self.size >= 64, f"{w}.size", "must be >= 64")
-        _check(0 <= self.grade5_fraction < 0.5, f"{w}.grade5_fraction", "must be in [0, 0.5)")
-        _check(
+        require(
+            self.regime in SYNTHETIC_REGIMES,
+            f"{w}.regime",
+            f"must be one of {SYNTHETIC_REGIMES}, got {self.regime!r}",
+        )
+        require(self.n_slides >= 1, f"{w}.n_slides", "must be >= 1")
+        require(self.size >= 64, f"{w}.size", "must be >= 64")
+        require(0 <= self.grade5_fraction < 0.5, f"{w}.grade5_fraction", "must be in [0, 0.5)")
+        require(
             self.noise_sigma >= 0 and self.texture_contrast >= 0,
             f"{w}.noise_sigma/texture_contrast",
             "must be >= 0",
         )
         lo, hi = (*self.annotators_per_slide, 0, 0)[:2]
-        _check(
+        require(
             len(self.annotators_per_slide) == 2 and 1 <= lo <= hi <= self.n_annotators,
             f"{w}.annotators_per_slide",
             f"must be [min, max] with 1 <= min <= max <= n_annotators ({self.n_annotators})",
         )
-        _check(
+        require(
             self.image_format in IMAGE_FORMATS,
             f"{w}.image_format",
             f"must be one of {IMAGE_FORMATS}",
@@ -269,31 +289,31 @@ class IngestConfig:
     """A fixed number of test slides instead of a fraction (the paper: 30 of 298)."""
     split_seed: int = 0
     task_cpus: float = 0.5
-    """Logical CPUs per Ray ingest task (fractional on small machines: DESIGN.md)."""
+    """Logical CPUs per Ray ingest task (fractional on small machines: docs/architecture.md)."""
     max_error_fraction: float = 0.5
     """The job fails when more than this fraction of slides cannot be ingested."""
 
     def __post_init__(self) -> None:
         w = "data.ingest"
-        _check(self.crop_size is None or self.crop_size >= 64, f"{w}.crop_size", "must be >= 64")
-        _check(
+        require(self.crop_size is None or self.crop_size >= 64, f"{w}.crop_size", "must be >= 64")
+        require(
             self.tile_size in (128, 256, 512, 1024),
             f"{w}.tile_size",
             "must be 128, 256, 512 or 1024",
         )
-        _check(
+        require(
             self.compression in COMPRESSIONS, f"{w}.compression", f"must be one of {COMPRESSIONS}"
         )
-        _check(1 <= self.quality <= 100, f"{w}.quality", "must be in [1, 100]")
-        _check(
+        require(1 <= self.quality <= 100, f"{w}.quality", "must be in [1, 100]")
+        require(
             0 <= self.val_fraction < 1
             and 0 <= self.test_fraction < 1
             and self.val_fraction + self.test_fraction < 1,
             f"{w}.val_fraction/test_fraction",
             "must be in [0, 1) and sum to less than 1",
         )
-        _check(self.task_cpus > 0, f"{w}.task_cpus", "must be > 0")
-        _check(0 <= self.max_error_fraction <= 1, f"{w}.max_error_fraction", "must be in [0, 1]")
+        require(self.task_cpus > 0, f"{w}.task_cpus", "must be > 0")
+        require(0 <= self.max_error_fraction <= 1, f"{w}.max_error_fraction", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -303,7 +323,7 @@ class PipelineConfig:
     reader_actors: int = 2
     """Actors that read patch banks (each caches its open slides)."""
     actor_cpus: float = 0.5
-    """Logical CPUs per reader actor (fractional on a laptop: DESIGN.md)."""
+    """Logical CPUs per reader actor (fractional on a laptop: docs/architecture.md)."""
     tissue_threshold: float = 225.0
     """x_r pixels whose mean luminance is at or above this are background and never sampled."""
     block_size: int = 1 << 20
@@ -315,15 +335,15 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         w = "data.pipeline"
-        _check(self.reader_actors >= 1, f"{w}.reader_actors", "must be >= 1")
-        _check(self.actor_cpus > 0, f"{w}.actor_cpus", "must be > 0")
-        _check(0 < self.tissue_threshold <= 256, f"{w}.tissue_threshold", "must be in (0, 256]")
-        _check(
+        require(self.reader_actors >= 1, f"{w}.reader_actors", "must be >= 1")
+        require(self.actor_cpus > 0, f"{w}.actor_cpus", "must be > 0")
+        require(0 < self.tissue_threshold <= 256, f"{w}.tissue_threshold", "must be in (0, 256]")
+        require(
             self.block_size >= 4096 and self.max_blocks >= 1,
             f"{w}.block_size/max_blocks",
             "too small",
         )
-        _check(0 <= self.max_error_fraction <= 1, f"{w}.max_error_fraction", "must be in [0, 1]")
+        require(0 <= self.max_error_fraction <= 1, f"{w}.max_error_fraction", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -336,9 +356,12 @@ class DataConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
+WARMUP_MIXES = ("average", "random")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
-    """The paper's optimisation (REFERENCE.md, "Training") plus guards against collapse."""
+    """The paper's optimisation (docs/method.md, "Training") plus guards against collapse."""
 
     epochs: int = 8
     batch_size: int = 2
@@ -354,9 +377,24 @@ class TrainingConfig:
     poly_power: float = 0.9
     grad_clip: float | None = None
     uniform_warmup_fraction: float = 0.0
-    """Fraction of steps that use the Average mix before F chooses (REFERENCE.md, collapse)."""
+    """Fraction of steps that use ``warmup_mix`` before F chooses (docs/method.md#collapse): the
+    segmenter first learns every scale's cue, then F learns to choose."""
+    warmup_mix: str = "average"
+    """The mix of the warm-up: "average" (every patch at 1/D) or "random" (one patch per
+    location, drawn uniformly: the segmenter learns each scale alone, as a hard choice sees it)."""
     entropy_weight: float = 0.0
-    """Weight of an entropy bonus on F's weights (positive keeps them spread)."""
+    """Weight of an entropy bonus on F's weights (positive keeps them spread, negative makes
+    each location's choice decisive)."""
+    entropy_weight_end: float | None = None
+    """If set, the entropy weight moves linearly from ``entropy_weight`` (first step after the
+    warm-up) to this (last step): e.g. spread early, decisive late."""
+    scale_target_weight: float = 0.0
+    """Weight of the hindsight scale target (docs/method.md#scale-target): each location's loss
+    under each single patch (no gradient) gives a target q = softmax(-loss_d / T) that F's
+    weights are trained towards with cross entropy, so F learns from x_r which scale wins where,
+    not only through the mix. 0: off (the paper's recipe)."""
+    scale_target_temperature: float = 0.1
+    """T of the hindsight target: lower is closer to the best patch's one-hot."""
     class_weights: tuple[float, ...] | None = None
     seed: int = 0
     precision: str = "fp32"
@@ -370,20 +408,29 @@ class TrainingConfig:
             object.__setattr__(self, "class_weights", tuple(float(v) for v in self.class_weights))
         w = "training"
         for name in ("epochs", "batch_size", "locations_per_image"):
-            _check(
+            require(
                 getattr(self, name) >= 1, f"{w}.{name}", f"must be >= 1, got {getattr(self, name)}"
             )
         for name in ("lr_encoder", "lr_decoder", "lr_fovnet"):
-            _check(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{w}.beta1/beta2", "must be in [0, 1)")
-        _check(
+            require(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
+        require(
+            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{w}.beta1/beta2", "must be in [0, 1)"
+        )
+        require(
             0 <= self.uniform_warmup_fraction < 1,
             f"{w}.uniform_warmup_fraction",
             "must be in [0, 1)",
         )
-        _check(self.grad_clip is None or self.grad_clip > 0, f"{w}.grad_clip", "must be > 0")
-        _check(self.precision in PRECISIONS, f"{w}.precision", f"must be one of {PRECISIONS}")
-        _check(
+        require(self.grad_clip is None or self.grad_clip > 0, f"{w}.grad_clip", "must be > 0")
+        require(
+            self.warmup_mix in WARMUP_MIXES,
+            f"{w}.warmup_mix",
+            f"must be one of {WARMUP_MIXES}, got {self.warmup_mix!r}",
+        )
+        require(self.scale_target_weight >= 0, f"{w}.scale_target_weight", "must be >= 0")
+        require(self.scale_target_temperature > 0, f"{w}.scale_target_temperature", "must be > 0")
+        require(self.precision in PRECISIONS, f"{w}.precision", f"must be one of {PRECISIONS}")
+        require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"{w}.device",
             f"must be 'cpu', 'cuda[:N]' or 'auto', got {self.device!r}",
@@ -402,7 +449,7 @@ class DistributedConfig:
     """One or more GPUs per worker (``gpus_per_worker``); the job fails at once without them."""
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
-    """Logical CPUs per worker: fractional on a laptop (DESIGN.md, "Ray on 2 cores")."""
+    """Logical CPUs per worker: fractional on a laptop (docs/architecture.md, "Ray on 2 cores")."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0, 1 or 2 (3 partitions parameters, which F's separate forward on
     x_r does not go through)."""
@@ -418,18 +465,18 @@ class DistributedConfig:
 
     def __post_init__(self) -> None:
         w = "distributed"
-        _check(self.num_workers >= 1, f"{w}.num_workers", "must be >= 1")
-        _check(self.gpus_per_worker > 0, f"{w}.gpus_per_worker", "must be > 0")
-        _check(self.cpus_per_worker > 0, f"{w}.cpus_per_worker", "must be > 0")
-        _check(self.zero_stage in (0, 1, 2), f"{w}.zero_stage", "must be 0, 1 or 2")
-        _check(
+        require(self.num_workers >= 1, f"{w}.num_workers", "must be >= 1")
+        require(self.gpus_per_worker > 0, f"{w}.gpus_per_worker", "must be > 0")
+        require(self.cpus_per_worker > 0, f"{w}.cpus_per_worker", "must be > 0")
+        require(self.zero_stage in (0, 1, 2), f"{w}.zero_stage", "must be 0, 1 or 2")
+        require(
             self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
             f"{w}.checkpoint_every_steps",
             "must be >= 1",
         )
-        _check(self.keep_checkpoints >= 1, f"{w}.keep_checkpoints", "must be >= 1")
-        _check(self.max_failures >= 0, f"{w}.max_failures", "must be >= 0")
-        _check(self.logical_cpus >= 1, f"{w}.logical_cpus", "must be >= 1")
+        require(self.keep_checkpoints >= 1, f"{w}.keep_checkpoints", "must be >= 1")
+        require(self.max_failures >= 0, f"{w}.max_failures", "must be >= 0")
+        require(self.logical_cpus >= 1, f"{w}.logical_cpus", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -442,9 +489,9 @@ class InferenceConfig:
     """Locations per segmenter forward."""
 
     def __post_init__(self) -> None:
-        _check(self.mode in INFERENCE_MODES, "inference.mode", f"must be one of {INFERENCE_MODES}")
-        _check(0 <= self.overlap < 1, "inference.overlap", "must be in [0, 1)")
-        _check(self.batch_size >= 1, "inference.batch_size", "must be >= 1")
+        require(self.mode in INFERENCE_MODES, "inference.mode", f"must be one of {INFERENCE_MODES}")
+        require(0 <= self.overlap < 1, "inference.overlap", "must be in [0, 1)")
+        require(self.batch_size >= 1, "inference.batch_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -458,7 +505,7 @@ class EvaluationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "kept_classes", tuple(int(c) for c in self.kept_classes))
-        _check(
+        require(
             len(self.kept_classes) >= 1, "evaluation.kept_classes", "must name at least one class"
         )
 
@@ -495,7 +542,8 @@ class TuneConfig:
     xr_scales: tuple[int, ...] = ()
     """Custom: x_r downsampling factors to try; empty: the base config's."""
     mixes: tuple[str, ...] = ("soft",)
-    """Custom: mix modes ("soft", "hard", "average", "random", "gumbel") or "onehot-N"."""
+    """Custom: mix modes, names of ``foveation.models.mixing.MIXERS``; one that takes a patch
+    index as "<mode>-N" ("onehot-2")."""
     lrs: tuple[float, ...] = ()
     """Learning rates of the segmenter (encoder and decoder) to try; F's keeps the base ratio
     ``lr_fovnet / lr_encoder``. Empty: the base config's."""
@@ -529,30 +577,30 @@ class TuneConfig:
         for name in ("fov_sets", "base_fovs", "xr_scales", "mixes", "lrs", "fov_ratios"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "fov_sets", tuple(tuple(map(float, s)) for s in self.fov_sets))
-        _check(self.preset in TUNE_PRESETS, f"{w}.preset", f"must be one of {TUNE_PRESETS}")
-        _check(self.search in TUNE_SEARCHES, f"{w}.search", f"must be one of {TUNE_SEARCHES}")
-        _check(
+        require(self.preset in TUNE_PRESETS, f"{w}.preset", f"must be one of {TUNE_PRESETS}")
+        require(self.search in TUNE_SEARCHES, f"{w}.search", f"must be one of {TUNE_SEARCHES}")
+        require(
             self.scheduler in TUNE_SCHEDULERS, f"{w}.scheduler", f"must be one of {TUNE_SCHEDULERS}"
         )
         for name in ("fov_sets", "mixes", "fov_ratios", "downsamples"):
-            _check(len(getattr(self, name)) >= 1, f"{w}.{name}", "is empty: nothing to search")
+            require(len(getattr(self, name)) >= 1, f"{w}.{name}", "is empty: nothing to search")
         for ratios in self.fov_sets:
-            _check(
+            require(
                 len(ratios) >= 1
                 and ratios[0] == 1.0
                 and all(a < b for a, b in itertools.pairwise(ratios)),
                 f"{w}.fov_sets",
                 f"each set starts at 1 and increases strictly, got {list(ratios)}",
             )
-        _check(all(r >= 1 for r in self.fov_ratios), f"{w}.fov_ratios", "must all be >= 1")
-        _check(all(d >= 1 for d in self.downsamples), f"{w}.downsamples", "must all be >= 1")
-        _check(all(lr >= 0 for lr in self.lrs), f"{w}.lrs", "must all be >= 0")
-        _check(self.num_samples >= 1, f"{w}.num_samples", "must be >= 1")
-        _check(self.epochs is None or self.epochs >= 1, f"{w}.epochs", "must be >= 1")
-        _check(self.grace_period >= 1, f"{w}.grace_period", "must be >= 1")
-        _check(self.reduction_factor > 1, f"{w}.reduction_factor", "must be > 1")
-        _check(self.max_concurrent_trials >= 1, f"{w}.max_concurrent_trials", "must be >= 1")
-        _check(self.trial_cpus > 0, f"{w}.trial_cpus", "must be > 0")
+        require(all(r >= 1 for r in self.fov_ratios), f"{w}.fov_ratios", "must all be >= 1")
+        require(all(d >= 1 for d in self.downsamples), f"{w}.downsamples", "must all be >= 1")
+        require(all(lr >= 0 for lr in self.lrs), f"{w}.lrs", "must all be >= 0")
+        require(self.num_samples >= 1, f"{w}.num_samples", "must be >= 1")
+        require(self.epochs is None or self.epochs >= 1, f"{w}.epochs", "must be >= 1")
+        require(self.grace_period >= 1, f"{w}.grace_period", "must be >= 1")
+        require(self.reduction_factor > 1, f"{w}.reduction_factor", "must be > 1")
+        require(self.max_concurrent_trials >= 1, f"{w}.max_concurrent_trials", "must be >= 1")
+        require(self.trial_cpus > 0, f"{w}.trial_cpus", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -573,63 +621,67 @@ class Config:
         d, k = self.patches.depth, self.model.num_classes
         mix = self.model.mix
         if mix.mode == "onehot":
-            _check(
+            require(
                 mix.index is not None and mix.index < d,
                 "model.mix.index",
                 f"must be < D = {d} (patches.fovs)",
             )
         if self.training.class_weights is not None:
-            _check(
+            require(
                 len(self.training.class_weights) == k,
                 "training.class_weights",
                 f"needs {k} values (model.num_classes), got {len(self.training.class_weights)}",
             )
-        _check(
+        require(
             len(self.evaluation.class_names) == k,
             "evaluation.class_names",
             f"needs {k} names (model.num_classes), got {len(self.evaluation.class_names)}",
         )
-        _check(
+        require(
             all(0 <= c < k for c in self.evaluation.kept_classes),
             "evaluation.kept_classes",
             f"must be class ids in [0, {k})",
         )
-        _check(
+        require(
             not (self.training.precision == "fp16" and not self.distributed.use_gpu),
             "training.precision",
             "'fp16' needs GPUs (distributed.use_gpu = true); use 'bf16' or 'fp32' on CPU",
         )
-        _check(
+        require(
             not (self.training.precision == "fp16" and self.distributed.zero_stage != 0),
             "training.precision",
             "'fp16' autocast gets DeepSpeed's loss scaler only with distributed.zero_stage = 0; "
             "use 'bf16' (no scaling needed) with ZeRO 1 or 2",
         )
-        from foveation.models.segmenter import OUTPUT_STRIDE
-
-        _check(
-            self.patches.patch_size % OUTPUT_STRIDE == 0,
-            "patches.patch_size",
-            f"must be a multiple of the segmenter's output stride {OUTPUT_STRIDE}",
-        )
 
     def to_dict(self) -> dict[str, Any]:
-        return _drop_none(dataclasses.asdict(self))
+        """Plain nested data for TOML (unset optionals absent)."""
+        return drop_none(dataclasses.asdict(self))
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
 
-def _drop_none(obj: Any) -> Any:
-    # TOML has no null: an unset optional is simply absent.
+def drop_none(obj: Any) -> Any:
+    """``obj`` (``dataclasses.asdict`` of a config) as TOML data: TOML has no null, so keys whose
+    value is None are left out (an unset optional is simply absent), and tuples become lists."""
     if isinstance(obj, dict):
-        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+        return {k: drop_none(v) for k, v in obj.items() if v is not None}
     if isinstance(obj, tuple | list):
-        return [_drop_none(v) for v in obj]
+        return [drop_none(v) for v in obj]
     return obj
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+T = typing.TypeVar("T")
+
+
+def dataclass_from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """An instance of the (frozen) dataclass ``cls`` from nested dicts, as read from TOML.
+
+    Values are coerced to the field types (int -> float, lists -> tuples, nested tables ->
+    nested dataclasses) and checked (a string where a number belongs is an error); unknown keys
+    are errors; the class's own ``__post_init__`` checks run. Every ConfigError names the field
+    by its dotted path under ``where`` (the table's own path: "" for the root, "serve"...)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -648,7 +700,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return dataclass_from_dict(tp, value, where)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -677,23 +729,37 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def read_toml(source: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The tables of a TOML file; a ConfigError naming the file (as ``what``) when it does not
+    exist or is not valid TOML."""
+    path = Path(source)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def in_file(exc: ConfigError, source: str | Path, what: str = "config file") -> ConfigError:
+    """``exc`` with the file it came from in front: ``config file 'x.toml': patches.fovs: ...``."""
+    return ConfigError(f"{what} {str(source)!r}: {exc}")
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data, "")
+    """A validated :class:`Config` from nested dicts (a parsed TOML file, a checkpoint's)."""
+    return dataclass_from_dict(Config, data, "")
 
 
 def load_config(source: str | Path) -> Config:
-    """Load and validate a TOML config file; every error names the file and the field."""
-    path = Path(source)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    """Load and validate a TOML config file; every error names the file and the field. The
+    checks that need the models run when a model is built
+    (``foveation.models.foveated.check_config``)."""
+    data = read_toml(source)
     try:
         return config_from_dict(data)
     except ConfigError as exc:
-        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
+        raise in_file(exc, source) from None
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

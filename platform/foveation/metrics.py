@@ -1,6 +1,6 @@
 """Streaming segmentation metrics: one confusion matrix accumulated over images of any size.
 
-Definitions (REFERENCE.md, "Inference"): IoU = TP / (TP + FP + FN), a class absent from both
+Definitions (docs/method.md#metrics): IoU = TP / (TP + FP + FN), a class absent from both
 prediction and label scores 0 (as the authors and the paper's "Overall" with Grade 5 at 0);
 per-class accuracy = TP / label area; pixel accuracy = trace / all labelled pixels; Dice =
 2 TP / (|pred| + |label|). Pixels labelled ``ignore_index`` count nowhere.

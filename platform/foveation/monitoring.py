@@ -1,7 +1,7 @@
 """Every Prometheus metric of the platform, defined once here and created lazily on first use
 (nothing happens at import).
 
-Two exporters, one set of definitions (DESIGN.md):
+Two exporters, one set of definitions (docs/contracts.md#metrics-naming):
 
 - inside Ray (tasks, actors, Train workers, Serve replicas, and a driver that joined Ray)
   :func:`record` goes through ``ray.util.metrics``; Ray's metrics agent on each node exports
@@ -99,6 +99,19 @@ METRICS: dict[str, MetricDef] = {
         "Mean foveation weight given to each patch scale (field of view, px) last epoch",
         "run",
         "fov",
+    ),
+    "foveation_train_fov_weight_entropy": _gauge(
+        "Mean per-location entropy of the foveation weights last epoch (nats; log D: uniform)",
+        "run",
+    ),
+    "foveation_train_fovnet_grad_norm": _gauge(
+        "Mean gradient norm of the foveation net per step last epoch (rank 0)", "run"
+    ),
+    "foveation_train_val_apsm_pixels": _gauge(
+        "Mean chosen field of view (APSM, px) on a validation slide after the last epoch, over "
+        "all its locations (cue 'all') and by the synthetic cue map (context / texture)",
+        "run",
+        "cue",
     ),
     "foveation_train_val_miou": _gauge("Validation mIoU of the last epoch", "run"),
     "foveation_train_epoch": _gauge("Epochs completed", "run"),

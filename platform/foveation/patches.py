@@ -1,4 +1,4 @@
-"""Patch-bank geometry and vectorised extraction (REFERENCE.md, "Geometry" and "How to make it fast").
+"""Patch-bank geometry and vectorised extraction (docs/method.md#geometry).
 
 Conventions, used everywhere in the platform:
 
@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from foveation.config import PatchSetConfig
+from foveation.geometry import IGNORE_INDEX, OUTPUT_STRIDE, XR_CONTEXT
 
-IGNORE_INDEX = 255
-XR_CONTEXT = 3
-"""Pixels of x_r the foveation net needs on each side of a location (three valid 3x3 convs)."""
+__all__ = ["IGNORE_INDEX", "OUTPUT_STRIDE", "XR_CONTEXT"]  # re-exported: older imports keep working
 
 
 def location_centres(locs: Tensor, xr_scale: int) -> Tensor:
@@ -63,7 +62,8 @@ def make_xr(
     std: tuple[float, ...],
     inside: Tensor | None = None,
 ) -> Tensor:
-    """The low-resolution copy x_r of a uint8 image [3, H, W]: normalised, [3, h, w] float32.
+    """The low-resolution copy x_r of a uint8 image [3, H, W] (or a batch of windows
+    [N, 3, H, W]): normalised, [3, h, w] (or [N, 3, h, w]) float32.
 
     The one function that makes x_r, for training, evaluation and serving alike. Area mean
     over each ``s x s`` block (the authors' bilinear resize without antialias aliases); a last,
@@ -71,13 +71,16 @@ def make_xr(
     ([H, W] bool) marks the pixels of a window that lie in the image; the rest count as that
     padding too, so a window's x_r equals the whole image's.
     """
-    _, H, W = image.shape
+    batched = image.ndim == 4
+    H, W = image.shape[-2:]
     h, w = xr_shape(H, W, xr_scale)
-    x = normalise(image, mean, std).unsqueeze(0)
+    x = normalise(image, mean, std)
+    x = x if batched else x.unsqueeze(0)
     if inside is not None:  # a window that reaches beyond the image: outside counts as padding
         x = x * inside.to(x.dtype)
     x = F.pad(x, (0, w * xr_scale - W, 0, h * xr_scale - H))  # zero == mean colour
-    return F.avg_pool2d(x, xr_scale)[0]
+    out = F.avg_pool2d(x, xr_scale)
+    return out if batched else out[0]
 
 
 def pad_xr(xr: Tensor) -> Tensor:
@@ -122,21 +125,17 @@ def pad_image(image: Tensor, pads: tuple[int, int, int, int], mode: str, value) 
     return out
 
 
-def pad_label(label: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
-    """Labels are padded with the ignore index, whatever the image's padding."""
-    return pad_image(label.unsqueeze(0), pads, "constant", IGNORE_INDEX)[0]
-
-
 def mode_pool(label: Tensor, factor: int, num_classes: int) -> Tensor:
-    """Majority class of each ``factor x factor`` block of a uint8 label [H, W] (ties -> lower id;
+    """Majority class of each ``factor x factor`` block of a uint8 label [..., H, W] (ties -> lower id;
     a block mostly ignore stays ignore). Labels never shrink by averaging."""
     if factor == 1:
         return label
-    H, W = label.shape
-    best = torch.full((H // factor, W // factor), IGNORE_INDEX, dtype=torch.uint8)
+    lead, (H, W) = label.shape[:-2], label.shape[-2:]
+    best = torch.full((*lead, H // factor, W // factor), IGNORE_INDEX, dtype=torch.uint8)
     best_count = torch.full(best.shape, -1.0)
+    flat = label.reshape(-1, 1, H, W)
     for c in [*range(num_classes), IGNORE_INDEX]:
-        count = F.avg_pool2d((label == c).to(torch.float32)[None, None], factor)[0, 0]
+        count = F.avg_pool2d((flat == c).to(torch.float32), factor).reshape(best.shape)
         better = count > best_count
         best[better] = c
         best_count = torch.where(better, count, best_count)
@@ -190,10 +189,11 @@ class _Level:
 
 
 class PatchExtractor:
-    """Cuts D-patch banks (and label crops) for any locations of one image.
+    """Cuts D-patch banks for any locations of one image (labels and x_r neighbourhoods are cut
+    by ``data.batches.BatchExtractor``, which uses this for in-memory banks).
 
-    Build it once per image (the padded canvas, the per-FoV levels and x_r are made here, once);
-    then :meth:`bank` and :meth:`labels` cost one gather per FoV for any number of locations.
+    Build it once per image (the padded canvas and the per-FoV levels are made here, once);
+    then :meth:`bank` costs one gather per FoV for any number of locations.
     ``origin`` is the image coordinate of ``canvas[:, 0, 0]``: whole-slide inference builds
     extractors over windows of a slide and passes their origin.
     """
@@ -203,9 +203,7 @@ class PatchExtractor:
         canvas: Tensor,
         cfg: PatchSetConfig,
         origin: tuple[int, int] = (0, 0),
-        label_canvas: Tensor | None = None,
-        num_classes: int = 4,
-        output_stride: int = 4,
+        output_stride: int = OUTPUT_STRIDE,
     ) -> None:
         if canvas.ndim != 3 or canvas.shape[0] != 3:
             raise ValueError(
@@ -220,12 +218,6 @@ class PatchExtractor:
         if cfg.resample == "area":
             for fov in cfg.fovs:
                 self.levels.append(_area_level(canvas, fov / P))
-        self.label_canvas = label_canvas
-        self._label_level: _Level | None = None
-        if label_canvas is not None:
-            q = cfg.fovs[0] * output_stride / P  # canvas px per label px
-            if q == int(q):
-                self._label_level = _Level(mode_pool(label_canvas, int(q), num_classes), q)
 
     # -- construction from a whole in-memory image ---------------------------------------
     @classmethod
@@ -234,16 +226,13 @@ class PatchExtractor:
         image: Tensor,
         cfg: PatchSetConfig,
         pad_value=(0, 0, 0),
-        label: Tensor | None = None,
-        num_classes: int = 4,
-        output_stride: int = 4,
+        output_stride: int = OUTPUT_STRIDE,
     ) -> PatchExtractor:
         """Pad the image once, by enough for every x_r location's largest patch."""
         _, H, W = image.shape
         top, bottom, left, right = canvas_pads(H, W, cfg, output_stride)
         canvas = pad_image(image, (top, bottom, left, right), cfg.padding, pad_value)
-        label_canvas = pad_label(label, (top, bottom, left, right)) if label is not None else None
-        return cls(canvas, cfg, (-top, -left), label_canvas, num_classes, output_stride)
+        return cls(canvas, cfg, (-top, -left), output_stride)
 
     # -- extraction -------------------------------------------------------------------------
     def _starts(self, locs: Tensor, fov: int) -> Tensor:
@@ -283,28 +272,6 @@ class PatchExtractor:
             xs = _snap((start[:, 1:2] + a[None]) / lv.step - 0.5)
             out[:, d] = _as_dtype(_bilinear_gather(lv.pixels, ys, xs), out.dtype)
         return out
-
-    def labels(self, locs: Tensor) -> Tensor:
-        """Label crops [N, P/r, P/r] (uint8) of the smallest patch, at the output stride r.
-
-        Each label pixel is the majority class of the ``F1 r / P`` square it covers; when that
-        square is not aligned to whole pixels, the class at its centre."""
-        if self.label_canvas is None:
-            raise ValueError("labels: this extractor was built without a label map")
-        locs = torch.as_tensor(locs)
-        P, fov = self.cfg.patch_size, self.cfg.fovs[0]
-        n = P // self.output_stride
-        q = fov / n  # canvas px per label px
-        start = self._starts(locs, fov)
-        a = torch.arange(n, dtype=torch.float64)
-        lv = self._label_level
-        if lv is not None:
-            ys, xs = (start[:, 0:1] / q + a[None]), (start[:, 1:2] / q + a[None])
-            if bool((ys == ys.floor()).all() and (xs == xs.floor()).all()):
-                return lv.pixels[ys.long()[:, :, None], xs.long()[:, None, :]]
-        ys = (start[:, 0:1] + (a[None] + 0.5) * q).floor().long()
-        xs = (start[:, 1:2] + (a[None] + 0.5) * q).floor().long()
-        return self.label_canvas[ys[:, :, None], xs[:, None, :]]
 
 
 def _windows(img: Tensor, size: int) -> Tensor:
@@ -348,7 +315,7 @@ def _area_level(canvas: Tensor, ratio: float) -> _Level:
 
 
 def canvas_pads(
-    height: int, width: int, cfg: PatchSetConfig, output_stride: int = 4
+    height: int, width: int, cfg: PatchSetConfig, output_stride: int = OUTPUT_STRIDE
 ) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) padding so every x_r location's patches lie inside the canvas.
 
@@ -374,7 +341,7 @@ def resample_margin(cfg: PatchSetConfig) -> int:
     return math.ceil(max(cfg.fovs) / cfg.patch_size) + 1
 
 
-def alignment(cfg: PatchSetConfig, output_stride: int = 4) -> int:
+def alignment(cfg: PatchSetConfig, output_stride: int = OUTPUT_STRIDE) -> int:
     """Canvas origins must be congruent modulo this for patch corners to land on level pixels."""
     ks = [f // cfg.patch_size for f in cfg.fovs if f % cfg.patch_size == 0]
     q = cfg.fovs[0] * output_stride / cfg.patch_size

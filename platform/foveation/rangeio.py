@@ -3,8 +3,9 @@
 Why: a pyramidal tiled TIFF in S3 is read a few tiles at a time (a patch bank, one inference
 window), so downloading the whole slide for each read wastes time and bandwidth, while reading
 through pyvips' custom source with one ranged GET per libtiff request costs far too many
-requests (DESIGN.md: 169 GETs for one 512 px region without a cache: libtiff reads the header,
-each IFD entry and each tile separately, often a few bytes at a time).
+requests (docs/dependencies.md#slides-and-images: 169 GETs for one 512 px region without a
+cache: libtiff reads the header, each IFD entry and each tile separately, often a few bytes at
+a time).
 
 :class:`BlockCachedFile` splits the object into fixed-size blocks and keeps the most recently
 used ones in an LRU cache; a read fetches the blocks it misses, with ONE ranged GET per run of
@@ -461,7 +462,8 @@ def _range_source_class() -> type[pyvips.SourceCustom]:
         """A ``pyvips.SourceCustom`` over a :class:`BlockCachedFile`.
 
         libvips asks for up to ``len(buf)`` bytes at the current position; the read callback
-        returns at most that many (DESIGN.md: more corrupts libvips' buffer) and 0 at the
+        returns at most that many (docs/dependencies.md#slides-and-images: more corrupts
+        libvips' buffer) and 0 at the
         end. Seeks support ``whence`` 0, 1 and 2 like ``io.IOBase.seek``. A storage failure
         in the read callback is kept in :attr:`error` and reported to libvips as a read error
         (-1): returning 0 would look like the end of the file, which libvips may decode as

@@ -1,7 +1,7 @@
 """Connecting to Ray and fanning work out as tasks: the one place jobs start Ray from.
 
 On a laptop (the embedded default) a local Ray starts in-process with more logical CPUs than
-cores (DESIGN.md, "Ray on 2 cores": tasks take fractional CPUs so they never wait on each
+cores (docs/contracts.md#ray-on-2-cores: tasks take fractional CPUs so they never wait on each
 other forever); with ``RAY_ADDRESS`` set (``ray job submit`` sets it) the job joins that
 cluster instead.
 """

@@ -167,9 +167,6 @@ def comparison_figure(
     return data
 
 
-LEARNED_MIXES = ("soft", "hard", "gumbel")  # runs whose F chooses (their APSM means something)
-
-
 def _load_npy(uri: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
 
@@ -193,7 +190,9 @@ def evaluation_report(
     analogue (every run and the average expert), the Table-2 form, per-class IoU bars, APSM
     maps of every test slide and of one validation slide across epochs (from ``histories``:
     run -> directory of ``apsm_epoch_*.npy``) for the runs whose F chooses, and every run's
-    prediction beside the label on a few slides. Returns (report URI, the Table-1 text)."""
+    prediction beside the label on a few slides. Returns (report URI, the Table-1 text).
+    Whether F chooses in a run is the registry's word (``models.mixing.is_learned``)."""
+    from foveation.models.mixing import is_learned
     from foveation.slide_eval import CUE_NAMES, apsm_by_cue, thumbnail
 
     cfg = res.cfg
@@ -201,7 +200,7 @@ def evaluation_report(
     table = metrics_table(rows, cfg)
     figures: dict[str, bytes] = {"iou_per_class.png": iou_bars(rows, cfg.evaluation.class_names)}
     for run, m in res.metrics.items():
-        if m.get("mix") not in LEARNED_MIXES:
+        if not is_learned(m.get("mix")):
             continue
         scores = list(res.slides[run].values())
         figures[f"apsm_test_{run}.png"] = apsm_figure(
@@ -218,7 +217,7 @@ def evaluation_report(
             )
     cue_lines = []
     for run, m in res.metrics.items():
-        by_cue = apsm_by_cue(res, run) if m.get("mix") in LEARNED_MIXES else None
+        by_cue = apsm_by_cue(res, run) if is_learned(m.get("mix")) else None
         if by_cue:
             m["apsm_by_cue"] = by_cue
             cells = " | ".join(f"{by_cue.get(n, float('nan')):.1f}" for n in CUE_NAMES)

@@ -21,15 +21,23 @@ import numpy as np
 from foveation import storage
 from foveation.checkpoint import CONFIG, META, save_checkpoint
 from foveation.config import Config, MixConfig
+from foveation.models.mixing import is_learned
 
 TRAINERS = ("ray", "single")
 
 
 def modes(cfg: Config) -> list[MixConfig]:
-    """The one-hot baselines, Random, Average, then the configured (learned) mix."""
-    out = [MixConfig("onehot", index=i) for i in range(cfg.patches.depth)]
-    out += [MixConfig("random"), MixConfig("average")]
-    if cfg.model.mix.mode not in ("onehot", "random", "average"):
+    """The fixed baselines of the mixer registry (one run per patch for an indexed one: the
+    one-hot baselines, then Random, Average), then the configured mix if it is learned."""
+    from foveation.models.mixing import MIXERS, fixed_mixes, mixer
+
+    out = []
+    for mode in fixed_mixes():
+        if MIXERS[mode].indexed:
+            out += [MixConfig(mode, index=i) for i in range(cfg.patches.depth)]
+        else:
+            out.append(MixConfig(mode))
+    if mixer(cfg.model.mix.mode).learned:
         out.append(cfg.model.mix)
     return out
 
@@ -65,6 +73,8 @@ def train_single(cfg: Config, manifest: str, model_uri: str, log: Callable[[str]
         "run": cfg.model.mix.label,
         "loss": [e.loss for e in res.epochs],
         "weight_mean": [e.weight_mean for e in res.epochs],
+        "weight_entropy": [e.weight_entropy for e in res.epochs],
+        "fovnet_grad_norm": [e.fovnet_grad_norm for e in res.epochs],
     }
     save_checkpoint(model_uri, res.model.cpu(), cfg, meta)
     log(f"  {cfg.name}: loss {first.loss:.4f} -> {last.loss:.4f} over {last.step} steps")
@@ -127,7 +137,7 @@ def reproduce(
         first = evaluate_runs(runs, manifest, "test", experts=False, log=log).metrics
         onehots = [m for m in chosen if m.mode == "onehot"]
         best = max(onehots, key=lambda m: first[f"{m.label}-seed{seeds[0]}"]["miou"], default=None)
-        learned = [m for m in chosen if m.mode not in ("onehot", "random", "average")]
+        learned = [m for m in chosen if is_learned(m.mode)]
         for mix in learned + ([best] if best is not None else []):
             for seed in seeds[1:]:
                 one(mix, seed)

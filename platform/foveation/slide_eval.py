@@ -1,7 +1,7 @@
 """Whole-slide evaluation: every run's checkpoint on every slide of a split, one Ray task per
-(run, slide), through the Core tiled inference reading the slide out of core (``SlideReader``)
-into a sink that scores rows against the label pyramid as they arrive. Only confusion
-matrices, F's mean weights, the APSM (x_r-sized) and small thumbnails come back.
+(run, slide), through the tiled whole-image inference reading the slide out of core
+(``SlideReader``) into a sink that scores rows against the label pyramid as they arrive. Only
+confusion matrices, F's mean weights, the APSM (x_r-sized) and small thumbnails come back.
 
 The average-expert row (the paper's last Table-1 row) scores each annotator's map against the
 fused (STAPLE) label on the same slides.
@@ -264,14 +264,23 @@ def apsm_by_cue(res: EvaluationResult, run: str) -> dict[str, float] | None:
         if not row.get("cue_uri") or score is None or score.apsm is None:
             continue
         cue = decode_label(storage.read_bytes(storage.absolute(row["cue_uri"])), row["cue_uri"])
-        h, w = score.apsm.shape
-        rows = np.minimum((np.arange(h) + 0.5) * s, cue.shape[0] - 1).astype(int)
-        cols = np.minimum((np.arange(w) + 0.5) * s, cue.shape[1] - 1).astype(int)
-        at = cue[rows[:, None], cols[None, :]]
-        for c in range(len(CUE_NAMES)):
-            sel = at == c
-            sums[c] += score.apsm[sel].sum()
-            counts[c] += sel.sum()
+        s_, c_ = apsm_cue_sums(score.apsm, cue, s)
+        sums += s_
+        counts += c_
     if not counts.any():
         return None
     return {n: float(sums[i] / counts[i]) for i, n in enumerate(CUE_NAMES) if counts[i]}
+
+
+def apsm_cue_sums(
+    apsm: np.ndarray, cue: np.ndarray, xr_scale: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sums and counts of an APSM [h, w] over the x_r cells whose centre the cue map marks as
+    each of ``CUE_NAMES``."""
+    h, w = apsm.shape
+    rows = np.minimum((np.arange(h) + 0.5) * xr_scale, cue.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(w) + 0.5) * xr_scale, cue.shape[1] - 1).astype(int)
+    at = cue[rows[:, None], cols[None, :]]
+    sums = np.array([apsm[at == c].sum() for c in range(len(CUE_NAMES))], np.float64)
+    counts = np.array([(at == c).sum() for c in range(len(CUE_NAMES))], np.float64)
+    return sums, counts

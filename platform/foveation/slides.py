@@ -7,7 +7,7 @@
   copied to a local cache directory, since OpenSlide reads only files.
 - ``read_region(centre, fov, out_size)`` reads from the level whose downsample is the largest
   not above ``fov / out_size`` and finishes with an area resize, so the decoded pixels stay
-  close to the output pixels (REFERENCE.md: reading the 4400 px patch at full resolution
+  close to the output pixels (docs/method.md#geometry: reading the 4400 px patch at full resolution
   decodes 16x what the model sees). Area beyond the slide is filled with ``pad_value``.
 - Reads are thread-safe (a lock per level: a pyvips source has one read position) and
   ``open_slide`` caches readers per process.

@@ -1,4 +1,4 @@
-"""One filesystem API over plain paths, ``file://`` and ``s3://`` URIs (DESIGN.md, "Storage").
+"""One filesystem API over plain paths, ``file://`` and ``s3://`` URIs (docs/contracts.md#storage).
 
 Every part of the platform goes through this module, so that one local S3 endpoint serves
 them all in tests and one set of guarantees holds everywhere:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 # Ray 2.60 turns token authentication on when a cluster starts; a driver joining it needs
-# RAY_AUTH_MODE=token in its environment before Ray is first imported (DESIGN.md).
+# RAY_AUTH_MODE=token in its environment before Ray is first imported (docs/dependencies.md#ray).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 _S3_ENV = {
@@ -70,7 +70,8 @@ def s3_bucket(s3_client) -> str:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> Iterator[str]:
     """One local Ray head node for the whole session (``ray start --head``, as a user's cluster
-    would be), with 4 logical CPUs on this 2-core machine (DESIGN.md); this process joins it."""
+    would be), with 4 logical CPUs on this 2-core machine (docs/contracts.md#ray-on-2-cores);
+    this process joins it."""
     import shutil
     import subprocess
     import sys
@@ -127,6 +128,24 @@ def ray_temp_dir(ray_cluster) -> str:
     """The session head node's --temp-dir: Ray writes its Prometheus service-discovery file
     there (``prom_metrics_service_discovery.json``)."""
     return DASHBOARD["temp_dir"]
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster, s3_endpoint) -> Iterator[int]:
+    """Ray Serve, started once for the session on the head node, its HTTP proxy on a free
+    port: each module runs its app under a name of its own and deletes it when done, instead
+    of starting and shutting down Serve itself (seconds each on 2 cores)."""
+    from ray import serve
+
+    from foveation.raycluster import init_ray
+
+    init_ray(address=ray_cluster)  # after the S3 endpoint: its settings reach the replicas
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
 
 
 def _stop_head(temp_dir: str, port: int) -> None:

@@ -106,7 +106,7 @@ def query(url: str, expr: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def workload(prometheus, ray_cluster, s3_endpoint, root, tmp_path_factory):
+def workload(prometheus, ray_cluster, s3_endpoint, serve_port, root, tmp_path_factory):
     """Everything the dashboards show, small: returns the names it used in labels."""
     import boto3
 
@@ -133,10 +133,13 @@ def workload(prometheus, ray_cluster, s3_endpoint, root, tmp_path_factory):
         cfg = load_config(root / "jobs/configs/tiny.toml")
         # One unreadable slide of four is tolerated (and shows on the data dashboard).
         pipeline = dataclasses.replace(cfg.data.pipeline, max_error_fraction=0.5)
+        # The metrics only need every stage to run: tiny's 6 slides at 256 px (a quarter of
+        # the pixels to generate, ingest and evaluate), one epoch of 4 locations per slide.
+        synthetic = dataclasses.replace(cfg.data.synthetic, size=256)
         cfg = dataclasses.replace(
             cfg,
-            training=dataclasses.replace(cfg.training, epochs=1),
-            data=dataclasses.replace(cfg.data, pipeline=pipeline),
+            training=dataclasses.replace(cfg.training, epochs=1, locations_per_image=4),
+            data=dataclasses.replace(cfg.data, pipeline=pipeline, synthetic=synthetic),
         )
         raw = str(tmp_path_factory.mktemp("raw"))
         write_synthetic_set(raw, cfg.data.synthetic, cfg.patches, log=lambda s: None)
@@ -152,18 +155,20 @@ def workload(prometheus, ray_cluster, s3_endpoint, root, tmp_path_factory):
         res = fit(cfg, "s3://monitoring/runs/mon-train", store, log=lambda s: None)
         assert bad["slide_id"] in res.skipped_slides
         evaluate_runs({"mon-eval": res.model_uri}, store, "test", log=lambda s: None)
-        _serve(res.model_uri, tmp_path_factory.mktemp("serve"))
+        _serve(res.model_uri, tmp_path_factory.mktemp("serve"), serve_port)
         yield {"run": "mon-train", "eval": "mon-eval"}
     finally:
         outside.terminate()
         outside.wait(10)
         from ray import serve
 
-        serve.shutdown()
+        if "mon" in serve.status().applications:
+            serve.delete("mon")
 
 
-def _serve(checkpoint: str, tmp: Path) -> None:
-    """The Serve app on the trained checkpoint: image requests, a refused one, a slide job."""
+def _serve(checkpoint: str, tmp: Path, port: int) -> None:
+    """The Serve app on the trained checkpoint, on the session's Serve at ``port``: image
+    requests, a refused one, a slide job."""
     from ray import serve
 
     from serve.app import AppArgs, build_app
@@ -184,8 +189,6 @@ def _serve(checkpoint: str, tmp: Path) -> None:
         "model": {"num_cpus": 0.5},
         "runner": {"num_cpus": 0.5},
     }
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs(checkpoint=checkpoint, settings=settings)), name="mon")
     with httpx.Client(
         base_url=f"http://127.0.0.1:{port}",

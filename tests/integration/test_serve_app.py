@@ -14,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 from serve_helpers import (
-    free_port,
     png_bytes,
     png_zero_size,
     tiff_declaring,
@@ -34,7 +33,7 @@ APP = "fov"
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, s3_endpoint, root, tmp_path_factory):
+def served(ray_cluster, s3_endpoint, serve_port, root, tmp_path_factory):
     import boto3
     from ray import serve
 
@@ -68,8 +67,7 @@ def served(ray_cluster, s3_endpoint, root, tmp_path_factory):
         "model": {"num_cpus": 0.5, "max_ongoing_requests": 4, "max_queued_requests": 16},
         "runner": {"num_cpus": 0.5},
     }
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port  # the session's Serve
     serve.run(build_app(AppArgs(checkpoint=ckpt, settings=settings)), name=APP, route_prefix="/")
     client = httpx.Client(
         base_url=f"http://127.0.0.1:{port}",
@@ -87,7 +85,7 @@ def served(ray_cluster, s3_endpoint, root, tmp_path_factory):
         }
     finally:
         client.close()
-        serve.shutdown()
+        serve.delete(APP)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from serve_helpers import free_port, png_bytes, tissue, write_checkpoint
+from serve_helpers import png_bytes, tissue, write_checkpoint
 
 from foveation.raycluster import init_ray
 
@@ -16,7 +16,7 @@ pytestmark = [
 ]
 
 
-def test_segment_on_a_gpu_replica(ray_cluster, root, tmp_path):
+def test_segment_on_a_gpu_replica(ray_cluster, serve_port, root, tmp_path):
     import io
 
     from PIL import Image
@@ -35,8 +35,7 @@ def test_segment_on_a_gpu_replica(ray_cluster, root, tmp_path):
         "model": {"num_cpus": 0.5, "num_gpus": 0.5},
         "runner": {"num_cpus": 0.5, "num_gpus": 0.5},
     }
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port  # the session's Serve
     try:
         serve.run(build_app(AppArgs(checkpoint=ckpt, settings=settings)), name="fovgpu")
         img = tissue(256, 320, seed=5)
@@ -52,4 +51,4 @@ def test_segment_on_a_gpu_replica(ray_cluster, root, tmp_path):
         want = segment_image(model, cfg, img, device="cuda").mask
         assert (got == want).mean() >= 0.999
     finally:
-        serve.shutdown()
+        serve.delete("fovgpu")

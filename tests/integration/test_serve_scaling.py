@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serve_helpers import free_port, png_bytes, tissue, wait_for, write_checkpoint
+from serve_helpers import png_bytes, tissue, wait_for, write_checkpoint
 
 from foveation.raycluster import init_ray
 
@@ -19,7 +19,7 @@ APP = "fovscale"
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, root, tmp_path_factory):
+def served(ray_cluster, serve_port, root, tmp_path_factory):
     from ray import serve
 
     from serve.app import AppArgs, build_app
@@ -42,13 +42,11 @@ def served(ray_cluster, root, tmp_path_factory):
         "runner": {"num_cpus": 0.25},
         "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 100, "max_queued_requests": 200},
     }
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs(checkpoint=ckpt, settings=settings)), name=APP, route_prefix="/")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{serve_port}"  # the session's Serve
     finally:
-        serve.shutdown()
+        serve.delete(APP)
 
 
 def running_replicas() -> int:

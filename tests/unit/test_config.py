@@ -1,5 +1,8 @@
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from foveation.config import (
     config_from_dict,
     load_config,
 )
+from foveation.models.foveated import build_model, check_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.toml"))
 
@@ -25,6 +29,7 @@ def test_there_are_shipped_configs():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+    check_config(cfg, path)  # and passes the models' checks
     # and survives a round trip through TOML (checkpoints store it that way)
     import tomllib
 
@@ -48,8 +53,6 @@ def test_paper_config_is_the_papers():
         ({"patches": {"fovs": [32, 128, 256], "patch_size": 64}}, "patches.fovs"),
         ({"patches": {"xr_scale": 15}}, "patches.xr_scale"),
         ({"patches": {"padding": "wrap"}}, "patches.padding"),
-        ({"model": {"backbone": "resnet9000"}}, "model.backbone"),
-        ({"model": {"mix": {"mode": "telepathy"}}}, "model.mix.mode"),
         ({"model": {"mix": {"mode": "onehot", "index": 3}}}, "model.mix.index"),  # D = 3
         ({"model": {"pretrained": "/nonexistent/hrnet.pth"}}, "model.pretrained"),
         ({"training": {"class_weights": [1.0, 2.0]}}, "training.class_weights"),
@@ -63,6 +66,23 @@ def test_bad_configs_fail_at_load_naming_the_field(data, field):
         config_from_dict(data)
 
 
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"model": {"backbone": "resnet9000"}}, "model.backbone"),
+        ({"model": {"backbone": "timm:not_a_model_at_all"}}, "model.backbone"),
+        ({"model": {"mix": {"mode": "telepathy"}}}, "model.mix.mode"),
+        ({"patches": {"fovs": [66, 132, 264], "patch_size": 66}}, "patches.patch_size"),
+    ],
+)
+def test_configs_the_models_cannot_build_fail_at_build_naming_the_field(data, field):
+    cfg = config_from_dict(data)  # nothing config itself can see is wrong
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        build_model(cfg)  # fails before any weights are made
+
+
 def test_load_config_names_the_file(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text("[patches]\nfovs = [64, 64]\n")
@@ -73,6 +93,28 @@ def test_load_config_names_the_file(tmp_path):
     p.write_text("[patches\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(p)
+    p.write_text('[model.mix]\nmode = "telepathy"\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml.*model\.mix\.mode.*telepathy"):
+        check_config(load_config(p), p)
+
+
+def test_config_imports_no_other_foveation_module():
+    # config is the ground floor: every part imports it, it imports none of them (no cycles).
+    code = (
+        "import sys, foveation.config; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'foveation'))"
+    )
+    import foveation
+
+    platform = str(Path(foveation.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([platform, os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    assert out.strip() == "['foveation', 'foveation.config']"
 
 
 def test_configs_are_frozen():

@@ -32,40 +32,51 @@ def images():
 
 
 def test_paper_size_train_step_and_inference_on_gpu(paper_cfg, images):
+    from foveation.data.batches import BatchExtractor, concat, sample_locations, to_torch
     from foveation.inference import ArraySink, ArraySource, segment
     from foveation.models import build_model
-    from foveation.training.optim import build_optimizer
-    from foveation.training.step import prepare_image, train_step
+    from foveation.training.distributed import LocalEngine
+    from foveation.training.step import train_step
 
     dev = torch.device("cuda")
     t0 = time.perf_counter()
-    prepared = [prepare_image(f"p{i}", im, lab, paper_cfg) for i, (im, lab) in enumerate(images)]
+    extractors = [
+        BatchExtractor.from_arrays(paper_cfg, im, lab, f"p{i}")
+        for i, (im, lab) in enumerate(images)
+    ]
+    batch = to_torch(
+        concat(
+            [
+                ex.batch(sample_locations(ex.image, paper_cfg, 0, 0, f"p{i}"), f"p{i}")
+                for i, ex in enumerate(extractors)
+            ]
+        )
+    )
     t_prep = time.perf_counter() - t0
     model = build_model(paper_cfg).to(dev)
     n_params = sum(p.numel() for p in model.segmenter.parameters())
     assert 65.5e6 < n_params < 67e6
-    opt, sched = build_optimizer(model, paper_cfg.training, 10)
-    gen = torch.Generator().manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     times, peaks = {}, {}
     for precision in ("fp32", "bf16"):
         cfg = dataclasses.replace(
             paper_cfg, training=dataclasses.replace(paper_cfg.training, precision=precision)
         )
+        engine = LocalEngine(model, cfg, 10, dev)
         torch.cuda.reset_peak_memory_stats()
         times[precision] = []
         for step in range(4):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            res = train_step(model, opt, sched, prepared, cfg, step, 10, gen, dev)
+            res = train_step(engine, batch, cfg, step, 10, dev)
             torch.cuda.synchronize()
             times[precision].append(time.perf_counter() - t)
-            assert np.isfinite(res.loss) and res.locations == 4
+            assert np.isfinite(float(res.loss)) and len(res.w) == 4
         peaks[precision] = torch.cuda.max_memory_allocated() / 2**30
     mpx = 4 * 1100 * 1100 / 1e6  # model-input megapixels per step
     speed = {p: mpx / min(t[1:]) for p, t in times.items()}
     # bf16 autocast forward of the same model: finite logits
-    bank = prepared[0].extractor.bank(torch.tensor([[20, 20]])).to(dev)
+    bank = extractors[0].bank([[20, 20]]).to(dev)
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
         model.eval()
         logits, _ = model(bank, torch.full((1, 5), 0.2, device=dev))

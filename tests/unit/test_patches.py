@@ -66,25 +66,28 @@ def test_patches_are_centred_on_xr_pixel_centres_at_every_border(size):
 
 
 def test_label_crop_lines_up_with_the_smallest_patch():
+    """The batch's label pixel (a, b) is the 4 x 4 block at the smallest patch's pixel (4a, 4b);
+    beyond the image, the ignore index."""
+    from foveation.config import Config
+    from foveation.data.batches import BatchExtractor
+
     h, w = 160, 176
-    img = coord_image(h, w)
-    yy, xx = img[0].long(), img[1].long()
-    label = ((yy // 4) * 7 + (xx // 4)) % 200  # constant on aligned 4x4 blocks
-    ex = PatchExtractor.from_image(
-        img, CFG, (0.0, 0.0, 0.0), label.to(torch.uint8), num_classes=200
-    )
+    cfg = dataclasses.replace(Config(), patches=CFG)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    label = (((yy // 4) * 7 + (xx // 4)) % 4).to(torch.uint8)  # constant on aligned 4x4 blocks
+    image = torch.full((h, w, 3), 128, dtype=torch.uint8)
+    ex = BatchExtractor.from_arrays(cfg, image, label)
     locs = border_locations(h, w, CFG.xr_scale)
-    bank, lab = ex.bank(locs), ex.labels(locs)
+    lab = ex.labels(locs)
     assert lab.shape == (len(locs), 16, 16) and lab.dtype == torch.uint8
-    for n in range(len(locs)):
-        p = bank[
-            n, 0
-        ]  # smallest patch, full resolution: its pixel (4a, 4b) is the top-left of label pixel (a, b)
-        rows, cols = p[0, ::4, ::4].long(), p[1, ::4, ::4].long()
-        inside = (p[2, ::4, ::4] == 1) & (p[2, 3::4, 3::4] == 1)
-        assert inside.any() and (rows[inside] % 4 == 0).all()
-        want = ((rows // 4) * 7 + (cols // 4)) % 200
-        assert (lab[n][inside] == want[inside].to(torch.uint8)).all()
+    f1 = CFG.fovs[0]
+    for n, (cy, cx) in enumerate(location_centres(locs, CFG.xr_scale).tolist()):
+        rows = round(cy - f1 / 2) + 4 * torch.arange(16)
+        cols = round(cx - f1 / 2) + 4 * torch.arange(16)
+        inside = ((rows >= 0) & (rows + 3 < h))[:, None] & ((cols >= 0) & (cols + 3 < w))[None]
+        assert inside.any() and (rows % 4 == 0).all()
+        want = (((rows // 4)[:, None] * 7 + (cols // 4)[None]) % 4).to(torch.uint8)
+        assert (lab[n][inside] == want[inside]).all()
         assert (lab[n][~inside] == IGNORE_INDEX).all()
 
 

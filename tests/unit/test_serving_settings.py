@@ -43,6 +43,20 @@ def test_bad_settings_name_the_field(data, field):
         serve_config_from_dict(data)
 
 
+def test_a_settings_file_error_names_the_file_and_the_field(tmp_path):
+    p = tmp_path / "serve.toml"
+    p.write_text("[serve.limits]\nmax_pixels = 0\n")
+    with pytest.raises(
+        ConfigError, match=r"serve config file .*serve\.toml.*serve\.limits\.max_pixels"
+    ):
+        load_serve_config(p)
+    with pytest.raises(ConfigError, match=r"serve config file .*missing\.toml.* does not exist"):
+        load_serve_config(tmp_path / "missing.toml")
+    p.write_text("[serve.limits]\nmax_pixels = 7\n")
+    cfg = load_serve_config(p, {"limits": {"max_body_bytes": 2048}, "device": "cpu"})
+    assert cfg.limits.max_pixels == 7 and cfg.limits.max_body_bytes == 2048
+
+
 def test_token_from_a_file_or_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_TOKEN", " abc ")
     assert serve_config_from_dict({"auth": {"token_env": "MY_TOKEN"}}).auth.read_token() == "abc"

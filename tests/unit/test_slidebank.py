@@ -1,13 +1,14 @@
-"""Batches cut from slide files equal the in-memory extractor's (issue "Slide I/O", item 3)."""
+"""Batches cut from slide files equal those cut from the same image in memory: one extractor
+(``data.batches.BatchExtractor``) over two region sources."""
 
 import numpy as np
 import pytest
 import torch
 
 from foveation.config import Config
-from foveation.data.slidebank import SlideBankReader
+from foveation.data.batches import BatchExtractor
 from foveation.data.synthetic import TissueScales, generate_slide
-from foveation.patches import PatchExtractor, make_xr, xr_neighbourhoods
+from foveation.patches import make_xr, xr_neighbourhoods
 from foveation.slides import SlideReader, write_pyramid
 
 
@@ -36,21 +37,20 @@ def slide_files(tmp_path_factory):
 def test_slide_batches_equal_the_in_memory_extractor(slide_files):
     cfg = Config()
     s, image_uri, label_uri = slide_files
-    reader = SlideBankReader(cfg, SlideReader(image_uri), SlideReader(label_uri, rgb=False))
+    reader = BatchExtractor(cfg, SlideReader(image_uri), SlideReader(label_uri, rgb=False))
     assert len(reader.image.levels) > 3  # the sqrt(2) companion levels are there
     locs = np.array([[0, 0], [0, 27], [31, 0], [31, 27], [15, 13], [7, 20]])
     b = reader.batch(locs, "s")
     img = torch.from_numpy(s.image).permute(2, 0, 1)
-    ex = PatchExtractor.from_image(
-        img, cfg.patches, cfg.model.pad_value, torch.from_numpy(s.truth), 4
-    )
-    t = torch.from_numpy(locs)
+    mem = BatchExtractor.from_arrays(cfg, s.image, s.truth).batch(locs, "s")
     # pyramid levels are rounded to uint8 once per level: at most 1 grey level apart
-    assert np.abs(b["bank"].astype(int) - ex.bank(t).numpy().astype(int)).max() <= 1
-    assert np.array_equal(b["label"], ex.labels(t).numpy())
+    assert np.abs(b["bank"].astype(int) - mem["bank"].astype(int)).max() <= 1
+    assert np.array_equal(b["label"], mem["label"])
+    t = torch.from_numpy(locs)
     xr = xr_neighbourhoods(
         make_xr(img, cfg.patches.xr_scale, cfg.model.mean, cfg.model.std), t
     ).numpy()
+    np.testing.assert_allclose(mem["xr"], xr, atol=1e-5)  # in memory: the whole image's x_r
     # a pyramid level is a rounded area mean: within a grey level or two (0.5 / 255 / std ~ 0.009)
     np.testing.assert_allclose(b["xr"], xr, atol=0.02)
     assert np.abs(b["xr"] - xr).mean() < 0.005
@@ -60,7 +60,7 @@ def test_slide_batches_equal_the_in_memory_extractor(slide_files):
 def test_no_locations_give_an_empty_batch(slide_files):
     cfg = Config()
     _, image_uri, label_uri = slide_files
-    b = SlideBankReader(cfg, SlideReader(image_uri), SlideReader(label_uri, rgb=False)).batch(
+    b = BatchExtractor(cfg, SlideReader(image_uri), SlideReader(label_uri, rgb=False)).batch(
         np.zeros((0, 2))
     )
     assert b["bank"].shape == (0, 3, 3, 64, 64) and b["label"].shape == (0, 16, 16)

@@ -147,3 +147,61 @@ def test_annotators_err_as_specified_and_staple_beats_the_average_annotator(slid
         fused_acc.append((staple(maps, 4) == s.truth).mean())
         ann_acc.append(np.mean(agree))
     assert np.mean(fused_acc) > np.mean(ann_acc)
+
+
+# -- the informative regime -------------------------------------------------------------------
+
+INFORMATIVE = GeneratorParams(regime="informative")
+
+
+@pytest.fixture(scope="module")
+def informative():
+    return [generate_slide(768, 768, SCALES, seed=s, params=INFORMATIVE) for s in range(4)]
+
+
+def test_informative_class_and_cue_are_balanced_and_independent(informative):
+    for s in informative:
+        assert s.region_cue is not None
+        assert np.array_equal(s.cue, s.region_cue[s.regions])
+        pairs = {(int(c), int(q)) for c, q in zip(s.region_class, s.region_cue, strict=True)}
+        # about 6 regions a slide: every (class, cue) pair of benign/G3/G4 x context/texture
+        assert {(c, q) for c, q in pairs if c < 3} == {(c, q) for c in range(3) for q in (0, 1)}
+        assert all(q == 2 for c, q in pairs if c == 3)
+
+
+def test_informative_gland_density_follows_the_cue_not_the_class(informative):
+    count, area = np.zeros((3, 2)), np.zeros((3, 2))
+    for s in informative:
+        for k, p in s.glands.items():
+            q = s.cue[p[:, 0].astype(int), p[:, 1].astype(int)]
+            for c in (0, 1):
+                count[k, c] += (q == c).sum()
+                area[k, c] += ((s.truth == k) & (s.cue == c)).sum()
+    dens = count / area
+    for c in (0, 1):  # within a cue, the classes' densities agree within 8%
+        assert dens[:, c].max() / dens[:, c].min() < 1.08, dens
+    assert dens[:, 0].min() > 2 * dens[:, 1].max(), dens  # context: small dense; texture: sparse
+
+
+def test_informative_textures_only_in_texture_regions_and_only_at_full_resolution(informative):
+    def energy(cls, cue, factor):
+        vals = []
+        for s in informative:
+            inside = np.where(s.cue == cue, s.truth, 255)
+            for y, x in windows_inside(type("S", (), {"truth": inside})(), cls, 64, max_n=30):
+                lum = luminance(s.image[y : y + 64, x : x + 64])
+                if factor > 1:
+                    lum = F.avg_pool2d(torch.from_numpy(lum)[None, None], factor)[0, 0].numpy()
+                vals.append(block_energy(lum))
+        return np.mean(vals)
+
+    # (that downsampling removes them: the largest-FoV probe in test_synthetic_premise.py)
+    e = {(k, q, f): energy(k, q, f) for k in range(3) for q in (0, 1) for f in (1,)}
+    for cls in (1, 2):
+        assert e[cls, 1, 1] > 1.5 * e[0, 1, 1]  # grade 3 / 4 in texture regions: visible
+        assert e[cls, 0, 1] < 1.2 * e[0, 0, 1]  # context regions: no texture
+
+
+def test_unknown_regime_is_refused():
+    with pytest.raises(ValueError, match="regime"):
+        generate_slide(128, 128, SCALES, seed=0, params=GeneratorParams(regime="nope"))

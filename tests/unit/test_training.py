@@ -6,18 +6,30 @@ import torch
 
 from foveation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from foveation.config import Config, TrainingConfig, replace
+from foveation.data.batches import (
+    BatchExtractor,
+    concat,
+    sample_locations,
+    tissue_locations,
+    to_torch,
+)
 from foveation.data.toy import generate_image
 from foveation.models import build_model
-from foveation.training.optim import build_optimizer, param_groups, poly_decay
-from foveation.training.step import TrainingDiverged, prepare_image, sample_locations, train_step
+from foveation.training.distributed import LocalEngine
+from foveation.training.optim import param_groups, poly_decay
+from foveation.training.step import TrainingDiverged, train_step
+
+CPU = torch.device("cpu")
 
 
-def prepared(cfg, n=2, size=128):
-    out = []
+def batch(cfg, n=2, size=128, epoch=0):
+    """One training batch of ``n`` toy images, as the single-device trainer cuts it."""
+    parts = []
     for i in range(n):
         im, lab = generate_image(size, 48, seed=i)
-        out.append(prepare_image(f"s{i}", im, lab, cfg))
-    return out
+        ex = BatchExtractor.from_arrays(cfg, im, lab, f"s{i}")
+        parts.append(ex.batch(sample_locations(ex.image, cfg, 0, epoch, f"s{i}"), f"s{i}"))
+    return to_torch(concat(parts))
 
 
 def test_poly_decay_and_param_groups():
@@ -39,25 +51,14 @@ def test_poly_decay_and_param_groups():
 def test_one_step_trains_all_locations_in_one_batch():
     cfg = replace(Config(), training=TrainingConfig(locations_per_image=5))
     torch.manual_seed(0)
-    model = build_model(cfg)
-    opt, sched = build_optimizer(model, cfg.training, 10)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = train_step(
-        model,
-        opt,
-        sched,
-        prepared(cfg),
-        cfg,
-        0,
-        10,
-        torch.Generator().manual_seed(0),
-        torch.device("cpu"),
-    )
-    assert res.locations == 10 and math.isfinite(res.loss)
-    assert sum(res.weight_mean) == pytest.approx(1.0)
+    engine = LocalEngine(build_model(cfg), cfg, 10, CPU)
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    res = train_step(engine, batch(cfg), cfg, 0, 10, CPU)
+    assert len(res.w) == 10 and math.isfinite(float(res.loss))
+    assert float(res.w.mean(0).sum()) == pytest.approx(1.0)
     changed = [
         k
-        for k, v in model.state_dict().items()
+        for k, v in engine.module.state_dict().items()
         if v.is_floating_point() and not torch.equal(v, before[k])
     ]
     assert any(k.startswith("fovnet") for k in changed) and any(
@@ -69,14 +70,12 @@ def test_uniform_warmup_uses_the_average_mix():
     cfg = replace(
         Config(), training=TrainingConfig(uniform_warmup_fraction=0.5, locations_per_image=3)
     )
-    model = build_model(cfg)
-    opt, sched = build_optimizer(model, cfg.training, 10)
-    gen = torch.Generator().manual_seed(0)
-    ims = prepared(cfg, 1)
-    r0 = train_step(model, opt, sched, ims, cfg, 0, 10, gen, torch.device("cpu"))
-    assert r0.mix_mean == pytest.approx([1 / 3] * 3)
-    r9 = train_step(model, opt, sched, ims, cfg, 9, 10, gen, torch.device("cpu"))
-    assert r9.mix_mean != pytest.approx([1 / 3] * 3)
+    engine = LocalEngine(build_model(cfg), cfg, 10, CPU)
+    b = batch(cfg, 1)
+    r0 = train_step(engine, b, cfg, 0, 10, CPU)
+    assert r0.h.mean(0).tolist() == pytest.approx([1 / 3] * 3)
+    r9 = train_step(engine, b, cfg, 9, 10, CPU)
+    assert r9.h.mean(0).tolist() != pytest.approx([1 / 3] * 3)
 
 
 def test_nan_loss_stops_training_naming_the_step():
@@ -84,22 +83,27 @@ def test_nan_loss_stops_training_naming_the_step():
     model = build_model(cfg)
     with torch.no_grad():
         model.segmenter.decoder[-1].bias.fill_(float("nan"))
-    opt, sched = build_optimizer(model, cfg.training, 10)
+    engine = LocalEngine(model, cfg, 10, CPU)
     with pytest.raises(TrainingDiverged, match="at step 7"):
-        train_step(
-            model, opt, sched, prepared(cfg, 1), cfg, 7, 10, torch.Generator(), torch.device("cpu")
-        )
+        train_step(engine, batch(cfg, 1), cfg, 7, 10, CPU)
 
 
-def test_sampling_without_replacement_and_small_images():
-    loc = sample_locations((3, 4), 100, torch.Generator().manual_seed(0))
-    assert len(loc) == 12 and len({tuple(x) for x in loc.tolist()}) == 12
-    cfg = Config()
+def test_sampling_is_seeded_without_replacement_on_tissue_and_small_images_pad():
+    cfg = replace(Config(), training=TrainingConfig(locations_per_image=100))
     im, lab = generate_image(40, 16, seed=0)  # smaller than the largest FoV (256): padded
-    p = prepare_image("tiny", im, lab, cfg)
-    assert p.extractor.bank(torch.tensor([[0, 0]])).shape == (1, 3, 3, 64, 64)
+    ex = BatchExtractor.from_arrays(cfg, im, lab, "tiny")
+    loc = sample_locations(ex.image, cfg, 0, 0, "tiny")
+    on_tissue = {tuple(x) for x in tissue_locations(ex.image, cfg).tolist()}
+    assert 0 < len(on_tissue) <= 9  # 3 x 3 x_r pixels, the pale ones background
+    assert len(loc) == len(on_tissue) and {tuple(x) for x in loc.tolist()} == on_tissue
+    again = sample_locations(ex.image, cfg, 0, 0, "tiny")
+    assert np.array_equal(loc, again)  # the same seed, epoch and slide: the same draw
+    white = BatchExtractor.from_arrays(cfg, np.full((40, 40, 3), 255, np.uint8), lab, "w")
+    assert len(sample_locations(white.image, cfg, 0, 0, "w")) == 0  # background: no locations
+    b = ex.batch(loc[:1], "tiny")
+    assert b["bank"].shape == (1, 3, 3, 64, 64) and b["label"].shape == (1, 16, 16)
     with pytest.raises(ValueError, match="label of 'bad'"):
-        prepare_image("bad", im, lab[:10], cfg)
+        BatchExtractor.from_arrays(cfg, im, lab[:10], "bad")
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):
@@ -141,29 +145,32 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         load_checkpoint(str(tmp_path / "a"))
 
 
-def test_prepare_refuses_nan_images():
+def test_in_memory_images_with_nan_are_refused_by_name():
     im = np.full((64, 64, 3), np.nan, np.float32)
     with pytest.raises(ValueError, match="image 'x': contains NaN"):
-        prepare_image("x", im, np.zeros((64, 64), np.uint8), Config())
+        BatchExtractor.from_arrays(Config(), im, np.zeros((64, 64), np.uint8), "x")
 
 
 def test_bf16_autocast_step_on_cpu():
     cfg = replace(Config(), training=TrainingConfig(locations_per_image=3, precision="bf16"))
-    model = build_model(cfg)
-    opt, sched = build_optimizer(model, cfg.training, 10)
-    res = train_step(
-        model, opt, sched, prepared(cfg, 1), cfg, 0, 10, torch.Generator(), torch.device("cpu")
+    engine = LocalEngine(build_model(cfg), cfg, 10, CPU)
+    res = train_step(engine, batch(cfg, 1), cfg, 0, 10, CPU)
+    assert math.isfinite(float(res.loss))
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())  # weights stay fp32
+    fp16 = replace(
+        cfg,
+        training=replace(cfg.training, precision="fp16"),
+        distributed=replace(cfg.distributed, use_gpu=True, zero_stage=0),
     )
-    assert math.isfinite(res.loss)
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+    with pytest.raises(ValueError, match="fp16"):
+        LocalEngine(build_model(fp16), fp16, 10, CPU)
 
 
 def test_validation_keeps_the_run_alive(monkeypatch):
     """A validation pass calls back after every batch, and the worker turns those calls into
     the run's heartbeat (at most every 2 s, rank 0 only), so a long pass is not a stall."""
     from foveation.config import load_config
-    from foveation.models.segmenter import OUTPUT_STRIDE
-    from foveation.patches import XR_CONTEXT
+    from foveation.geometry import OUTPUT_STRIDE, XR_CONTEXT
     from foveation.training import worker
 
     cfg = load_config("jobs/configs/tiny.toml")
@@ -196,15 +203,16 @@ def test_validation_keeps_the_run_alive(monkeypatch):
     assert len(calls) == 3 and 0.0 <= summary["miou"] <= 1.0
     assert sum(summary["weight_mean"]) == pytest.approx(1.0)
 
-    beats, kept = [], [0.0]
+    from foveation.training.recorder import Recorder
 
-    def heartbeat(run, now):  # what the real one records, without a metrics backend
-        beats.append(run)
-        kept[0] = now
-
-    monkeypatch.setattr(worker, "_heartbeat", heartbeat)
-    monkeypatch.setattr(worker, "_last_step_kept", kept)
-    worker._keep_alive("r", 1)  # not rank 0: never
-    worker._keep_alive("r", 0)
-    worker._keep_alive("r", 0)  # within 2 s of the last: skipped
-    assert beats == ["r"]
+    beats = []
+    monkeypatch.setattr(
+        Recorder,
+        "heartbeat",
+        lambda self, now=None: beats.append(self.rank) or setattr(self, "_last_beat", now),
+    )
+    Recorder("r", 1).keep_alive()  # not rank 0: never
+    r0 = Recorder("r", 0)
+    r0.keep_alive()
+    r0.keep_alive()  # within 2 s of the last: skipped
+    assert beats == [0]

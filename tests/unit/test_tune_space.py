@@ -151,3 +151,17 @@ def test_an_unwritable_output_is_refused_before_any_trial(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SweepError, match="is not writable"):
         check_writable(str(blocker / "sweep"))
+
+
+def test_points_pass_the_models_checks_before_any_trial():
+    # fov preset: the patch is as big as its FoV, 1.5 x 64 = 96 is fine, 1.25 x 64 = 80 too,
+    # but 1.1 x 64 = 70 is no multiple of the segmenter's output stride.
+    space.points(_with(preset="fov", fov_ratios=[1, 1.5]))
+    with pytest.raises(space.SpaceError, match=r"patches\.patch_size"):
+        space.points(_with(preset="fov", fov_ratios=[1, 1.1]))
+
+
+def test_sweep_result_lives_with_the_results():
+    from foveation.tuning import sweep
+
+    assert sweep.SweepResult is results.SweepResult

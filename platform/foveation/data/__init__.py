@@ -1,2 +1,2 @@
-"""Data: the synthetic image set, image decoding, and (later issues) Gleason2019, STAPLE,
-ingest and the Ray Data pipeline."""
+"""Data: the synthetic and toy image sets, the Gleason2019 layout, STAPLE fusion, ingest into
+pyramids and a manifest, the one extractor of training batches, and the Ray Data pipeline."""

@@ -10,7 +10,7 @@
 
 Slides run in parallel as Ray tasks (``ingest`` takes any ``map_fn``; the job passes Ray's);
 one bad slide is reported and skipped; a slide already ingested from a source with the same
-checksum is skipped. The manifest schema is DESIGN.md's (``MANIFEST_SCHEMA``).
+checksum is skipped. The manifest schema (``MANIFEST_SCHEMA``) is docs/contracts.md#manifest.
 """
 
 from __future__ import annotations

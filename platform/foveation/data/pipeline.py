@@ -4,8 +4,9 @@
         -> map_batches(BankReader) a pool of reader actors, each caching its open slides; per
                                  slide: a cheap tissue mask from a low pyramid level,
                                  ``locations_per_image`` x_r locations on tissue (seeded by
-                                 seed, epoch and slide id), and DESIGN.md's training batch
-                                 (bank, xr, label, loc, slide_id) for them
+                                 seed, epoch and slide id), and the training batch
+                                 (bank, xr, label, loc, slide_id) for them, cut by
+                                 ``batches.BatchExtractor`` over the slide readers
       -> iter_torch_batches      on a Ray Train worker (its shard) or the driver
 
 Streaming and bounded: only location rows and in-flight batches exist at once, never a whole
@@ -19,14 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections import OrderedDict
 
 import numpy as np
 
 from foveation import monitoring, storage
 from foveation.config import Config, config_from_dict
-from foveation.data.slidebank import empty_batch
+from foveation.data.batches import empty_batch, sample_locations
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +41,6 @@ def _wait(ref) -> None:
     import ray
 
     ray.get(ref)
-
-
-def tissue_locations(reader, cfg: Config) -> np.ndarray:
-    """x_r locations [M, 2] whose area-mean luminance is below the background threshold,
-    from the finest level not finer than x_r (a few KB to read)."""
-    import torch
-    import torch.nn.functional as F
-
-    s = cfg.patches.xr_scale
-    h, w = -(-reader.height // s), -(-reader.width // s)
-    k = reader.level_for(s, 1)
-    lv = reader.levels[k]
-    img = reader.read_level(k, 0, 0, lv.height, lv.width)
-    lum = torch.from_numpy(img[..., :3].astype(np.float32).mean(-1))[None, None]
-    # Cover the level with the x_r grid (pad the partial last block with white: background).
-    step = s / lv.downsample
-    ph, pw = round(h * step) - lv.height, round(w * step) - lv.width
-    lum = F.pad(lum, (0, max(0, pw), 0, max(0, ph)), value=255.0)
-    grid = F.adaptive_avg_pool2d(lum, (h, w))[0, 0]
-    mask = grid < cfg.data.pipeline.tissue_threshold
-    return torch.nonzero(mask).numpy()
 
 
 class BankReader:
@@ -79,7 +58,7 @@ class BankReader:
         self.cache_slides = cache_slides
 
     def _reader(self, image_uri: str, label_uri: str, fresh: bool = False):
-        from foveation.data.slidebank import SlideBankReader
+        from foveation.data.batches import BatchExtractor
         from foveation.slides import SlideReader
 
         if fresh or image_uri not in self.cache:
@@ -92,7 +71,7 @@ class BankReader:
                 if label_uri
                 else None
             )
-            self.cache[image_uri] = SlideBankReader(self.cfg, image, label)
+            self.cache[image_uri] = BatchExtractor(self.cfg, image, label)
             while len(self.cache) > self.cache_slides:  # bounded: at most a few open slides
                 self._evict(next(iter(self.cache)))
         self.cache.move_to_end(image_uri)
@@ -106,12 +85,9 @@ class BankReader:
                     r.close()
 
     def sample(self, slide_id: str, image_uri: str, label_uri: str) -> np.ndarray:
-        """This epoch's locations [n, 2] of one slide: tissue only, seeded by (seed, epoch, id)."""
+        """This epoch's locations [n, 2] of one slide (``batches.sample_locations``)."""
         reader = self._reader(image_uri, label_uri).image
-        locs = tissue_locations(reader, self.cfg)
-        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(slide_id.encode())])
-        n = min(self.cfg.training.locations_per_image, len(locs))
-        return locs[rng.choice(len(locs), size=n, replace=False)] if n else locs[:0]
+        return sample_locations(reader, self.cfg, self.seed, self.epoch, slide_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Slide rows in, training-batch rows out (``locations_per_image`` per slide)."""
@@ -294,11 +270,9 @@ def _collate_class():
         """numpy batch -> torch tensors (uint8 stays uint8 until the device), slide ids a list."""
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-            import torch
+            from foveation.data.batches import to_torch
 
-            out = {k: torch.from_numpy(np.array(v)) for k, v in batch.items() if k != "slide_id"}
-            out["slide_id"] = [str(x) for x in batch.get("slide_id", [])]
-            return out
+            return to_torch({k: np.array(v) for k, v in batch.items()})
 
     return Collate
 

@@ -1,24 +1,43 @@
-"""Synthetic H&E-looking slides whose best field of view differs by class, by construction.
+"""Synthetic H&E-looking slides whose best field of view differs by location, by construction.
 
 Scales come from the patch set (``TissueScales.from_patches``), so the debug and the paper
-configs both get a meaningful set. With F1 the smallest FoV:
+configs both get a meaningful set. F1 is the smallest FoV. Two regimes (``[data.synthetic]
+regime``) share the building blocks below: glands (a white lumen ringed by nuclei) on a
+lattice or placed at random, stroma with nuclei, colour drift, noise, and fine textures whose
+energy lies only above what 2x area downsampling keeps (a random choice per aligned 2x2 block
+among zero-mean 2x2 patterns, at a contrast near the noise level: only a full-resolution patch
+sees them, and diluting them, as an averaged bank does, drowns them).
 
-- **benign** and **grade 3** look the same locally: the same glands (a white lumen ringed by
-  nuclei, the same size), the same stroma, nuclei, colours and noise. Grade 3 places its glands
-  on a lattice (a random orientation per region), benign at random with the same density, so
-  only a window of several glands (a large FoV) tells them apart. Cue: *context*.
-- **grade 4** has grade 3's lattice and mean colour, plus a fine texture whose energy lies
-  only above what 2x area downsampling keeps: a random choice per aligned 2x2 block among
-  zero-mean 2x2 patterns, at a contrast near the noise level. Only a full-resolution patch
-  sees it, and diluting it (an averaged bank) drowns it. Cue: *texture*.
-- **grade 5** (about 2% of pixels): solid sheets of packed nuclei, no glands; visible at any
-  FoV. Cue: *either*.
+**blind** (the ablation in which the low-resolution view x_r cannot say where to look): the
+cue follows the class, and benign, grade 3 and grade 4 look alike at x_r.
+
+- **benign** and **grade 3** look the same locally: the same glands (the same size), stroma,
+  nuclei, colours and noise. Grade 3 places its glands on a lattice (a random orientation per
+  region), benign at random with the same density, so only a window of several glands (a
+  large FoV) tells them apart. Cue: *context*.
+- **grade 4** has grade 3's lattice and mean colour, plus the fine texture (all three
+  patterns). Cue: *texture*.
+
+**informative** (x_r says where to look, never what the class is): every region has a class
+and, independently, a type, both balanced over a slide's regions. The type shows in the gland
+architecture, which survives downsampling to x_r; within a type, the three classes share it.
+
+- *context* regions: small glands (as in blind), packed. Benign places them at random,
+  grade 3 on one lattice, grade 4 on a polycrystal: lattice domains about the middle FoV wide,
+  each with its own orientation, so a smallest-FoV patch sees a lattice in both grades and only
+  a window spanning several domains tells them apart. No fine texture.
+- *texture* regions: large glands, sparse, placed at random in every class (paler and
+  coarser at x_r). Benign has no fine texture, grade 3 the checkerboard pattern, grade 4 the
+  two stripe patterns: only the smallest FoV's full-resolution pixels tell them apart.
+
+In both regimes **grade 5** (about 2% of pixels) is solid sheets of packed nuclei, no glands,
+visible at any FoV. Cue: *either*.
 
 Regions are Voronoi cells from about the middle FoV to twice the largest, so every slide
 holds several classes. Each slide comes with its true label map, its cue map (0 context,
 1 texture, 2 either), and the maps of 3 to 6 of the data set's 6 simulated annotators, who
 shift boundaries by a few to tens of pixels and confuse neighbouring grades at 2-15%.
-``write_gleason_layout`` writes all of it in the Gleason2019 challenge's layout.
+``write_synthetic_set`` writes all of it in the Gleason2019 challenge's layout.
 """
 
 from __future__ import annotations
@@ -31,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from foveation import storage
-from foveation.config import PatchSetConfig, SyntheticConfig
+from foveation.config import SYNTHETIC_REGIMES, PatchSetConfig, SyntheticConfig
 
 STROMA = np.array([232.0, 170.0, 200.0], np.float32)
 NUCLEUS = np.array([105.0, 55.0, 150.0], np.float32)
@@ -39,6 +58,12 @@ LUMEN = np.array([246.0, 240.0, 246.0], np.float32)
 
 CUE_CONTEXT, CUE_TEXTURE, CUE_EITHER = 0, 1, 2
 CUE_OF_CLASS = np.array([CUE_CONTEXT, CUE_CONTEXT, CUE_TEXTURE, CUE_EITHER], np.uint8)
+"""The blind regime's cue of each class (the informative regime draws a region's cue instead)."""
+REGIMES = SYNTHETIC_REGIMES
+
+# Zero-mean 2x2 patterns of the fine textures: a checkerboard and two stripes.
+TEXTURE_KERNELS = np.array([[[1, -1], [-1, 1]], [[1, 1], [-1, -1]], [[1, -1], [1, -1]]], np.float32)
+CHECKER, STRIPES, ALL_PATTERNS = (0,), (1, 2), (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,9 @@ class TissueScales:
     region_min: float  # region (Voronoi cell) side range: about the middle FoV ...
     region_max: float  # ... to twice the largest
     grade5_radius: float
+    sparse_spacing: float  # informative regime, texture regions: large glands, sparse ...
+    sparse_lumen_radius: float  # ... (about 1.4x the lumen area fraction of context regions)
+    domain_side: float  # informative regime, grade 4 context: lattice domains, about the middle FoV
 
     @classmethod
     def from_patches(cls, pc: PatchSetConfig) -> TissueScales:
@@ -63,16 +91,20 @@ class TissueScales:
             region_min=float(fmid),
             region_max=2.0 * fd,
             grade5_radius=0.5 * fmid,
+            sparse_spacing=1.6 * d,
+            sparse_lumen_radius=0.42 * d,
+            domain_side=float(fmid),
         )
 
 
 @dataclass(frozen=True)
 class GeneratorParams:
     grade5_fraction: float = 0.02
-    texture_contrast: float = 1.0  # grade-4 texture amplitude, in units of the luminance noise
+    texture_contrast: float = 1.0  # fine-texture amplitude, in units of the luminance noise
     noise_sigma: float = 5.0
     stroma_nuclei_spacing: float = 9.0  # mean distance between stroma nuclei, in nucleus radii
     grade5_density: float = 6.0  # nuclei density of grade 5 relative to stroma
+    regime: str = "blind"  # one of REGIMES
 
 
 @dataclass
@@ -83,6 +115,7 @@ class SyntheticSlide:
     regions: np.ndarray  # int32 [H, W], region ids
     region_class: np.ndarray  # uint8 [R], class of each region
     glands: dict[int, np.ndarray]  # class -> gland centres [n, 2] (row, col), for statistics
+    region_cue: np.ndarray | None = None  # uint8 [R], cue (CUE_*) of each region
 
 
 # -- geometry helpers -----------------------------------------------------------------------
@@ -186,6 +219,40 @@ def _voronoi(rng, shape: tuple[int, int], side: float, step: int) -> np.ndarray:
     return np.repeat(np.repeat(ids, step, 0), step, 1)[:H, :W]
 
 
+def polycrystal(
+    rng, shape: tuple[int, int], spacing: float, domain_side: float, min_dist: float
+) -> np.ndarray:
+    """Points of hexagonal lattices in Voronoi domains of mean side ``domain_side``, each with
+    its own orientation and offset, [n, 2]; across a domain wall, of two points closer than
+    ``min_dist`` the one of the later domain goes."""
+    H, W = shape
+    dom = _voronoi(rng, shape, domain_side, step=max(1, round(spacing / 4)))
+    pts, owner = [], []
+    for k in range(int(dom.max()) + 1):
+        p = hex_lattice(shape, spacing, rng.uniform(0, math.pi / 3), rng.uniform(0, spacing, 2))
+        p = p + rng.normal(0, 0.06 * spacing, p.shape)
+        ii = np.clip(p.astype(np.int64), 0, [H - 1, W - 1])
+        p = p[dom[ii[:, 0], ii[:, 1]] == k]
+        pts.append(p)
+        owner.append(np.full(len(p), k))
+    p, o = np.concatenate(pts), np.concatenate(owner)
+    clash = torch.cdist(torch.from_numpy(p), torch.from_numpy(p)).numpy() < min_dist
+    return p[~(clash & (o[None, :] < o[:, None])).any(1)]
+
+
+def block_texture(rng, shape: tuple[int, int], patterns: tuple[int, ...]) -> np.ndarray:
+    """A fine texture [H, W] of unit amplitude: per aligned 2x2 block, one of the
+    ``TEXTURE_KERNELS`` ``patterns`` at random, with a random sign; zero mean over every block."""
+    H, W = shape
+    hb, wb = (H + 1) // 2, (W + 1) // 2
+    kernels = TEXTURE_KERNELS[list(patterns)]
+    pick = (
+        kernels[rng.integers(0, len(patterns), (hb, wb))]
+        * rng.choice([-1.0, 1.0], (hb, wb))[..., None, None]
+    )
+    return pick.transpose(0, 2, 1, 3).reshape(2 * hb, 2 * wb)[:H, :W]
+
+
 # -- the generator --------------------------------------------------------------------------
 
 
@@ -196,17 +263,28 @@ def generate_slide(
     seed: int,
     params: GeneratorParams = GeneratorParams(),
 ) -> SyntheticSlide:
-    """One synthetic slide, deterministic in ``seed``."""
+    """One synthetic slide of ``params.regime``, deterministic in ``seed``."""
+    if params.regime not in REGIMES:
+        raise ValueError(f"regime: must be one of {REGIMES}, got {params.regime!r}")
+    informative = params.regime == "informative"
     rng = np.random.default_rng(seed)
     H, W = height, width
     shape = (H, W)
     side = float(np.clip(min(H, W) / 2.5, scales.region_min, scales.region_max))
     regions = _voronoi(rng, shape, side, step=max(1, round(scales.gland_spacing / 8)))
     n_reg = int(regions.max()) + 1
-    # Benign, grade 3 and grade 4 in equal shares; at least two classes when there are two cells.
-    region_class = rng.integers(0, 3, n_reg).astype(np.uint8)
-    if n_reg >= 2 and len(set(region_class.tolist())) == 1:
-        region_class[rng.integers(0, n_reg)] = (region_class[0] + 1 + rng.integers(0, 2)) % 3
+    if informative:
+        # Every (class, cue) pair in turn, shuffled: class and cue balanced and independent.
+        pair = (rng.permutation(n_reg) + rng.integers(0, 6)) % 6
+        region_class = (pair % 3).astype(np.uint8)
+        region_cue = np.where(pair < 3, CUE_CONTEXT, CUE_TEXTURE).astype(np.uint8)
+    else:
+        # Benign, grade 3 and grade 4 in equal shares; at least two classes when there are two
+        # cells.
+        region_class = rng.integers(0, 3, n_reg).astype(np.uint8)
+        if n_reg >= 2 and len(set(region_class.tolist())) == 1:
+            region_class[rng.integers(0, n_reg)] = (region_class[0] + 1 + rng.integers(0, 2)) % 3
+        region_cue = CUE_OF_CLASS[region_class]
     # Grade 5 sheets: discs whose expected total area is grade5_fraction of the slide.
     r5 = scales.grade5_radius
     n5 = rng.poisson(params.grade5_fraction * H * W / (math.pi * r5**2))
@@ -216,12 +294,22 @@ def generate_slide(
     if n5:
         regions = np.where(g5, n_reg, regions)
         region_class = np.append(region_class, np.uint8(3))
+        region_cue = np.append(region_cue, np.uint8(CUE_EITHER))
     truth = region_class[regions]
+    cue = region_cue[regions]
 
-    # Glands: lattice in grade 3 / 4 regions, random at the same density in benign ones.
+    # Glands. Blind, and context regions: a lattice in grade 3 (grade 4: blind, the lattice;
+    # informative, lattice domains), random at the same density in benign. Informative texture
+    # regions: large sparse glands at random, whatever the class.
     d = scales.gland_spacing
     density = 2 / (math.sqrt(3) * d * d)
+    rn = scales.nucleus_radius
+    ds, rls = scales.sparse_spacing, scales.sparse_lumen_radius
+    sparse_density = 2 / (math.sqrt(3) * ds * ds)
+    sparse_min = 2 * (rls + 2.2 * rn) + rn  # rims do not touch
     glands: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
+    dense: list[np.ndarray] = []  # small glands (informative: context regions)
+    sparse: list[np.ndarray] = []  # large glands (informative: texture regions)
     for r in range(n_reg):
         cls = int(region_class[r])
         sub = max(1, int(d / 4))
@@ -230,7 +318,14 @@ def generate_slide(
             continue
         y0, x0 = max(0, ys.min() * sub - sub), max(0, xs.min() * sub - sub)
         box = (min(H, ys.max() * sub + 2 * sub) - y0, min(W, xs.max() * sub + 2 * sub) - x0)
-        if cls in (1, 2):
+        if informative and region_cue[r] == CUE_TEXTURE:
+            count = int(rng.poisson(sparse_density * box[0] * box[1]))
+            pts = random_hardcore(rng, box, count, sparse_min)
+        elif informative and cls == 2:
+            # 4% tighter: makes up for the glands lost at domain walls, so the density (x_r's
+            # mean tone) matches the other classes'
+            pts = polycrystal(rng, box, 0.96 * d, scales.domain_side, 0.6 * d)
+        elif cls in (1, 2):
             pts = hex_lattice(box, d, rng.uniform(0, math.pi / 3), rng.uniform(0, d, 2))
             pts = pts + rng.normal(0, 0.06 * d, pts.shape)
         else:
@@ -240,12 +335,12 @@ def generate_slide(
         ii = np.clip(pts.astype(np.int64), 0, [H - 1, W - 1])
         pts = pts[(regions[ii[:, 0], ii[:, 1]] == r)]
         glands[cls].append(pts)
+        (sparse if informative and region_cue[r] == CUE_TEXTURE else dense).append(pts)
     gland_pts = {k: (np.concatenate(v) if v else np.zeros((0, 2))) for k, v in glands.items()}
 
     # Paint: stroma with colour drift, stroma nuclei (denser in grade 5), glands.
     drift = _smooth_field(rng, shape, 8 * d, 3).transpose(1, 2, 0) * 5.0
     img = STROMA[None, None] + drift
-    rn = scales.nucleus_radius
     spacing = params.stroma_nuclei_spacing * rn
     n_nuc = rng.poisson(H * W / spacing**2)
     nuc = rng.uniform((0, 0), (H, W), size=(n_nuc, 2))
@@ -255,39 +350,50 @@ def generate_slide(
         )
         ii = extra.astype(np.int64)
         nuc = np.concatenate([nuc, extra[g5[ii[:, 0], ii[:, 1]]]])
-    all_glands = np.concatenate(list(gland_pts.values()))
-    ii = np.clip(all_glands.astype(np.int64), 0, [H - 1, W - 1])
-    all_glands = all_glands[~g5[ii[:, 0], ii[:, 1]]]
-    for k in gland_pts:
-        jj = np.clip(gland_pts[k].astype(np.int64), 0, [H - 1, W - 1])
-        gland_pts[k] = gland_pts[k][~g5[jj[:, 0], jj[:, 1]]]
-    _stamp(img, nuc, rn, NUCLEUS)
-    rl = scales.lumen_radius
-    _stamp(img, all_glands, rl + 2.2 * rn, STROMA + 8.0)  # a paler rim around each gland
-    ring_r = rl + 1.2 * rn
-    n_ring = max(6, round(2 * math.pi * ring_r / (2.3 * rn)))
-    phase = rng.uniform(0, 2 * math.pi, (len(all_glands), 1))
-    ang = phase + np.arange(n_ring)[None] * 2 * math.pi / n_ring
-    ring = all_glands[:, None, :] + ring_r * np.stack([np.sin(ang), np.cos(ang)], -1)
-    _stamp(img, ring.reshape(-1, 2), rn, NUCLEUS)
-    _stamp(img, all_glands, rl, LUMEN)
 
-    # Grade 4's fine texture: zero mean over every aligned 2x2 block, near the noise level.
+    def outside_g5(p: np.ndarray) -> np.ndarray:
+        jj = np.clip(p.astype(np.int64), 0, [H - 1, W - 1])
+        return p[~g5[jj[:, 0], jj[:, 1]]]
+
+    all_glands = outside_g5(np.concatenate(list(gland_pts.values())))
+    for k in gland_pts:
+        gland_pts[k] = outside_g5(gland_pts[k])
+    # (centres, lumen radius) of each gland size
+    rl = scales.lumen_radius
+    if informative:
+        big = outside_g5(np.concatenate(sparse)) if sparse else np.zeros((0, 2))
+        small = outside_g5(np.concatenate(dense)) if dense else np.zeros((0, 2))
+        sizes = [(small, rl), (big, rls)]
+    else:
+        sizes = [(all_glands, rl)]
+    _stamp(img, nuc, rn, NUCLEUS)
+    for pts, lr in sizes:
+        _stamp(img, pts, lr + 2.2 * rn, STROMA + 8.0)  # a paler rim around each gland
+    for pts, lr in sizes:
+        ring_r = lr + 1.2 * rn
+        n_ring = max(6, round(2 * math.pi * ring_r / (2.3 * rn)))
+        phase = rng.uniform(0, 2 * math.pi, (len(pts), 1))
+        ang = phase + np.arange(n_ring)[None] * 2 * math.pi / n_ring
+        ring = pts[:, None, :] + ring_r * np.stack([np.sin(ang), np.cos(ang)], -1)
+        _stamp(img, ring.reshape(-1, 2), rn, NUCLEUS)
+    for pts, lr in sizes:
+        _stamp(img, pts, lr, LUMEN)
+
+    # Fine textures: zero mean over every aligned 2x2 block, near the noise level. Blind: grade
+    # 4, all patterns. Informative: texture regions' grade 3 (checkerboard) and grade 4 (stripes).
     sigma = params.noise_sigma
-    g4 = truth == 2
-    if g4.any():
-        kernels = np.array([[[1, -1], [-1, 1]], [[1, 1], [-1, -1]], [[1, -1], [1, -1]]], np.float32)
-        hb, wb = (H + 1) // 2, (W + 1) // 2
-        pick = (
-            kernels[rng.integers(0, 3, (hb, wb))]
-            * rng.choice([-1.0, 1.0], (hb, wb))[..., None, None]
-        )
-        tex = pick.transpose(0, 2, 1, 3).reshape(2 * hb, 2 * wb)[:H, :W]
-        img += (params.texture_contrast * sigma * tex * g4)[..., None]
+    amp = params.texture_contrast * sigma
+    if informative:
+        for cls, patterns in ((1, CHECKER), (2, STRIPES)):
+            where = (truth == cls) & (cue == CUE_TEXTURE)
+            if where.any():
+                img += (amp * block_texture(rng, shape, patterns) * where)[..., None]
+    elif (truth == 2).any():
+        img += (amp * block_texture(rng, shape, ALL_PATTERNS) * (truth == 2))[..., None]
     img += rng.normal(0, sigma, (H, W, 1)).astype(np.float32)  # luminance noise
     img += rng.normal(0, 0.4 * sigma, (H, W, 3)).astype(np.float32)  # chroma noise
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return SyntheticSlide(image, truth, CUE_OF_CLASS[truth], regions, region_class, gland_pts)
+    return SyntheticSlide(image, truth, cue, regions, region_class, gland_pts, region_cue)
 
 
 # -- simulated annotators -------------------------------------------------------------------
@@ -337,7 +443,9 @@ def write_synthetic_set(
     from foveation.images import encode_jpeg, encode_png
 
     scales = TissueScales.from_patches(patches)
-    params = GeneratorParams(cfg.grade5_fraction, cfg.texture_contrast, cfg.noise_sigma)
+    params = GeneratorParams(
+        cfg.grade5_fraction, cfg.texture_contrast, cfg.noise_sigma, regime=cfg.regime
+    )
     annotators = make_annotators(cfg.seed, cfg.n_annotators)
     lo, hi = cfg.annotators_per_slide
     rng = np.random.default_rng(cfg.seed + 1)

@@ -1,4 +1,5 @@
-"""Whole-image inference: region sources in, tiles out to sinks (DESIGN.md contract)."""
+"""Whole-image inference: region sources in, tiles out to sinks
+(docs/contracts.md#inference-source-and-sink)."""
 
 from foveation.inference.sinks import ArraySink, Sink
 from foveation.inference.sources import ArraySource, RegionSource

@@ -1,6 +1,8 @@
 """Sinks receive whole-image inference outputs row block by row block, so a slide bigger than
 memory never needs a full-size array. ``ArraySink`` keeps everything in memory (small images,
-tests); the Serve and evaluation issues add OME-TIFF / GeoJSON sinks."""
+tests); ``slide_eval.ScoringSink`` scores rows against a label pyramid and
+``serving.outputs.JobSink`` writes a slide job's OME-TIFF / GeoJSON results
+(docs/contracts.md#inference-source-and-sink)."""
 
 from __future__ import annotations
 

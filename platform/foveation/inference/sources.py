@@ -1,5 +1,6 @@
-"""Region sources: anything with ``height``, ``width`` and ``read_region``. The in-memory image
-is the first; the Slide I/O issue adds pyramidal slides on disk and in S3."""
+"""Region sources: anything with ``height``, ``width`` and ``read_region``
+(docs/contracts.md#inference-source-and-sink). ``ArraySource`` serves an in-memory image;
+``slides.SlideReader.as_source`` serves one pyramid level of a slide on disk or in S3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Whole-image inference through a region source into a sink (REFERENCE.md, "Inference").
+"""Whole-image inference through a region source into a sink (docs/method.md#inference).
 
 F runs once per image on the whole x_r (made band by band from the source). Then, band by band
 of location rows, a window of the image is read (padded beyond the border exactly as training

@@ -3,14 +3,16 @@ into mixing coefficients, the segmenter segments the mix (eq. 1). Single device.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
-from foveation.config import Config, MixConfig
+from foveation.config import Config, ConfigError, MixConfig, in_file
 from foveation.models.fovnet import FoveationNet
-from foveation.models.mixing import MIXERS, MixContext, mix
+from foveation.models.mixing import MIXERS, MixContext, mix, mixer
 from foveation.models.pretrained import load_pretrained
-from foveation.models.segmenter import OUTPUT_STRIDE, Segmenter
+from foveation.models.segmenter import BACKBONES, OUTPUT_STRIDE, Segmenter, known_backbone
 from foveation.patches import normalise
 
 
@@ -61,8 +63,34 @@ class FoveatedSegmenter(nn.Module):
         return torch.einsum("bdhw,d->bhw", w, self.fovs.to(w.dtype))
 
 
+def check_config(cfg: Config, source: str | Path | None = None) -> None:
+    """The checks of a config that need the models: its mix mode is registered
+    (``models.mixing.MIXERS``), its backbone is known, and ``patches.patch_size`` is a multiple
+    of the segmenter's output stride. ``foveation.config`` validates everything else when it
+    loads, without importing the models (docs/contracts.md); this runs when a model is built.
+    Raises ConfigError naming the field, and the file when ``source`` is given."""
+    try:
+        mixer(cfg.model.mix.mode)
+        if not known_backbone(cfg.model.backbone):
+            raise ConfigError(
+                f"model.backbone: unknown backbone {cfg.model.backbone!r}; known: "
+                f"{sorted(BACKBONES)} or 'timm:<name>'"
+            )
+        if cfg.patches.patch_size % OUTPUT_STRIDE:
+            raise ConfigError(
+                f"patches.patch_size: must be a multiple of the segmenter's output stride "
+                f"{OUTPUT_STRIDE}, got {cfg.patches.patch_size}"
+            )
+    except ConfigError as exc:
+        if source is None:
+            raise
+        raise in_file(exc, source) from None
+
+
 def build_model(cfg: Config) -> FoveatedSegmenter:
-    """A randomly initialised model, with ImageNet backbone weights when the config names a file."""
+    """A randomly initialised model, with ImageNet backbone weights when the config names a
+    file; the config is checked against the models first (:func:`check_config`)."""
+    check_config(cfg)
     model = FoveatedSegmenter(cfg)
     if cfg.model.pretrained:
         load_pretrained(model.segmenter.encoder, cfg.model.pretrained)

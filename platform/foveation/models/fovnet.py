@@ -1,4 +1,4 @@
-"""The foveation net F (REFERENCE.md, "Foveation net")."""
+"""The foveation net F (docs/method.md#foveation-net)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,13 @@
-"""Mix modes as data (REFERENCE.md, "Mix modes"): each maps F's weights w [N, D] to the
-weights h [N, D] actually used to mix the bank, x = sum_d h_d x_d (eq. 1). Adding a mode is
-adding one function to ``MIXERS``."""
+"""Mix modes as data (docs/method.md, "Mix modes"): each maps F's weights w [N, D] to the
+weights h [N, D] actually used to mix the bank, x = sum_d h_d x_d (eq. 1).
+
+Adding a mode is adding one function and one :class:`MixerSpec` to ``MIXERS``, with the
+properties callers read instead of lists of names of their own: whether F's weights decide the
+mix (``learned``: the mode is trained and its APSM means something) or it is a fixed baseline,
+and whether it takes a patch index (``indexed``: one run per patch, labelled "<mode>-<index>").
+The config names a mode (``model.mix.mode``) but does not import this registry;
+:func:`foveation.models.foveated.check_config` checks the name against it when a model is built.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from foveation.config import MixConfig
+from foveation.config import ConfigError, MixConfig
 
 
 @dataclass(frozen=True)
@@ -72,14 +79,72 @@ def random(w: Tensor, ctx: MixContext) -> Tensor:
 
 
 Mixer = Callable[[Tensor, MixContext], Tensor]
-MIXERS: dict[str, Mixer] = {
-    "soft": soft,
-    "hard": hard,
-    "gumbel": gumbel,
-    "onehot": onehot,
-    "average": average,
-    "random": random,
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    """A registered mix mode: its function and the properties callers read."""
+
+    fn: Mixer
+    """(w [N, D], context) -> h [N, D]."""
+    learned: bool
+    """F's weights decide the mix, so the mode trains F and its APSM means something; False: a
+    fixed baseline that ignores w (reproductions train one per mode, or per patch if indexed)."""
+    indexed: bool = False
+    """Takes ``model.mix.index`` (a patch, 0 = smallest FoV); its label is "<mode>-<index>"."""
+
+    def __call__(self, w: Tensor, ctx: MixContext) -> Tensor:
+        return self.fn(w, ctx)
+
+
+# Order matters to readers of fixed_mixes(): the one-hot baselines, Random, then Average.
+MIXERS: dict[str, MixerSpec] = {
+    "soft": MixerSpec(soft, learned=True),
+    "hard": MixerSpec(hard, learned=True),
+    "gumbel": MixerSpec(gumbel, learned=True),
+    "onehot": MixerSpec(onehot, learned=False, indexed=True),
+    "random": MixerSpec(random, learned=False),
+    "average": MixerSpec(average, learned=False),
 }
+
+
+def learned_mixes() -> tuple[str, ...]:
+    """The modes whose mix F's weights decide ("soft", "hard", "gumbel"), in registry order."""
+    return tuple(name for name, spec in MIXERS.items() if spec.learned)
+
+
+def fixed_mixes() -> tuple[str, ...]:
+    """The baseline modes that ignore F ("onehot", "random", "average"), in registry order."""
+    return tuple(name for name, spec in MIXERS.items() if not spec.learned)
+
+
+def mixer(mode: str) -> MixerSpec:
+    """The registered mixer of ``mode``; a ConfigError naming ``model.mix.mode`` if none."""
+    try:
+        return MIXERS[mode]
+    except KeyError:
+        raise ConfigError(
+            f"model.mix.mode: unknown mix mode {mode!r}; known: {sorted(MIXERS)}"
+        ) from None
+
+
+def split_label(label: str) -> tuple[str, int | None]:
+    """The mode and index of a run label (the inverse of ``MixConfig.label``): "onehot-2" ->
+    ("onehot", 2), "soft" -> ("soft", None). A label that is no "<indexed mode>-<N>" comes back
+    whole as the mode."""
+    mode, sep, index = label.rpartition("-")
+    if sep and index.isdigit() and mode in MIXERS and MIXERS[mode].indexed:
+        return mode, int(index)
+    return label, None
+
+
+def is_learned(label: str | None) -> bool:
+    """Whether a mode or run label ("soft", "onehot-2"...) names a learned mix; False for an
+    unknown one or None."""
+    if label is None:
+        return False
+    spec = MIXERS.get(split_label(label)[0])
+    return spec is not None and spec.learned
 
 
 def mix(bank: Tensor, h: Tensor) -> Tensor:

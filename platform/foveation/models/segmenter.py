@@ -1,6 +1,6 @@
 """The segmenter: an HRNetV2 head on a timm features backbone, chosen by name from a registry.
 
-HRNetV2 (REFERENCE.md, "Segmenter and loss"): every branch output upsampled bilinearly to the
+HRNetV2 (docs/method.md#segmenter): every branch output upsampled bilinearly to the
 stride-4 branch, concatenated (720 channels for W48, the paper's fc_dim), conv3x3 -> BN -> ReLU,
 conv1x1 -> K classes. Output stride 4. Any timm model that has ``features_only`` and a
 stride-4 feature works the same way (``"timm:<name>"``).

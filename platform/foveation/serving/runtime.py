@@ -1,7 +1,7 @@
 """The model side of serving, without Ray: segmenting one uploaded image (optionally with its
 tile forwards handed to a batcher), and the whole-slide job runner.
 
-``segment_image`` runs the Core whole-image inference (``inference.segment``) on the image.
+``segment_image`` runs the whole-image inference (``inference.segment``) on the image.
 When a ``forward`` function is given, the segmenter forwards of the tiles go through it
 instead of the model (the Serve replica passes one that queues them on ``@serve.batch``, so
 tiles of concurrent requests share one forward); F and everything else run in place.
@@ -95,7 +95,7 @@ def segment_image(
     forward: Forward | None = None,
     device: str = "cpu",
 ) -> ImageResult:
-    """Segment one uint8 RGB image [H, W, 3] with the Core tiled inference."""
+    """Segment one uint8 RGB image [H, W, 3] with the tiled whole-image inference."""
     sink = ArraySink()
     runner = model if forward is None else _RoutedModel(model, forward)
     segment(runner, ArraySource(image), cfg, sink, device=device)

@@ -9,12 +9,11 @@ a log line.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from foveation.config import ConfigError, _build, _check
+from foveation.config import ConfigError, dataclass_from_dict, in_file, read_toml, require
 
 HEATMAPS = ("probabilities", "apsm")
 
@@ -32,9 +31,9 @@ class LimitsConfig:
 
     def __post_init__(self) -> None:
         w = "serve.limits"
-        _check(self.max_body_bytes >= 1024, f"{w}.max_body_bytes", "must be >= 1024")
-        _check(self.max_pixels >= 1, f"{w}.max_pixels", "must be >= 1")
-        _check(self.max_slide_pixels >= 1, f"{w}.max_slide_pixels", "must be >= 1")
+        require(self.max_body_bytes >= 1024, f"{w}.max_body_bytes", "must be >= 1024")
+        require(self.max_pixels >= 1, f"{w}.max_pixels", "must be >= 1")
+        require(self.max_slide_pixels >= 1, f"{w}.max_slide_pixels", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class AuthConfig:
     replica, and used instead of ``token_env`` when set."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.token_env), "serve.auth.token_env", "must name a variable")
+        require(bool(self.token_env), "serve.auth.token_env", "must name a variable")
 
     def read_token(self) -> str:
         """The token ('' = no authentication). A token file that cannot be read is an error,
@@ -91,14 +90,14 @@ class JobsConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_prefixes", tuple(self.allowed_prefixes))
         w = "serve.jobs"
-        _check(bool(self.store), f"{w}.store", "must be a path or s3:// prefix")
-        _check(self.max_concurrent >= 1, f"{w}.max_concurrent", "must be >= 1")
-        _check(self.progress_interval_s >= 0, f"{w}.progress_interval_s", "must be >= 0")
-        _check(self.heatmap in HEATMAPS, f"{w}.heatmap", f"must be one of {HEATMAPS}")
-        _check(self.geojson_max_side >= 16, f"{w}.geojson_max_side", "must be >= 16")
-        _check(self.geojson_tile >= 16, f"{w}.geojson_tile", "must be >= 16")
+        require(bool(self.store), f"{w}.store", "must be a path or s3:// prefix")
+        require(self.max_concurrent >= 1, f"{w}.max_concurrent", "must be >= 1")
+        require(self.progress_interval_s >= 0, f"{w}.progress_interval_s", "must be >= 0")
+        require(self.heatmap in HEATMAPS, f"{w}.heatmap", f"must be one of {HEATMAPS}")
+        require(self.geojson_max_side >= 16, f"{w}.geojson_max_side", "must be >= 16")
+        require(self.geojson_tile >= 16, f"{w}.geojson_tile", "must be >= 16")
         for p in self.allowed_prefixes:
-            _check(
+            require(
                 bool(p) and ".." not in p.split("/"),
                 f"{w}.allowed_prefixes",
                 f"{p!r}: must be a non-empty path or s3:// prefix without '..'",
@@ -117,8 +116,8 @@ class BatchingConfig:
 
     def __post_init__(self) -> None:
         w = "serve.batching"
-        _check(self.max_batch_locations >= 1, f"{w}.max_batch_locations", "must be >= 1")
-        _check(self.wait_timeout_s >= 0, f"{w}.wait_timeout_s", "must be >= 0")
+        require(self.max_batch_locations >= 1, f"{w}.max_batch_locations", "must be >= 1")
+        require(self.wait_timeout_s >= 0, f"{w}.wait_timeout_s", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -135,17 +134,17 @@ class AutoscalingConfig:
 
     def __post_init__(self) -> None:
         w = "serve.autoscaling"
-        _check(self.min_replicas >= 1, f"{w}.min_replicas", "must be >= 1 (no scale to zero)")
-        _check(
+        require(self.min_replicas >= 1, f"{w}.min_replicas", "must be >= 1 (no scale to zero)")
+        require(
             self.max_replicas >= self.min_replicas,
             f"{w}.max_replicas",
             f"must be >= min_replicas ({self.min_replicas})",
         )
-        _check(self.target_ongoing_requests > 0, f"{w}.target_ongoing_requests", "must be > 0")
+        require(self.target_ongoing_requests > 0, f"{w}.target_ongoing_requests", "must be > 0")
         for name in ("upscale_delay_s", "downscale_delay_s"):
-            _check(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
+            require(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
         for name in ("metrics_interval_s", "look_back_period_s"):
-            _check(getattr(self, name) > 0, f"{w}.{name}", "must be > 0")
+            require(getattr(self, name) > 0, f"{w}.{name}", "must be > 0")
 
     def to_serve(self) -> dict[str, Any]:
         return {
@@ -165,7 +164,7 @@ class ReplicaConfig:
     """Resources and queue bounds of one deployment's replicas."""
 
     num_cpus: float = 1.0
-    """Logical CPUs per replica (fractional on a laptop: DESIGN.md, "Ray on 2 cores")."""
+    """Logical CPUs per replica (fractional on a laptop: docs/contracts.md#ray-on-2-cores)."""
     num_gpus: float = 0.0
     """GPUs per replica on a cluster (fractional shares one GPU)."""
     max_ongoing_requests: int = 4
@@ -177,15 +176,15 @@ class ReplicaConfig:
 
     def __post_init__(self) -> None:
         w = "serve.<deployment>"
-        _check(self.num_cpus >= 0, f"{w}.num_cpus", "must be >= 0")
-        _check(self.num_gpus >= 0, f"{w}.num_gpus", "must be >= 0")
-        _check(self.max_ongoing_requests >= 1, f"{w}.max_ongoing_requests", "must be >= 1")
-        _check(
+        require(self.num_cpus >= 0, f"{w}.num_cpus", "must be >= 0")
+        require(self.num_gpus >= 0, f"{w}.num_gpus", "must be >= 0")
+        require(self.max_ongoing_requests >= 1, f"{w}.max_ongoing_requests", "must be >= 1")
+        require(
             self.max_queued_requests == -1 or self.max_queued_requests >= 1,
             f"{w}.max_queued_requests",
             "must be -1 (no bound) or >= 1",
         )
-        _check(
+        require(
             self.torch_threads is None or self.torch_threads >= 1,
             f"{w}.torch_threads",
             "must be >= 1",
@@ -223,13 +222,13 @@ class ServeConfig:
     """The whole-slide job runner (one replica: it owns the jobs it runs)."""
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.device == "cpu" or self.device.startswith("cuda"),
             "serve.device",
             f"must be 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
         if self.device.startswith("cuda"):
-            _check(
+            require(
                 self.model.num_gpus > 0 and self.runner.num_gpus > 0,
                 "serve.device",
                 "'cuda' needs serve.model.num_gpus and serve.runner.num_gpus > 0",
@@ -238,25 +237,22 @@ class ServeConfig:
 
 def serve_config_from_dict(data: dict[str, Any] | None) -> ServeConfig:
     """A validated :class:`ServeConfig` from nested dicts; unknown keys are errors."""
-    return _build(ServeConfig, dict(data or {}), "serve")
+    return dataclass_from_dict(ServeConfig, dict(data or {}), "serve")
 
 
 def load_serve_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> ServeConfig:
     """The ``[serve]`` table of a TOML file (or the whole file if it has none), with
-    ``overrides`` merged in table by table."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            doc = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"serve config file {str(p)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"serve config file {str(p)!r} is not valid TOML: {exc}") from None
-        data = doc.get("serve", doc)
-    return serve_config_from_dict(_merge(data, overrides or {}))
+    ``overrides`` merged in table by table. Errors name the field, and the file when there is
+    one."""
+    if path is None:
+        return serve_config_from_dict(overrides)
+    doc = read_toml(path, "serve config file")
+    try:
+        return serve_config_from_dict(_merge(doc.get("serve", doc), overrides or {}))
+    except ConfigError as exc:
+        raise in_file(exc, path, "serve config file") from None
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

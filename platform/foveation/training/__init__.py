@@ -1,2 +1,3 @@
-"""Training: the single-device step and loop (this issue); ``distributed.py`` (the Ray Train /
-DeepSpeed issue) is the one place that will touch torch.distributed or DeepSpeed."""
+"""Training: one step (``step.py``) and one loop (``loop.py``) for the single-device trainer and
+the Ray Train worker (``worker.py``, started by ``trainer.fit``); ``distributed.py`` is the one
+place that touches torch.distributed or DeepSpeed; ``recorder.py`` owns the metric names."""

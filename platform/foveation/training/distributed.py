@@ -1,9 +1,12 @@
-"""The one place that touches DeepSpeed and torch.distributed (DESIGN.md, rules of the house).
+"""The one place that touches DeepSpeed and torch.distributed (docs/architecture.md#rules).
 
-The model code stays single-device; this module wraps it in a DeepSpeed engine configured from
-the typed config, and gives the worker loop the few collective operations it needs. Inside a
-Ray Train worker the process group already exists (Ray's ``TorchConfig`` set it up); DeepSpeed
-joins it instead of starting its own launcher.
+The model code stays single-device; this module wraps it in an engine that the one training
+loop (``training.loop``) drives the same way everywhere: a DeepSpeed engine configured from the
+typed config (Ray Train workers, any number of ranks), or ``LocalEngine``, the same interface
+over a plain optimiser on one device (the single-device trainer and the science check). It also
+gives the loop the few collective operations it needs (no-ops outside a process group). Inside
+a Ray Train worker the process group already exists (Ray's ``TorchConfig`` set it up);
+DeepSpeed joins it instead of starting its own launcher.
 """
 
 from __future__ import annotations
@@ -16,14 +19,62 @@ from foveation.config import Config
 from foveation.models.foveated import FoveatedSegmenter
 from foveation.training.optim import build_optimizer
 
-AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""``training.precision`` -> the autocast dtype (fp32: none). The one map of precision names."""
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The forward's autocast context for ``training.precision`` (weights stay fp32)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+class LocalEngine:
+    """A DeepSpeed engine's interface on one device without DeepSpeed: ``module``,
+    ``optimizer``, a forward under the configured autocast, ``backward`` and ``step`` (clipping,
+    optimiser, scheduler, zeroing), so one loop drives either."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, total_steps: int, device) -> None:
+        tc = cfg.training
+        if tc.precision == "fp16":
+            raise ValueError(
+                "training.precision 'fp16' runs only through DeepSpeed on GPUs (jobs.train, "
+                "--trainer ray); the single-device trainer takes 'fp32' or 'bf16'"
+            )
+        self.device = torch.device(device)
+        self.module = model.to(self.device)
+        self.optimizer, self.lr_scheduler = build_optimizer(self.module, tc, total_steps)
+        self.precision, self.grad_clip = tc.precision, tc.grad_clip
+
+    def __call__(self, *args, **kwargs):
+        with autocast(self.precision, self.device):
+            return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> LocalEngine:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> LocalEngine:
+        return self.train(False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
 
 
 def deepspeed_config(cfg: Config) -> dict:
     """DeepSpeed's JSON config from ours: micro-batch, ZeRO stage, clipping, autocast.
 
     Mixed precision is torch autocast (weights and optimiser state stay fp32), not DeepSpeed's
-    ``bf16`` section, which casts the weights and fails with BatchNorm on CPU (DESIGN.md)."""
+    ``bf16`` section, which casts the weights and fails with BatchNorm on CPU
+    (docs/dependencies.md)."""
     tc, dc = cfg.training, cfg.distributed
     out = {
         # Rows are locations: a step takes batch_size images' worth of locations per worker.
@@ -35,7 +86,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "wall_clock_breakdown": False,
     }
     if tc.precision in AUTOCAST_DTYPES:
-        out["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[tc.precision]}
+        dtype = str(AUTOCAST_DTYPES[tc.precision]).removeprefix("torch.")
+        out["torch_autocast"] = {"enabled": True, "dtype": dtype}
     return out
 
 
@@ -71,12 +123,6 @@ def init_single_process_group(backend: str) -> None:
     dist.init_process_group(backend, rank=0, world_size=1)
 
 
-def train_step(engine, loss: torch.Tensor) -> None:
-    """Backward, clipping, optimiser and scheduler step, zeroing: DeepSpeed's step."""
-    engine.backward(loss)
-    engine.step()
-
-
 def learning_rates(engine) -> dict[str, float]:
     return {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
 
@@ -108,6 +154,12 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         return
     for b in module.buffers():
         dist.broadcast(b.data, src=0)
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def barrier() -> None:

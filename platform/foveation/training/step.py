@@ -1,98 +1,91 @@
-"""One single-device training step over a batch of images (REFERENCE.md, "Training").
+"""One training step over one training batch (docs/contracts.md#training-batch), the same for
+the single-device trainer and every Ray Train worker.
 
-F runs once per image on the whole x_r; every sampled location of every image in the batch is
-extracted, mixed and segmented in one forward, with one backward (the authors' accumulation
-across location mini-batches double-counted the last one and mixed images).
+F runs on each location's 7x7 x_r neighbourhood (its centre is the location's weights), the
+mixer turns the weights into coefficients, the segmenter segments the mixed bank, and all the
+batch's locations go through one forward and one backward (the authors' accumulation across
+location mini-batches double-counted the last one and mixed images: docs/method.md#training).
+``engine`` is what ``training.distributed`` builds: a DeepSpeed engine or the single-device
+``LocalEngine``; both apply the configured autocast in their forward and own the optimiser.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from foveation.config import Config, MixConfig
-from foveation.images import as_rgb_uint8, to_chw_tensor
-from foveation.models.foveated import FoveatedSegmenter
-from foveation.models.mixing import MixContext
-from foveation.patches import IGNORE_INDEX, PatchExtractor, make_xr, pad_xr, xr_shape
+from foveation.geometry import IGNORE_INDEX
+from foveation.models.mixing import MixContext, is_learned
 
 
 class TrainingDiverged(RuntimeError):
     """The loss (or an input) became NaN or infinite; names the step."""
 
 
-@dataclass
-class PreparedImage:
-    """Everything a step needs of one image, made once per image: the patch extractor (padded
-    canvas, per-FoV levels, label level) and the padded x_r."""
-
-    slide_id: str
-    extractor: PatchExtractor
-    xr: Tensor  # [3, h + 6, w + 6], normalised, zero-padded by F's context
-    xr_size: tuple[int, int]
-
-
-def prepare_image(slide_id: str, image, label, cfg: Config) -> PreparedImage:
-    img = to_chw_tensor(as_rgb_uint8(image, f"image {slide_id!r}"))
-    lab = torch.from_numpy(np.ascontiguousarray(label)).to(torch.uint8)
-    if tuple(lab.shape) != tuple(img.shape[1:]):
-        raise ValueError(
-            f"label of {slide_id!r}: shape {tuple(lab.shape)} differs from the image's {tuple(img.shape[1:])}"
-        )
-    ex = PatchExtractor.from_image(
-        img,
-        cfg.patches,
-        cfg.model.pad_value,
-        lab,
-        cfg.model.num_classes,
-        FoveatedSegmenter.output_stride,
-    )
-    xr = pad_xr(make_xr(img, cfg.patches.xr_scale, cfg.model.mean, cfg.model.std))
-    return PreparedImage(
-        slide_id, ex, xr, xr_shape(img.shape[1], img.shape[2], cfg.patches.xr_scale)
-    )
-
-
-@dataclass
-class StepResult:
-    loss: float
-    weight_mean: list[float]  # mean of F's weights per scale over the step's locations
-    mix_mean: list[float]  # mean of the mixing coefficients actually used
-    locations: int
-
-
-def sample_locations(size: tuple[int, int], n: int, gen: torch.Generator) -> Tensor:
-    """n distinct x_r locations [n, 2] (all of them when the image has fewer)."""
-    h, w = size
-    idx = torch.randperm(h * w, generator=gen)[: min(n, h * w)]
-    return torch.stack([idx // w, idx % w], dim=1)
-
-
 def mix_context(cfg: Config, step: int, total_steps: int) -> MixContext:
     return MixContext(cfg.model.mix, step, total_steps, training=True)
 
 
+def warmup_steps(cfg: Config, total_steps: int) -> int:
+    return int(cfg.training.uniform_warmup_fraction * total_steps)
+
+
 def warmup_mode(cfg: Config, step: int, total_steps: int) -> MixConfig | None:
-    """The Average mix during the uniform warm-up (REFERENCE.md, collapse), else None."""
-    warm = step < int(cfg.training.uniform_warmup_fraction * total_steps)
-    return MixConfig("average") if warm else None
+    """``training.warmup_mix`` during the warm-up (docs/method.md#collapse), else None."""
+    return MixConfig(cfg.training.warmup_mix) if step < warmup_steps(cfg, total_steps) else None
+
+
+def entropy_weight(cfg: Config, step: int, total_steps: int) -> float:
+    """The entropy weight at ``step``: constant, or moving linearly to ``entropy_weight_end``
+    between the end of the warm-up and the last step."""
+    tc = cfg.training
+    if tc.entropy_weight_end is None:
+        return tc.entropy_weight
+    start = warmup_steps(cfg, total_steps)
+    frac = min(1.0, max(0.0, (step - start) / max(1, total_steps - 1 - start)))
+    return tc.entropy_weight + frac * (tc.entropy_weight_end - tc.entropy_weight)
+
+
+def weight_entropy(w: Tensor) -> Tensor:
+    """Per-location entropy of F's weights [N] (nats; log D is uniform, 0 a one-hot)."""
+    return -(w * w.clamp_min(1e-12).log()).sum(1)
+
+
+@torch.no_grad()
+def scale_target(model, bank: Tensor, label: Tensor, w: Tensor, cfg: Config) -> Tensor:
+    """The hindsight scale target q [N, D] = softmax(-loss_d / T): loss_d is each location's
+    mean cross entropy when the segmenter sees patch d alone (docs/method.md#scale-target)."""
+    valid = (label != IGNORE_INDEX).float()
+    count = valid.sum((1, 2)).clamp_min(1.0)
+    losses = []
+    for d in range(w.shape[1]):
+        logits, _ = model(bank, w, None, MixConfig("onehot", index=d))
+        ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="none")
+        losses.append((ce * valid).sum((1, 2)) / count)
+    return torch.softmax(-torch.stack(losses, 1) / cfg.training.scale_target_temperature, 1)
 
 
 def segmentation_loss(
-    logits: Tensor, label: Tensor, w: Tensor, cfg: Config, step: int, slide_ids
+    logits: Tensor,
+    label: Tensor,
+    w: Tensor,
+    cfg: Config,
+    step: int,
+    slide_ids,
+    total_steps: int = 1,
 ) -> Tensor:
     """Cross entropy on the smallest patch's area (ignore index 255), minus the optional entropy
     bonus on F's weights; raises ``TrainingDiverged`` naming the step and slides on NaN/inf."""
     tc = cfg.training
     class_w = torch.tensor(tc.class_weights, device=logits.device) if tc.class_weights else None
     loss = F.cross_entropy(logits.float(), label, weight=class_w, ignore_index=IGNORE_INDEX)
-    if tc.entropy_weight:
-        entropy = -(w * w.clamp_min(1e-12).log()).sum(1).mean()
-        loss = loss - tc.entropy_weight * entropy
+    ew = entropy_weight(cfg, step, total_steps)
+    if ew:
+        loss = loss - ew * weight_entropy(w).mean()
     if not torch.isfinite(loss):
         raise TrainingDiverged(
             f"training diverged at step {step}: loss is {loss.item()} "
@@ -102,67 +95,36 @@ def segmentation_loss(
 
 
 def batch_forward(
-    model: FoveatedSegmenter, batch: dict, cfg: Config, step: int, total_steps: int, device
+    model, batch: dict, cfg: Config, step: int, total_steps: int, device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, logits, w, h) of one DESIGN.md training batch (bank, xr, label) from the Ray Data
-    pipeline: F on each location's 7x7 x_r neighbourhood, the mix, the segmenter. ``model`` is
-    the plain module or a DeepSpeed engine (whose forward applies its own autocast)."""
+    """(loss, logits, w, h) of one training batch. ``model`` is an engine (whose forward applies
+    the autocast) or the plain module."""
     module = getattr(model, "module", model)
     bank = batch["bank"].to(device, non_blocking=True)
     xr = batch["xr"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True).long()
     w = module.location_weights(xr)
-    logits, h = model(
-        bank, w, mix_context(cfg, step, total_steps), warmup_mode(cfg, step, total_steps)
-    )
-    loss = segmentation_loss(logits, label, w, cfg, step, batch.get("slide_id", []))
+    warm = warmup_mode(cfg, step, total_steps)
+    logits, h = model(bank, w, mix_context(cfg, step, total_steps), warm)
+    loss = segmentation_loss(logits, label, w, cfg, step, batch.get("slide_id", []), total_steps)
+    tc = cfg.training
+    if tc.scale_target_weight and warm is None and is_learned(cfg.model.mix.mode):
+        q = scale_target(model, bank, label, w.detach(), cfg)
+        loss = loss - tc.scale_target_weight * (q * w.clamp_min(1e-12).log()).sum(1).mean()
     return loss, logits, w, h
 
 
-def train_step(
-    model: FoveatedSegmenter,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    images: list[PreparedImage],
-    cfg: Config,
-    step: int,
-    total_steps: int,
-    gen: torch.Generator,
-    device: torch.device,
-) -> StepResult:
-    tc = cfg.training
-    model.train()
-    banks, labels, weights = [], [], []
-    for im in images:
-        locs = sample_locations(im.xr_size, tc.locations_per_image, gen)
-        w_map = model.weights(im.xr[None].to(device))[0]  # F once per image: [D, h, w]
-        weights.append(w_map[:, locs[:, 0].to(device), locs[:, 1].to(device)].T)
-        with torch.no_grad():
-            banks.append(im.extractor.bank(locs))
-            labels.append(im.extractor.labels(locs))
-    bank = torch.cat(banks).to(device, non_blocking=True)
-    label = torch.cat(labels).to(device, non_blocking=True).long()
-    w = torch.cat(weights)
+@dataclass
+class StepResult:
+    loss: Tensor  # detached, still on the device (reading it syncs)
+    w: Tensor  # F's weights [N, D] at the step's locations, detached
+    h: Tensor  # the mixing coefficients used [N, D], detached
 
-    if tc.precision == "fp16":
-        raise ValueError(
-            "training.precision 'fp16' runs only through DeepSpeed on GPUs (jobs.train); "
-            "the single-device loop takes 'fp32' or 'bf16'"
-        )
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-        logits, h = model(
-            bank, w, mix_context(cfg, step, total_steps), mode=warmup_mode(cfg, step, total_steps)
-        )
-    loss = segmentation_loss(logits, label, w, cfg, step, [im.slide_id for im in images])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if tc.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return StepResult(
-        float(loss.detach()),
-        w.detach().mean(0).cpu().tolist(),
-        h.detach().mean(0).cpu().tolist(),
-        int(bank.shape[0]),
-    )
+
+def train_step(engine, batch: dict, cfg: Config, step: int, total_steps: int, device) -> StepResult:
+    """Forward, backward, clipping, optimiser and scheduler step: one optimizer step."""
+    engine.train()
+    loss, _, w, h = batch_forward(engine, batch, cfg, step, total_steps, device)
+    engine.backward(loss)
+    engine.step()
+    return StepResult(loss.detach(), w.detach(), h.detach())

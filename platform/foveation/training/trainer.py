@@ -78,7 +78,9 @@ def preflight(cfg: Config, manifest: str, run_uri: str, resume: bool, overwrite:
     """All the checks that need no worker; returns the manifest rows by split."""
     from foveation.data.gleason import DataError
     from foveation.data.ingest import read_manifest
+    from foveation.models.foveated import check_config
 
+    check_config(cfg)  # the model-dependent config checks, before any worker starts
     try:
         rows = read_manifest(manifest).to_pylist()
     except DataError as exc:
@@ -207,9 +209,7 @@ def fit(
         "cfg": cfg.to_dict(),
         "steps_per_epoch": steps_per_epoch,
         "clock": clock,
-        "history": {"dir": history, "image_uri": storage.absolute(splits["val"][0]["image_uri"])}
-        if splits["val"]
-        else None,
+        "history": _history_target(history, splits["val"][0]) if splits["val"] else None,
         "fail_at_step": int(fail_at) if fail_at else None,
         "has_val": bool(splits["val"]),
         "run": run_label(out),
@@ -259,6 +259,17 @@ def fit(
     model_uri = save_checkpoint(storage.join(out, "model"), model, cfg, meta | {"source": best_uri})
     log(f"best checkpoint {best_uri} (val mIoU {metrics.get('val_miou', 0.0):.3f}) -> {model_uri}")
     return FitResult(model_uri, best_uri, dict(metrics), history_of(result, out), skipped)
+
+
+def _history_target(directory: str, row: dict) -> dict:
+    """Where rank 0 writes one validation slide's APSM every epoch, and the slide (with its cue
+    map on a synthetic set, so the APSM by cue is a training metric too)."""
+    cue = row.get("cue_uri")
+    return {
+        "dir": directory,
+        "image_uri": storage.absolute(row["image_uri"]),
+        "cue_uri": storage.absolute(cue) if cue else None,
+    }
 
 
 def run_label(out: str) -> str:

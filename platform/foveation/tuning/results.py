@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,18 @@ TRADEOFF_PNG = "tradeoff.png"
 TRADEOFF_CSV = "tradeoff.csv"
 
 FINISHED, STOPPED, ERROR, UNFINISHED = "finished", "stopped_early", "error", "unfinished"
+
+
+@dataclass
+class SweepResult:
+    """What a sweep left behind (:func:`write_outputs`; ``tuning.sweep.run_sweep`` returns it)."""
+
+    rows: list[dict]  # one per trial, as in the results table
+    best: dict  # the best trial's row
+    table_uri: str
+    best_config_uri: str
+    tradeoff_uri: str | None
+    interrupted: bool  # some trials did not finish: run again with --resume
 
 
 def _num(v: Any) -> float:
@@ -249,10 +262,8 @@ def write_outputs(
     rows: list[dict],
     interrupted: bool,
     log: Callable[[str], None] = print,
-):
+) -> SweepResult:
     """Write the table, the best config and the trade-off figure into ``out``."""
-    from foveation.tuning.sweep import SweepResult
-
     pq_bytes, csv_bytes = table_bytes(rows)
     table_uri = storage.join(out, TABLE)
     storage.write_bytes(table_uri, pq_bytes)

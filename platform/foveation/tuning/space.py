@@ -3,8 +3,10 @@ scale), a mix mode, a learning rate and a seed, and how a point turns the base c
 trial's config.
 
 Points are plain dicts (what Ray Tune stores in a trial's config and shows in its tables) and
-are all built, and validated as configs, before any trial starts: an empty or contradictory
-space fails here with the point and the field that make it so.
+are all built, and validated as configs (the models' checks included:
+``models.foveated.check_config``), before any trial starts: an empty or contradictory space
+fails here with the point and the field that make it so. Mix modes are read from the registry
+``models.mixing.MIXERS``, never from a list of names here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 from foveation import config as C
 from foveation.config import Config, ConfigError
+from foveation.models.foveated import check_config
+from foveation.models.mixing import MIXERS, split_label
 
 
 class SpaceError(ValueError):
@@ -21,18 +25,22 @@ class SpaceError(ValueError):
 
 
 def parse_mix(name: str) -> C.MixConfig:
-    """ "soft", "hard", ... or "onehot-N" -> the mix config."""
-    if name.startswith("onehot-"):
-        index = name.removeprefix("onehot-")
-        if not index.isdigit():
-            raise SpaceError(f"tune.mixes: {name!r} is not onehot-N with N a patch index")
-        return C.MixConfig(mode="onehot", index=int(index))
-    if name == "onehot":
+    """A registered mix mode ("soft", "hard"...) or, for a mode that takes a patch index,
+    "<mode>-N" ("onehot-2") -> the mix config."""
+    mode, index = split_label(name)
+    spec = MIXERS.get(mode)
+    if spec is None:
+        base, sep, _ = name.rpartition("-")
+        if sep and base in MIXERS and MIXERS[base].indexed:
+            raise SpaceError(f"tune.mixes: {name!r} is not {base}-N with N a patch index")
+        known = sorted(f"{m}-N" if s.indexed else m for m, s in MIXERS.items())
+        raise SpaceError(f"tune.mixes: unknown mix mode {name!r}; known: {known}")
+    if spec.indexed and index is None:
         raise SpaceError(
-            "tune.mixes: 'onehot' needs a patch index: write 'onehot-0', 'onehot-1'..."
+            f"tune.mixes: {name!r} needs a patch index: write '{name}-0', '{name}-1'..."
         )
     try:
-        return C.MixConfig(mode=name)
+        return C.MixConfig(mode=mode, index=index)
     except ConfigError as exc:
         raise SpaceError(f"tune.mixes: {exc}") from None
 
@@ -129,7 +137,7 @@ def trial_config(base: Config, point: dict[str, Any]) -> Config:
         training = C.replace(
             tc, epochs=t.epochs or tc.epochs, seed=tc.seed + int(point["seed"]), **lrs
         )
-        return C.replace(
+        cfg = C.replace(
             base,
             patches=patches,
             model=C.replace(base.model, mix=mix),
@@ -137,6 +145,8 @@ def trial_config(base: Config, point: dict[str, Any]) -> Config:
             distributed=C.replace(base.distributed, checkpoint_every_steps=None),
             name=f"{base.name}-{label(point)}",
         )
+        check_config(cfg)
+        return cfg
     except (ConfigError, SpaceError) as exc:
         raise SpaceError(f"tune: the point {point} is not a valid config: {exc}") from None
 
@@ -155,13 +165,14 @@ def best_config(base: Config, point: dict[str, Any]) -> Config:
 
 
 def single_patch(point: dict[str, Any]) -> tuple[int, float] | None:
-    """(FoV, downsampling factor) of a point that uses one patch per location (D = 1, or a
-    one-hot mix), else None: the trade-off figure's x axis."""
-    fovs, mix = point["fovs"], point["mix"]
+    """(FoV, downsampling factor) of a point that uses one patch per location (D = 1, or a mix
+    that takes a patch index, such as "onehot-2"), else None: the trade-off figure's x axis."""
+    fovs = point["fovs"]
+    _, index = split_label(point["mix"])
     if len(fovs) == 1:
         fov = fovs[0]
-    elif mix.startswith("onehot-"):
-        fov = fovs[int(mix.removeprefix("onehot-"))]
+    elif index is not None:
+        fov = fovs[index]
     else:
         return None
     return fov, fov / point["patch_size"]

@@ -19,11 +19,11 @@ import math
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from foveation import storage
 from foveation.config import Config, config_from_dict
 from foveation.tuning import results, space
+from foveation.tuning.results import SweepResult
 
 SWEEP_NAME = "sweep"
 TRIALS = "trials"
@@ -32,16 +32,6 @@ METRIC = "val_miou"
 
 class SweepError(RuntimeError):
     """A sweep that cannot start or did not finish; the message says why and what to do."""
-
-
-@dataclass
-class SweepResult:
-    rows: list[dict]  # one per trial, as in the results table
-    best: dict  # the best trial's row
-    table_uri: str
-    best_config_uri: str
-    tradeoff_uri: str | None
-    interrupted: bool  # some trials did not finish: run again with --resume
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:

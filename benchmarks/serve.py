@@ -11,6 +11,13 @@ in-process forward of the same model on the same image, in one run.
 - Batching on (``@serve.batch`` of tile forwards): throughput at concurrency 8 vs 1, and at
   concurrency 8 vs batching off at concurrency 8. One model replica throughout, so the figures
   measure batching, not autoscaling.
+
+Every ratio is the median of interleaved repetitions (``docs/contracts.md#benchmarks``): a
+round deploys the app with batching off (the concurrency-1 block against the in-process
+forward, then concurrency 8), then redeploys it with batching on (concurrency 1, then 8); each
+deployment is warmed up before it is timed. Figures without a baseline (latencies of one mode,
+the Server-Timing parts) come from the round whose served-vs-in-process p50 ratio is the
+median.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import time
 
 import numpy as np
 
-from foveation.benchmarks import Figure, compared
+from benchmarks import Figure, interleaved, median_compared
 from foveation.config import load_config
 
 
@@ -123,39 +130,20 @@ _PART_NOTES = {
 }
 
 
-def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Figure]:
+def _off_round(url, body, img, model, mcfg, n1: int, n8: int) -> dict:
+    """Batching off: concurrency 1 interleaved request by request with the in-process forward
+    (the replica's thread count, 1, so both see the same background load), then concurrency 8."""
     import httpx
     import torch
-    from ray import serve
 
-    from foveation.checkpoint import load_checkpoint, save_checkpoint
-    from foveation.models.foveated import build_model
-    from foveation.raycluster import init_ray
     from foveation.serving.runtime import segment_image
 
-    cfg = load_config(config)
-    n1, n8 = (10, 16) if quick else (60, 96)
-    size = 128 if quick else 256
-    img = _image(size)
-    body = _png(img)
-    tmp = tempfile.mkdtemp(prefix="bench-serve-")
-    ckpt = f"{tmp}/model"
-    torch.manual_seed(0)
-    save_checkpoint(ckpt, build_model(cfg), dataclasses.replace(cfg, name="bench-serve"))
-
-    model, mcfg, _ = load_checkpoint(ckpt)
-    init_ray()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    local: list[float] = []
+    off1: list[float] = []
+    timing: dict[str, list[float]] = {}
     try:
-        url = _deploy(ckpt, port, f"{tmp}/jobs", batching=False, name="bench")
-        # Concurrency 1, batching off, interleaved with the in-process forward (the replica's
-        # thread count, 1), so that both see the same background load on a shared machine.
-        torch.set_num_threads(1)
-        local: list[float] = []
-        off1: list[float] = []
-        timing: dict[str, list[float]] = {}
         with httpx.Client(base_url=url, timeout=300) as client:
             for i in range(n1 + 5):
                 t = time.perf_counter()
@@ -171,55 +159,102 @@ def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Fi
                     off1.append(dt)
                     for k, v in _server_timing(r).items():
                         timing.setdefault(k, []).append(v)
-        torch.set_num_threads(threads)
-        local_rps = 1 / float(np.mean(local))
-        off1_rps = 1 / float(np.mean(off1))
-        parts = {k: _pct(v, 50) for k, v in timing.items()}
-        _load(url, body, 8, 8)
-        off8, wall = _load(url, body, 8, n8)
-        off8_rps = n8 / wall
-
-        url = _deploy(ckpt, port, f"{tmp}/jobs", batching=True, name="bench")
-        _load(url, body, 8, 16)  # warm-up
-        on1, wall = _load(url, body, 1, n1)
-        on1_rps = n1 / wall
-        on8, wall = _load(url, body, 8, n8)
-        on8_rps = n8 / wall
     finally:
         torch.set_num_threads(threads)
+    _load(url, body, 8, 8)  # warm-up
+    off8, wall = _load(url, body, 8, n8)
+    return {
+        "local": local,
+        "off1": off1,
+        "parts": {k: _pct(v, 50) for k, v in timing.items()},
+        "local_rps": 1 / float(np.mean(local)),
+        "off1_rps": 1 / float(np.mean(off1)),
+        "off8": off8,
+        "off8_rps": n8 / wall,
+    }
+
+
+def _on_round(url, body, n1: int, n8: int) -> dict:
+    """Batching on: concurrency 1, then concurrency 8."""
+    _load(url, body, 8, 16)  # warm-up
+    on1, wall = _load(url, body, 1, n1)
+    on1_rps = n1 / wall
+    on8, wall = _load(url, body, 8, n8)
+    return {"on1": on1, "on1_rps": on1_rps, "on8": on8, "on8_rps": n8 / wall}
+
+
+def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Figure]:
+    import torch
+    from ray import serve
+
+    from foveation.checkpoint import load_checkpoint, save_checkpoint
+    from foveation.models.foveated import build_model
+    from foveation.raycluster import init_ray
+
+    cfg = load_config(config)
+    n1, n8 = (10, 16) if quick else (40, 64)
+    size = 128 if quick else 256
+    img = _image(size)
+    body = _png(img)
+    tmp = tempfile.mkdtemp(prefix="bench-serve-")
+    ckpt = f"{tmp}/model"
+    torch.manual_seed(0)
+    save_checkpoint(ckpt, build_model(cfg), dataclasses.replace(cfg, name="bench-serve"))
+
+    model, mcfg, _ = load_checkpoint(ckpt)
+    init_ray()
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def off() -> dict:
+        url = _deploy(ckpt, port, f"{tmp}/jobs", batching=False, name="bench")
+        return _off_round(url, body, img, model, mcfg, n1, n8)
+
+    def on() -> dict:
+        url = _deploy(ckpt, port, f"{tmp}/jobs", batching=True, name="bench")
+        return _on_round(url, body, n1, n8)
+
+    try:
+        rounds = interleaved({"off": off, "on": on})
+    finally:
         serve.shutdown()
+    offs, ons = rounds["off"], rounds["on"]
 
     ms = 1000.0
     mode = "throughput-optimised" if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") else "default"
     note = (
         f"{size}x{size} PNG, {cfg.name} model ({cfg.model.backbone}), 1 replica, 1 thread, "
-        f"Serve {mode} mode"
+        f"Serve {mode} mode, {n1} requests at concurrency 1 and {n8} at 8 per round"
     )
+    p50 = median_compared(
+        "serve_p50_latency_c1_batching_off",
+        [_pct(r["off1"], 50) * ms for r in offs],
+        [_pct(r["local"], 50) * ms for r in offs],
+        "ms",
+        "lower",
+        None,
+        note + "; baseline: in-process segment_image",
+    )
+    i = [_pct(r["off1"], 50) * ms for r in offs].index(p50.value)
+    mid, on_mid = offs[i], ons[i]  # the median round, for the figures without a baseline
     return [
-        compared(
-            "serve_p50_latency_c1_batching_off",
-            _pct(off1, 50) * ms,
-            _pct(local, 50) * ms,
-            "ms",
-            "lower",
-            None,
-            note + "; baseline: in-process segment_image",
-        ),
-        compared(
+        p50,
+        median_compared(
             "serve_p99_latency_c1_batching_off",
-            _pct(off1, 99) * ms,
-            _pct(local, 99) * ms,
+            [_pct(r["off1"], 99) * ms for r in offs],
+            [_pct(r["local"], 99) * ms for r in offs],
             "ms",
             "lower",
             None,
         ),
         Figure(
             "serve_overhead_p50_c1_batching_off",
-            (_pct(off1, 50) - _pct(local, 50)) * ms,
+            p50.value - p50.baseline_value,
             "ms",
             "lower",
             10.0,
-            note="served p50 minus in-process p50 (HTTP, PNG codec, proxy, ingress, handle)",
+            note="served p50 minus in-process p50 (HTTP, PNG codec, proxy, ingress, handle), "
+            "the median round's",
         ),
         *[
             Figure(
@@ -229,26 +264,33 @@ def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Fi
                 "lower",
                 note=_PART_NOTES.get(k, ""),
             )
-            for k, v in parts.items()
+            for k, v in mid["parts"].items()
         ],
-        compared("serve_throughput_c1_batching_off", off1_rps, local_rps, "req/s", "higher", None),
-        Figure("serve_throughput_c8_batching_off", off8_rps, "req/s", "higher"),
-        Figure("serve_p50_latency_c1_batching_on", _pct(on1, 50) * ms, "ms", "lower"),
-        Figure("serve_p99_latency_c8_batching_off", _pct(off8, 99) * ms, "ms", "lower"),
-        Figure("serve_p99_latency_c8_batching_on", _pct(on8, 99) * ms, "ms", "lower"),
-        compared(
+        median_compared(
+            "serve_throughput_c1_batching_off",
+            [r["off1_rps"] for r in offs],
+            [r["local_rps"] for r in offs],
+            "req/s",
+            "higher",
+            None,
+        ),
+        Figure("serve_throughput_c8_batching_off", mid["off8_rps"], "req/s", "higher"),
+        Figure("serve_p50_latency_c1_batching_on", _pct(on_mid["on1"], 50) * ms, "ms", "lower"),
+        Figure("serve_p99_latency_c8_batching_off", _pct(mid["off8"], 99) * ms, "ms", "lower"),
+        Figure("serve_p99_latency_c8_batching_on", _pct(on_mid["on8"], 99) * ms, "ms", "lower"),
+        median_compared(
             "serve_throughput_batching_on_c8_vs_c1",
-            on8_rps,
-            on1_rps,
+            [r["on8_rps"] for r in ons],
+            [r["on1_rps"] for r in ons],
             "req/s",
             "higher",
             None,
             "batching on: concurrency 8 over concurrency 1",
         ),
-        compared(
+        median_compared(
             "serve_throughput_c8_batching_on_vs_off",
-            on8_rps,
-            off8_rps,
+            [r["on8_rps"] for r in ons],
+            [r["off8_rps"] for r in offs],
             "req/s",
             "higher",
             None,

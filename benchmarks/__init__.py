@@ -1,0 +1,173 @@
+"""The benchmark harness: ``python -m jobs.benchmark SUITE [--json FILE]``.
+
+A suite is a function returning :class:`Figure` s. Each figure has the fields
+``docs/contracts.md#benchmarks`` pins (``name``, ``value``, ``unit``, ``direction``, ``target``,
+``met`` and, when a baseline was measured in the same run on the same inputs,
+``baseline_value``, ``ratio`` and ``spread``); ``target`` bounds ``ratio`` when there is one,
+else ``value``.
+
+A ratio is only as good as the load the machine had while each side ran, so every figure with a
+same-run baseline comes from :data:`REPEATS` (at least 3, odd) interleaved repetitions,
+baseline, candidate, baseline, candidate, ... (:func:`interleaved`), and reports the repetition
+whose ratio is the median (:func:`median_compared`): ``value``, ``baseline_value`` and ``ratio``
+are that repetition's, ``met`` is judged on the median ratio and ``spread`` holds the smallest
+and largest ratio of all repetitions.
+
+This package is not part of the installed library (it imports the Serve app); it is on the
+path with the repository root, like ``jobs`` and ``serve``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+
+REPEATS = 3
+"""Interleaved repetitions behind every figure with a same-run baseline (odd, at least 3)."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    value: float
+    unit: str
+    direction: str  # "higher" or "lower" is better
+    target: float | None = None
+    baseline_value: float | None = None
+    ratio: float | None = None
+    note: str = ""
+    spread: dict[str, float] | None = None  # {"min", "max"} of the ratio over the repetitions
+    repetitions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("higher", "lower"):
+            raise ValueError(f"Figure {self.name}: direction must be 'higher' or 'lower'")
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        x = self.ratio if self.ratio is not None else self.value
+        return x >= self.target if self.direction == "higher" else x <= self.target
+
+    def to_dict(self) -> dict:
+        pinned = (
+            "name",
+            "value",
+            "unit",
+            "direction",
+            "target",
+        )  # always present, target may be null
+        d = {k: v for k, v in asdict(self).items() if k in pinned or (v is not None and v != "")}
+        d["met"] = self.met
+        return d
+
+
+def ratio_of(value: float, baseline: float, direction: str) -> float:
+    """How many times better than the baseline, in the figure's direction."""
+    return value / baseline if direction == "higher" else baseline / value
+
+
+def interleaved(sides: Mapping[str, Callable[[], T]], repeats: int = REPEATS) -> dict[str, list[T]]:
+    """Call every side once per round, in the mapping's order (the baseline first), for
+    ``repeats`` rounds: baseline, candidate, baseline, candidate, ... so that a drift in the
+    machine's load reaches both. Returns each side's results, one per round."""
+    if repeats < 3 or repeats % 2 == 0:
+        raise ValueError(f"repeats must be odd and at least 3, not {repeats}")
+    out: dict[str, list[T]] = {k: [] for k in sides}
+    for _ in range(repeats):
+        for k, fn in sides.items():
+            out[k].append(fn())
+    return out
+
+
+def median_compared(
+    name: str,
+    values: Sequence[float],
+    baselines: Sequence[float],
+    unit: str,
+    direction: str,
+    target: float | None,
+    note: str = "",
+) -> Figure:
+    """A figure with a same-run baseline from interleaved repetitions (``values[i]`` and
+    ``baselines[i]`` measured in the same round): the round whose ratio is the median gives
+    ``value``, ``baseline_value`` and ``ratio`` (so ``met`` is judged on the median ratio);
+    ``spread`` is the smallest and largest ratio."""
+    if len(values) != len(baselines):
+        raise ValueError(f"Figure {name}: {len(values)} values, {len(baselines)} baselines")
+    if len(values) < 3 or len(values) % 2 == 0:
+        raise ValueError(f"Figure {name}: needs an odd number (>= 3) of repetitions")
+    ratios = [ratio_of(v, b, direction) for v, b in zip(values, baselines, strict=True)]
+    mid = ratios.index(statistics.median(ratios))
+    return Figure(
+        name,
+        values[mid],
+        unit,
+        direction,
+        target,
+        baselines[mid],
+        ratios[mid],
+        note,
+        {"min": min(ratios), "max": max(ratios)},
+        len(ratios),
+    )
+
+
+def timed(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+SUITES: dict[str, str] = {
+    "patches": "benchmarks.patches:run",
+    "ingest": "benchmarks.ingest:run",
+    "io": "benchmarks.io:run",
+    "train": "benchmarks.train:run",
+    "gpu": "benchmarks.gpu:run",
+    "serve": "benchmarks.serve:run",
+    "monitoring": "benchmarks.metrics_overhead:run",
+}
+
+
+def get_suite(name: str) -> Callable[..., list[Figure]]:
+    if name not in SUITES:
+        raise KeyError(f"unknown benchmark suite {name!r}; known: {sorted(SUITES)}")
+    mod, fn = SUITES[name].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def format_table(figures: list[Figure]) -> str:
+    rows = [("figure", "value", "unit", "baseline", "ratio", "spread", "target", "met")]
+    for f in figures:
+        rows.append(
+            (
+                f.name,
+                f"{f.value:.4g}",
+                f.unit,
+                "" if f.baseline_value is None else f"{f.baseline_value:.4g}",
+                "" if f.ratio is None else f"{f.ratio:.3g}x",
+                ""
+                if f.spread is None
+                else f"{f.spread['min']:.3g}..{f.spread['max']:.3g} (n={f.repetitions})",
+                ""
+                if f.target is None
+                else f"{'>=' if f.direction == 'higher' else '<='} {f.target:g}",
+                {True: "yes", False: "NO", None: ""}[f.met],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
