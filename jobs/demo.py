@@ -10,6 +10,7 @@ the store and a model trained from the same config.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", help="where the synthetic raw slides go (default: data.ingest.source)")
     p.add_argument("--store", help="the ingested store (default: data.ingest.dest)")
     args = p.parse_args(argv)
+    # A readable console: no Ray Data progress bars (they redraw hundreds of KB into a log);
+    # Ray's own logs stay in its session directory.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     cfg = load_or_none(args.config)
     if cfg is None:
         return BAD_CONFIG
@@ -51,9 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, IngestError, TrainingError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    model = f"{out}/runs/{cfg.model.mix.label}/model"
     print()
     print(res.table)
-    step(f"done; report: {res.report_uri}")
+    print()
+    step("done")
+    print(f"model:  {model}")
+    print(f"report: {res.report_uri}")
+    print(f"serve:  .venv/bin/serve run serve.app:build_app checkpoint={model}")
     return 0
 
 

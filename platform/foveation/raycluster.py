@@ -28,6 +28,9 @@ FORWARDED_ENV = (
     "AWS_REGION",
     "AWS_PROFILE",
     "AWS_EC2_METADATA_DISABLED",
+    # Not storage, but the same need: a job that turns Ray Data's progress bars off (the demo)
+    # turns them off in the Train workers and actors that execute its datasets too.
+    "RAY_DATA_DISABLE_PROGRESS_BARS",
 )
 
 
