@@ -567,6 +567,11 @@ class TuneConfig:
     """ASHA: epochs every trial gets before it can be stopped."""
     reduction_factor: float = 2.0
     """ASHA: the top 1/reduction_factor of trials at each rung go on."""
+    fields: dict[str, tuple] = field(default_factory=dict)
+    """Any config fields to search, by dotted name, each with its values (the grid is their
+    product, crossed with the patch-set space): ``[tune.fields]`` with, e.g.,
+    ``"training.scale_target_weight" = [0.0, 1.0]`` and ``"model.mix.mode" = ["soft", "gumbel"]``.
+    Every value is checked as the base config would check it, before any trial starts."""
     max_concurrent_trials: int = 2
     trial_cpus: float = 0.25
     """Logical CPUs of each trial's driver (its Ray Train workers and reader actors take
@@ -574,6 +579,18 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         w = "tune"
+        require(isinstance(self.fields, dict), f"{w}.fields", "must be a table of lists")
+        for name, values in self.fields.items():
+            require(
+                isinstance(values, list | tuple) and len(values) >= 1,
+                f"{w}.fields.{name}",
+                f"must be a non-empty list of values, got {values!r}",
+            )
+            require(
+                name.count(".") >= 1 and not name.startswith("tune."),
+                f"{w}.fields.{name}",
+                "must be a dotted config field outside [tune], e.g. 'training.entropy_weight'",
+            )
         for name in ("fov_sets", "base_fovs", "xr_scales", "mixes", "lrs", "fov_ratios"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "fov_sets", tuple(tuple(map(float, s)) for s in self.fov_sets))

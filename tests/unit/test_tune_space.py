@@ -165,3 +165,28 @@ def test_sweep_result_lives_with_the_results():
     from foveation.tuning import sweep
 
     assert sweep.SweepResult is results.SweepResult
+
+
+def test_any_dotted_config_field_can_be_searched_and_bad_ones_are_named():
+    cfg = _with(
+        fields={
+            "training.scale_target_weight": [0.0, 1.0],
+            "model.mix.mode": ["soft", "gumbel"],
+        }
+    )
+    pts = space.points(cfg)
+    assert len(pts) == 4
+    trials = [space.trial_config(cfg, p) for p in pts]
+    got = {(t.training.scale_target_weight, t.model.mix.mode) for t in trials}
+    assert got == {(0.0, "soft"), (0.0, "gumbel"), (1.0, "soft"), (1.0, "gumbel")}
+    assert len({space.label(p) for p in pts}) == 4  # every point has its own name
+    best = space.best_config(cfg, pts[-1])
+    assert best.training.scale_target_weight == trials[-1].training.scale_target_weight
+    # a shipped config file with [tune.fields] round-trips through TOML
+    assert config_from_dict(__import__("tomllib").loads(cfg.to_toml())) == cfg
+    with pytest.raises(space.SpaceError, match="training.warmup_mix"):
+        space.points(_with(fields={"training.warmup_mix": ["nope"]}))
+    with pytest.raises(space.SpaceError, match="no_such_field"):
+        space.points(_with(fields={"training.no_such_field": [1]}))
+    with pytest.raises(ConfigError, match=r"tune\.fields\.training\.lr_fovnet"):
+        _with(fields={"training.lr_fovnet": []})

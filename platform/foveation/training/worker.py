@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +39,10 @@ a synthetic slide); bigger ones are skipped."""
 FAULT_ENV = "FOVEATION_FAIL_AT_STEP"
 """Fault injection for the tests: rank 0 dies at this step once (only in an attempt that did
 not resume), so Ray Train must restart the group and resume from the last checkpoint."""
+FAULT_GRACE_S = 8.0
+"""The injected fault waits this long before exiting: Ray Train's controller collects workers'
+reports every 2 s, so a crash right after a report would lose that checkpoint by chance, and
+the test would not know which checkpoint the run resumed from."""
 
 
 @torch.no_grad()
@@ -198,6 +203,7 @@ def train_worker(config: dict) -> None:
     def before_step(step: int, i: int, _: float) -> None:
         if fail_at is not None and step == fail_at and pos.resumed_from is None and rank == 0:
             print(f"injected fault: rank 0 exits at step {step}", flush=True)
+            time.sleep(FAULT_GRACE_S)
             os._exit(17)
 
     def after_step(step: int, i: int, seconds: float) -> None:

@@ -92,11 +92,16 @@ def points(cfg: Config) -> list[dict[str, Any]]:
     base = _custom_points(cfg) if t.preset == "custom" else _preset_points(cfg)
     lrs = t.lrs or (None,)
     repeats = t.num_samples if t.search == "grid" else 1
+    names = sorted(t.fields)
+    combos = [
+        dict(zip(names, vals, strict=True))
+        for vals in itertools.product(*(t.fields[n] for n in names))
+    ]
     out = []
     # Learning rates outermost: trials start in this order, so with the usual lrs (best guess
     # first) ASHA's first rungs are set by the likelier configs.
-    for lr, pt, rep in itertools.product(lrs, base, range(repeats)):
-        out.append(pt | {"lr": lr, "seed": t.seed + rep})
+    for lr, pt, fields, rep in itertools.product(lrs, base, combos, range(repeats)):
+        out.append(pt | {"lr": lr, "seed": t.seed + rep} | ({"fields": fields} if fields else {}))
     if not out:
         raise SpaceError("tune: the search space is empty")
     labels = set()
@@ -112,7 +117,32 @@ def label(point: dict[str, Any]) -> str:
     """A short, unique, file-name-safe name: ``fov64-128-256_p64_xr16_soft_lr0.001_s0``."""
     fovs = "-".join(str(f) for f in point["fovs"])
     lr = "" if point.get("lr") is None else f"_lr{point['lr']:g}"
-    return f"fov{fovs}_p{point['patch_size']}_xr{point['xr_scale']}_{point['mix']}{lr}_s{point['seed']}"
+    fields = "".join(
+        f"_{name.rsplit('.', 1)[-1]}{_short(value)}"
+        for name, value in sorted(point.get("fields", {}).items())
+    )
+    return (
+        f"fov{fovs}_p{point['patch_size']}_xr{point['xr_scale']}_{point['mix']}{lr}{fields}"
+        f"_s{point['seed']}"
+    )
+
+
+def _short(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
+
+
+def with_fields(cfg: Config, fields: dict[str, Any]) -> Config:
+    """``cfg`` with dotted fields set (``{"training.entropy_weight": 0.01}``), coerced and
+    validated as a config file's values are; a ConfigError names an unknown field."""
+    data = cfg.to_dict()
+    for name, value in fields.items():
+        table, *path = name.split(".")
+        node = data.setdefault(table, {})
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = list(value) if isinstance(value, tuple) else value
+    return C.config_from_dict(data)
 
 
 def trial_config(base: Config, point: dict[str, Any]) -> Config:
@@ -145,6 +175,8 @@ def trial_config(base: Config, point: dict[str, Any]) -> Config:
             distributed=C.replace(base.distributed, checkpoint_every_steps=None),
             name=f"{base.name}-{label(point)}",
         )
+        if point.get("fields"):
+            cfg = with_fields(cfg, point["fields"])
         check_config(cfg)
         return cfg
     except (ConfigError, SpaceError) as exc:
