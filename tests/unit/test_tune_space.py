@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tomllib
 
 import pytest
 
@@ -183,8 +184,8 @@ def test_any_dotted_config_field_can_be_searched_and_bad_ones_are_named():
     best = space.best_config(cfg, pts[-1])
     assert best.training.scale_target_weight == trials[-1].training.scale_target_weight
     # a shipped config file with [tune.fields] round-trips through TOML
-    assert config_from_dict(__import__("tomllib").loads(cfg.to_toml())) == cfg
-    with pytest.raises(space.SpaceError, match="training.warmup_mix"):
+    assert config_from_dict(tomllib.loads(cfg.to_toml())) == cfg
+    with pytest.raises(space.SpaceError, match=r"training\.warmup_mix"):
         space.points(_with(fields={"training.warmup_mix": ["nope"]}))
     with pytest.raises(space.SpaceError, match="no_such_field"):
         space.points(_with(fields={"training.no_such_field": [1]}))
