@@ -220,7 +220,8 @@ class SyntheticConfig:
     seed: int = 0
     grade5_fraction: float = 0.02
     texture_contrast: float = 1.0
-    """Grade 4's fine-texture amplitude in units of the luminance noise (near 1: as weak as tissue)."""
+    """Fine-texture amplitude in units of the luminance noise (near 1: as weak as tissue): grade
+    4's in the blind regime, every texture-decided region's in the informative one."""
     noise_sigma: float = 5.0
     n_annotators: int = 6
     annotators_per_slide: tuple[int, int] = (3, 6)

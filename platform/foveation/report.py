@@ -231,8 +231,9 @@ def evaluation_report(
             "|---|" + "---|" * len(CUE_NAMES),
             *cue_lines,
             "",
-            "Context-decided tissue (benign, grade 3) should get larger FoVs than "
-            "texture-decided tissue (grade 4).",
+            "Context-decided tissue should get larger FoVs than texture-decided tissue (in the "
+            "blind regime the cue follows the class: benign and grade 3 context, grade 4 "
+            "texture; in the informative regime it is drawn per region, whatever the class).",
             "",
         ]
     runs = [r for r in res.slides]

@@ -143,7 +143,7 @@ def test_two_workers_train_to_s3_and_evaluate_reads_the_checkpoint_back(store, r
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert all(h["world_size"] == 2 for h in res.history)
-    # Ray Train's checkpoints and the exported best one are in S3, in DESIGN.md's format.
+    # Ray Train's checkpoints and the exported best one are in S3, in the format of docs/contracts.md#checkpoint.
     files = storage.list_files(storage.join(out, "train"))
     assert any(f.endswith("/model.safetensors") for f in files)
     assert any("/deepspeed/" in f for f in files), "no DeepSpeed state for --resume"
