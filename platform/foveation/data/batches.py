@@ -65,7 +65,7 @@ class ArrayImage:
         self.levels = [Level(self.width, self.height, 1.0, None)]
         self.pad_value = tuple(cfg.model.pad_value) if pad_value is None else tuple(pad_value)
         self._banks: PatchExtractor | None = None
-        self._canvas: tuple[int, Tensor] | None = None
+        self._canvas: tuple[int, tuple, Tensor] | None = None  # (margin, fill, canvas)
 
     def level_for(self, fov: float, out_size: int) -> int:
         return 0
@@ -86,14 +86,21 @@ class ArrayImage:
         """uint8 [N, C, size, size] windows whose top-left corners are ``corners`` [N, 2]
         (level-0 px, anywhere: beyond the image is ``pad_value``), one gather for all."""
         corners = torch.as_tensor(corners, dtype=torch.int64).reshape(-1, 2)
-        margin = size + 1
-        reach = int(corners.abs().max()) if len(corners) else 0
-        m = max(margin, reach + margin)
-        key = (m, tuple(int(v) for v in np.atleast_1d(pad_value)[: self.bands]))
-        if self._canvas is None or self._canvas[0] != key:
-            canvas = pad_image(self.pixels, (m, m, m, m), "constant", key[1])
-            self._canvas = (key, canvas)
-        canvas = self._canvas[1]
+        # How far the windows reach beyond the image; the padded canvas is kept and rebuilt
+        # only when a call reaches further (or pads with another value), not every batch.
+        need = 0
+        if len(corners):
+            lo = int(corners.min())
+            hi = max(
+                int(corners[:, 0].max()) + size - self.height,
+                int(corners[:, 1].max()) + size - self.width,
+            )
+            need = max(0, -lo, hi)
+        fill = tuple(int(v) for v in np.atleast_1d(pad_value)[: self.bands])
+        if self._canvas is None or self._canvas[0] < need or self._canvas[1] != fill:
+            m = max(need, size)  # room for the usual reach without a rebuild
+            self._canvas = (m, fill, pad_image(self.pixels, (m, m, m, m), "constant", fill))
+        m, _, canvas = self._canvas
         C, H, W = canvas.shape
         sc, sh, sw = canvas.stride()
         view = canvas.as_strided((C, H - size + 1, W - size + 1, size, size), (sc, sh, sw, sh, sw))
