@@ -33,7 +33,7 @@ def _write_slide(path: str, size: int, tile: int, quality: int = 90) -> None:
     to I/O, sizes and tiles do)."""
     import pyvips
 
-    from foveation.slides import write_pyramid
+    from foveation.io.slides import write_pyramid
 
     noise = pyvips.Image.gaussnoise(size, size, sigma=25, mean=170)
     rgb = noise.bandjoin([noise.linear(0.7, 40), noise.linear(0.9, 30)]).cast("uchar")
@@ -44,7 +44,7 @@ def _decoded_per_bank_pixel(path: str, n_locs: int) -> list[Figure]:
     import torch
     import torch.nn.functional as F
 
-    from foveation.slides import SlideReader
+    from foveation.io.slides import SlideReader
 
     cfg = load_config_paper()
     fovs, P = cfg.patches.fovs, cfg.patches.patch_size
@@ -133,7 +133,7 @@ def _region_rates(path: str, n: int, tile: int, kind: str) -> tuple[list[float],
     """Regions per second of the pyvips reader and of OpenSlide, per repetition."""
     import openslide
 
-    from foveation.slides import SlideReader
+    from foveation.io.slides import SlideReader
 
     W = SlideReader(path).width
     rounds = {"openslide": itertools.count(1), "pyvips": itertools.count(1)}
@@ -169,8 +169,8 @@ def _region_rates(path: str, n: int, tile: int, kind: str) -> tuple[list[float],
 def _s3_vs_local(path: str, n: int, tile: int) -> list[Figure]:
     from moto.server import ThreadedMotoServer
 
-    from foveation import storage
-    from foveation.slides import SlideReader
+    from foveation.io import storage
+    from foveation.io.slides import SlideReader
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -256,7 +256,7 @@ def _loop_banks(cfg, image_uri: str, label_uri: str) -> int:
     """The plain loop's work for one slide: open it, pick the locations, cut their banks
     (``BatchExtractor``'s one call in this suite). Returns the number of banks."""
     from foveation.data.batches import BatchExtractor, tissue_locations
-    from foveation.slides import SlideReader
+    from foveation.io.slides import SlideReader
 
     image, label = SlideReader(image_uri), SlideReader(label_uri, rgb=False)
     locs = tissue_locations(image, cfg)

@@ -21,7 +21,7 @@ import torch
 from benchmarks import Figure, interleaved, median_compared, timed
 from foveation.config import Config, load_config
 from foveation.data.toy import Sample, generate_image
-from foveation.images import to_chw_tensor
+from foveation.io.images import to_chw_tensor
 from foveation.patches import PatchExtractor, all_locations, authors_loop_bank, normalise
 
 
@@ -82,7 +82,7 @@ def _trained_model(cfg: Config):
 
 
 def _inference(cfg: Config, size: int) -> list[Figure]:
-    from foveation.evaluation import evaluate
+    from foveation.evaluation.inmemory import evaluate
     from foveation.inference import forward_pixels
 
     model = _trained_model(cfg)

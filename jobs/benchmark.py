@@ -11,7 +11,7 @@ import json
 import sys
 
 from benchmarks import SUITES, format_table, get_suite
-from foveation import storage
+from foveation.io import storage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,17 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", help="where the synthetic raw slides go (default: data.ingest.source)")
     p.add_argument("--store", help="the ingested store (default: data.ingest.dest)")
     args = p.parse_args(argv)
-    # A readable console: no Ray Data progress bars (they redraw hundreds of KB into a log);
-    # Ray's own logs stay in its session directory.
+    # A readable console: no Ray Data progress bars (they redraw hundreds of KB into a log), and
+    # the output of Ray's workers stays in Ray's log files; the stages and epochs print here.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     cfg = load_or_none(args.config)
     if cfg is None:
         return BAD_CONFIG
+    from foveation.raycluster import init_ray, ray_logs_dir
+
+    init_ray(cfg.distributed.logical_cpus, quiet=True)
     from foveation.checkpoint import CheckpointError
     from foveation.data.gleason import DataError
     from foveation.data.ingest import IngestError
     from foveation.data.prepare import ensure_store
-    from foveation.reproduce import reproduce
+    from foveation.evaluation.reproduce import reproduce
     from foveation.training.trainer import TrainingError
 
     t0 = time.perf_counter()
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     step("done")
     print(f"model:  {model}")
+    if ray_logs_dir():
+        print(f"Ray's logs: {ray_logs_dir()}")
     print(f"report: {res.report_uri}")
     print(f"serve:  .venv/bin/serve run serve.app:build_app checkpoint={model}")
     return 0

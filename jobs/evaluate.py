@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_none(args.config)
     if cfg is None:
         return BAD_CONFIG
-    from foveation import storage
     from foveation.checkpoint import CheckpointError
     from foveation.data.gleason import DataError
-    from foveation.report import evaluation_report
-    from foveation.slide_eval import evaluate_runs
+    from foveation.evaluation.report import evaluation_report
+    from foveation.evaluation.slides import evaluate_runs
+    from foveation.io import storage
 
     try:
         runs = parse_runs(args.run) or {cfg.model.mix.label: f"runs/{cfg.name}/model"}

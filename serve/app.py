@@ -129,7 +129,7 @@ def _public(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _segment_response(res: dict[str, Any], fmt: str) -> Response:
-    from foveation.images import encode_png
+    from foveation.io.images import encode_png
 
     mask: np.ndarray = res["mask"]
     names = res["class_names"]

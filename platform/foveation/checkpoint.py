@@ -19,8 +19,9 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from foveation import __version__, storage
+from foveation import __version__
 from foveation.config import Config, ConfigError, config_from_dict
+from foveation.io import storage
 from foveation.models.foveated import FoveatedSegmenter
 
 WEIGHTS, CONFIG, META = "model.safetensors", "config.toml", "meta.json"

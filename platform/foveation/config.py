@@ -333,9 +333,23 @@ class PipelineConfig:
     """Blocks each open S3 slide keeps cached."""
     max_error_fraction: float = 0.1
     """The epoch fails (with a summary) when more than this fraction of slides cannot be read."""
+    loader: str = "auto"
+    """How Ray Train workers get training batches: "stream" (the reader actors above cut them
+    from slides in storage, out of core), "memory" (each worker decodes its shard of the slides
+    once and cuts every epoch's batches in-process, with the same extractor and the same
+    locations), or "auto": memory when a worker's shard decodes to at most ``memory_limit_mb``.
+    On a laptop, memory is about 4x faster: the readers no longer compete with the trainer."""
+    memory_limit_mb: float = 1024.0
+    """The decoded size (RGB and label) of one worker's shard up to which "auto" holds it."""
 
     def __post_init__(self) -> None:
         w = "data.pipeline"
+        require(
+            self.loader in ("auto", "stream", "memory"),
+            f"{w}.loader",
+            f"must be 'auto', 'stream' or 'memory', got {self.loader!r}",
+        )
+        require(self.memory_limit_mb >= 0, f"{w}.memory_limit_mb", "must be >= 0")
         require(self.reader_actors >= 1, f"{w}.reader_actors", "must be >= 1")
         require(self.actor_cpus > 0, f"{w}.actor_cpus", "must be > 0")
         require(0 < self.tissue_threshold <= 256, f"{w}.tissue_threshold", "must be in (0, 256]")
@@ -396,6 +410,11 @@ class TrainingConfig:
     not only through the mix. 0: off (the paper's recipe)."""
     scale_target_temperature: float = 0.1
     """T of the hindsight target: lower is closer to the best patch's one-hot."""
+    every_fov_weight: float = 0.0
+    """Weight of an auxiliary loss that trains the segmenter on every patch of the bank alone,
+    at every location (docs/method.md#every-fov): the segmenter stays competent at every FoV
+    whatever F chooses, so the hindsight target (computed from these same losses, at no extra
+    cost) compares scales fairly. Costs D more forward and backward passes a step. 0: off."""
     class_weights: tuple[float, ...] | None = None
     seed: int = 0
     precision: str = "fp32"
@@ -430,6 +449,7 @@ class TrainingConfig:
         )
         require(self.scale_target_weight >= 0, f"{w}.scale_target_weight", "must be >= 0")
         require(self.scale_target_temperature > 0, f"{w}.scale_target_temperature", "must be > 0")
+        require(self.every_fov_weight >= 0, f"{w}.every_fov_weight", "must be >= 0")
         require(self.precision in PRECISIONS, f"{w}.precision", f"must be one of {PRECISIONS}")
         require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

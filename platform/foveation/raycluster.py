@@ -35,13 +35,19 @@ FORWARDED_ENV = (
 
 
 def init_ray(
-    logical_cpus: int = DEFAULT_LOGICAL_CPUS, address: str | None = None, dashboard: bool = False
+    logical_cpus: int = DEFAULT_LOGICAL_CPUS,
+    address: str | None = None,
+    dashboard: bool = False,
+    quiet: bool = False,
 ) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray; idempotent.
 
     ``dashboard``: start the local Ray with its dashboard, whose state API Ray Train needs to
     free the placement group of a run whose driver was killed (a Tune trial that ASHA stops);
-    a cluster started with ``ray start`` has it already."""
+    a cluster started with ``ray start`` has it already. ``quiet`` (the demo): the output of
+    Ray's workers and actors (DeepSpeed's banners, Ray Train's checkpoint notices, the
+    controller's warnings) stays in Ray's log files (``ray_logs_dir()``) instead of reaching
+    this console; the platform's own progress lines come from the driver anyway."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster started with `ray start` has token auth on (Ray 2.60); joining needs this
@@ -53,8 +59,12 @@ def init_ray(
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
+    if quiet:
+        import logging
+
+        logging.getLogger("ray").setLevel(logging.WARNING)  # the driver's own Ray notices
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
     else:
         ray.init(
             address="local",  # a new local instance, never a stray `ray start` one found by chance
@@ -62,8 +72,18 @@ def init_ray(
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             runtime_env=runtime_env,
-            log_to_driver=True,
+            log_to_driver=not quiet,
         )
+
+
+def ray_logs_dir() -> str | None:
+    """Where this Ray session writes its logs (every worker's stdout and stderr), if known."""
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except Exception:  # a private API: a hint for the user, never a failure
+        return None
 
 
 def ray_map(

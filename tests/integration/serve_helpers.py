@@ -54,7 +54,7 @@ def write_slide(img: np.ndarray, path: str) -> None:
     """A pyramidal tiled TIFF, lossless, so the slide's pixels are the image's."""
     import pyvips
 
-    from foveation.slides import write_pyramid
+    from foveation.io.slides import write_pyramid
 
     im = pyvips.Image.new_from_array(np.ascontiguousarray(img))
     write_pyramid(im, path, tile=128, compression="deflate", sqrt2=False)

@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from foveation import storage
 from foveation.config import IngestConfig, PatchSetConfig, SyntheticConfig
 from foveation.data.gleason import scan
 from foveation.data.ingest import ingest, read_manifest
 from foveation.data.ingest import ray_tasks as ingest_ray_tasks
 from foveation.data.synthetic import write_synthetic_set
+from foveation.io import storage
 from foveation.raycluster import init_ray
 
 SYN = SyntheticConfig(n_slides=4, size=256, seed=5)

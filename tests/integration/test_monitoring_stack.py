@@ -21,8 +21,8 @@ import httpx
 import pytest
 from serve_helpers import free_port, png_bytes, tissue, wait_for, write_slide
 
-from foveation import storage
 from foveation.config import load_config
+from foveation.io import storage
 from foveation.raycluster import init_ray
 
 pytestmark = pytest.mark.slow
@@ -112,7 +112,7 @@ def workload(prometheus, ray_cluster, s3_endpoint, serve_port, root, tmp_path_fa
 
     from foveation.data.ingest import ingest, read_manifest
     from foveation.data.synthetic import write_synthetic_set
-    from foveation.slide_eval import evaluate_runs
+    from foveation.evaluation.slides import evaluate_runs
     from foveation.training.trainer import fit
 
     init_ray(address=ray_cluster)

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from foveation import storage
 from foveation.config import Config, IngestConfig, PipelineConfig, SyntheticConfig, TrainingConfig
 from foveation.data.ingest import ingest, read_manifest, write_manifest
 from foveation.data.pipeline import Pipeline, PipelineError, torch_batches
 from foveation.data.synthetic import write_synthetic_set
-from foveation.images import decode_label
+from foveation.io import storage
+from foveation.io.images import decode_label
+from foveation.io.slides import SlideError, SlideReader
 from foveation.patches import mode_pool
 from foveation.raycluster import init_ray
-from foveation.slides import SlideError, SlideReader
 
 CFG = dataclasses.replace(
     Config(),
@@ -123,7 +123,7 @@ def _big_slides(root, n, size=2048):
 
     import pyvips
 
-    from foveation.slides import write_pyramid
+    from foveation.io.slides import write_pyramid
 
     noise = pyvips.Image.gaussnoise(size, size, sigma=30, mean=150)
     write_pyramid(
@@ -244,7 +244,7 @@ def test_reader_errors_name_slide_and_region(sets, tmp_path):
     with pytest.raises(SlideError, match=r"bad\.tif: not a readable slide"):
         SlideReader(str(bad))
     # a plain, level-less JPEG is a one-level slide
-    from foveation.images import encode_jpeg
+    from foveation.io.images import encode_jpeg
 
     jpg = tmp_path / "plain.jpg"
     jpg.write_bytes(encode_jpeg(np.full((300, 200, 3), 128, np.uint8)))

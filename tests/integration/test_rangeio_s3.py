@@ -1,4 +1,4 @@
-"""``foveation.rangeio`` against a real S3 endpoint (moto's server on 127.0.0.1): a pyramidal
+"""``foveation.io.rangeio`` against a real S3 endpoint (moto's server on 127.0.0.1): a pyramidal
 tiled TIFF in a bucket opened by pyvips through ranged GETs, the number of GETs a region
 costs (counted by the reader and, independently, in the server's request log), the cache,
 and the failures: a truncated TIFF, a key deleted after open, an endpoint that stops."""
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from foveation import storage
-from foveation.rangeio import BlockCachedFile, vips_source
-from foveation.storage import RetryPolicy
+from foveation.io import storage
+from foveation.io.rangeio import BlockCachedFile, vips_source
+from foveation.io.storage import RetryPolicy
 
 TILE = 256
 REGION = 512
@@ -271,7 +271,7 @@ def test_endpoint_down_briefly_is_retried(
     starter = threading.Timer(0.5, second.start)
     starter.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="foveation.storage"):
+        with caplog.at_level(logging.WARNING, logger="foveation.io.storage"):
             region = vips_source(f).open(page=0).crop(1024, 1024, REGION, REGION).numpy()
     finally:
         starter.join()

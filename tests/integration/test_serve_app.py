@@ -23,7 +23,7 @@ from serve_helpers import (
     write_slide,
 )
 
-from foveation import storage
+from foveation.io import storage
 from foveation.raycluster import init_ray
 
 pytestmark = pytest.mark.slow

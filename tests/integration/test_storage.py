@@ -1,4 +1,4 @@
-"""``foveation.storage`` on local disk and on a real S3 endpoint (moto's server on 127.0.0.1):
+"""``foveation.io.storage`` on local disk and on a real S3 endpoint (moto's server on 127.0.0.1):
 round trips, atomic writes, error messages, dead endpoints failing fast, and retries."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pyarrow.fs as pafs
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from foveation import storage
-from foveation.storage import ErrorKind, RetryPolicy
+from foveation.io import storage
+from foveation.io.storage import ErrorKind, RetryPolicy
 
 
 @pytest.fixture(autouse=True)
@@ -341,7 +341,7 @@ def test_backoff_retries_transient_failures_then_succeeds(caplog) -> None:
         return "ok"
 
     policy = RetryPolicy(attempts=3, base_delay_s=0.05, max_delay_s=1.0)
-    with caplog.at_level(logging.WARNING, logger="foveation.storage"):
+    with caplog.at_level(logging.WARNING, logger="foveation.io.storage"):
         assert storage.with_retries(flaky, policy, what="read s3://b/k") == "ok"
     assert len(calls) == 3
     # Delays of at least half the doubling cap (0.05 s, then 0.1 s): the backoff grows.
@@ -428,7 +428,7 @@ def test_read_retries_until_the_endpoint_comes_up(s3_bucket: str, caplog) -> Non
     )
     starter.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="foveation.storage"):
+        with caplog.at_level(logging.WARNING, logger="foveation.io.storage"):
             assert storage.read_bytes(uri) == b"slide"
     finally:
         starter.join()
@@ -455,7 +455,7 @@ def test_endpoint_sources_and_client_cache(s3_bucket: str, s3_endpoint: str) -> 
 
 def test_import_has_no_side_effects() -> None:
     code = (
-        "import sys, foveation.storage as s;"
+        "import sys, foveation.io.storage as s;"
         "assert s._s3_filesystem.cache_info().currsize == 0;"
         "assert 'boto3' not in sys.modules"
     )

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from foveation import storage
 from foveation.checkpoint import load_checkpoint
 from foveation.config import DistributedConfig, load_config
 from foveation.data.ingest import ingest, read_manifest
 from foveation.data.synthetic import write_synthetic_set
+from foveation.io import storage
 from foveation.raycluster import init_ray
 from foveation.training.trainer import TrainingError, fit
 from foveation.training.worker import FAULT_ENV
@@ -130,12 +130,18 @@ def test_one_loop_gives_the_same_losses_on_one_device_and_in_a_ray_train_worker(
 
 
 def test_two_workers_train_to_s3_and_evaluate_reads_the_checkpoint_back(store, root):
-    from foveation.report import evaluation_report
-    from foveation.slide_eval import evaluate_runs
+    from foveation.evaluation.report import evaluation_report
+    from foveation.evaluation.slides import evaluate_runs
 
     cfg = tiny(root, epochs=3)
     cfg = dataclasses.replace(
-        cfg, distributed=DistributedConfig(num_workers=2, cpus_per_worker=0.5, keep_checkpoints=1)
+        cfg,
+        distributed=DistributedConfig(num_workers=2, cpus_per_worker=0.5, keep_checkpoints=1),
+        # Out of core: Ray Data's reader actors stream the batches from S3 (the other tests
+        # take "auto", which holds a set this small in memory).
+        data=dataclasses.replace(
+            cfg.data, pipeline=dataclasses.replace(cfg.data.pipeline, loader="stream")
+        ),
     )
     out = "s3://training/runs/two-workers"
     res = fit(cfg, out, store["s3"], log=lambda s: None)

@@ -14,8 +14,8 @@ from foveation.config import IngestConfig, PatchSetConfig, SyntheticConfig
 from foveation.data.gleason import DataError, assign_splits, central_crop, map_labels, scan
 from foveation.data.ingest import MANIFEST_SCHEMA, IngestError, ingest, ingest_slide, read_manifest
 from foveation.data.synthetic import write_synthetic_set
-from foveation.images import decode_label, encode_png
-from foveation.slides import SlideReader
+from foveation.io.images import decode_label, encode_png
+from foveation.io.slides import SlideReader
 
 PC = PatchSetConfig()
 SYN = SyntheticConfig(n_slides=5, size=256, seed=3)

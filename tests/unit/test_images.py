@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from foveation.images import ImageError, as_rgb_uint8, decode_image, encode_png
+from foveation.io.images import ImageError, as_rgb_uint8, decode_image, encode_png
 
 
 def test_grayscale_and_rgba_are_converted():

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from foveation.data.toy import generate_set, load_split
-from foveation.evaluation import evaluate
+from foveation.evaluation.inmemory import evaluate
 from foveation.training.loop import train
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from foveation.config import Config, ConfigError, MixConfig, replace
+from foveation.evaluation.reproduce import modes
 from foveation.models.mixing import (
     MIXERS,
     MixContext,
@@ -16,7 +17,6 @@ from foveation.models.mixing import (
     mixer,
     split_label,
 )
-from foveation.reproduce import modes
 from foveation.tuning import space
 
 

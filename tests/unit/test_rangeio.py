@@ -1,4 +1,4 @@
-"""``foveation.rangeio`` on local files (no S3): read correctness against the bytes of the
+"""``foveation.io.rangeio`` on local files (no S3): read correctness against the bytes of the
 file, block math and coalescing, LRU eviction, stats, threads, and the pyvips source over a
 pyramidal tiled TIFF. The S3 side (GET counts, errors of a real endpoint) is in
 ``tests/integration/test_rangeio.py``."""
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from foveation import rangeio
-from foveation.rangeio import BlockCachedFile, RangeStats, vips_source
+from foveation.io import rangeio
+from foveation.io.rangeio import BlockCachedFile, RangeStats, vips_source
 
 
 @pytest.fixture
@@ -251,7 +251,7 @@ def test_pickles_as_its_arguments(blob: tuple[Path, bytes]) -> None:
 def test_import_loads_no_pyvips() -> None:
     """The module is imported by code that may never read a TIFF: pyvips (libvips) is loaded
     on the first ``vips_source``."""
-    code = "import sys, foveation.rangeio; assert 'pyvips' not in sys.modules"
+    code = "import sys, foveation.io.rangeio; assert 'pyvips' not in sys.modules"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 

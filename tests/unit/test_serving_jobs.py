@@ -156,7 +156,7 @@ def _settings(tmp_path, **jobs):
 def _slide(tmp_path, name, h, w):
     import pyvips
 
-    from foveation.slides import write_pyramid
+    from foveation.io.slides import write_pyramid
 
     (tmp_path / "slides").mkdir(exist_ok=True)
     path = str(tmp_path / "slides" / name)

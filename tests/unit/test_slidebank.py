@@ -8,8 +8,8 @@ import torch
 from foveation.config import Config
 from foveation.data.batches import BatchExtractor
 from foveation.data.synthetic import TissueScales, generate_slide
+from foveation.io.slides import SlideReader, write_pyramid
 from foveation.patches import make_xr, xr_neighbourhoods
-from foveation.slides import SlideReader, write_pyramid
 
 
 @pytest.fixture(scope="module")

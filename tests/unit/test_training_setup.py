@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from foveation import storage
 from foveation.checkpoint import CheckpointError
 from foveation.config import ConfigError, DistributedConfig, config_from_dict
 from foveation.data.ingest import write_manifest
-from foveation.reproduce import modes, seed_table
+from foveation.evaluation.reproduce import modes, seed_table
+from foveation.io import storage
 from foveation.training.distributed import deepspeed_config
 from foveation.training.trainer import TrainingError, preflight
 

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from foveation.config import Config
 from foveation.geometry import IGNORE_INDEX, OUTPUT_STRIDE, XR_CONTEXT
-from foveation.images import as_rgb_uint8
+from foveation.io.images import as_rgb_uint8
+from foveation.io.slides import Level
 from foveation.patches import PatchExtractor, location_centres, make_xr, mode_pool, pad_image
-from foveation.slides import Level
 
 XR_WINDOW = 2 * XR_CONTEXT + 1
 """Side of the x_r neighbourhood in the batch (the foveation net's receptive field)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from foveation import storage
+from foveation.io import storage
 
 IMAGE_DIR = "Train Imgs"
 MAP_DIR = re.compile(r"^Maps(\d+)_T$")

@@ -28,7 +28,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from foveation import storage
 from foveation.config import IngestConfig
 from foveation.data.gleason import (
     DataError,
@@ -39,9 +38,10 @@ from foveation.data.gleason import (
     scan,
 )
 from foveation.data.staple import annotator_confusions, average_expert, staple
-from foveation.images import ImageError, decode_image, decode_label, encode_png
-from foveation.metrics import ConfusionMatrix
-from foveation.slides import companion_uri
+from foveation.evaluation.metrics import ConfusionMatrix
+from foveation.io import storage
+from foveation.io.images import ImageError, decode_image, decode_label, encode_png
+from foveation.io.slides import companion_uri
 
 SCHEMA_VERSION = 1
 MANIFEST_SCHEMA = pa.schema(
@@ -133,7 +133,7 @@ def _tiff_bytes(
     the downsample of every level of the two, merged."""
     import pyvips
 
-    from foveation.slides import COMPANION_SUFFIX, write_pyramid
+    from foveation.io.slides import COMPANION_SUFFIX, write_pyramid
 
     bands = 1 if image.ndim == 2 else image.shape[2]
     im = pyvips.Image.new_from_memory(

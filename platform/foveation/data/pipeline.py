@@ -24,9 +24,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from foveation import monitoring, storage
+from foveation import monitoring
 from foveation.config import Config, config_from_dict
 from foveation.data.batches import empty_batch, sample_locations
+from foveation.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class BankReader:
 
     def _reader(self, image_uri: str, label_uri: str, fresh: bool = False):
         from foveation.data.batches import BatchExtractor
-        from foveation.slides import SlideReader
+        from foveation.io.slides import SlideReader
 
         if fresh or image_uri not in self.cache:
             pc = self.cfg.data.pipeline
@@ -140,7 +141,7 @@ class _ReadMetrics:
             log.warning("data metrics not recorded: %s: %s", type(exc).__name__, exc)
 
     def _record(self) -> None:
-        from foveation.rangeio import RangeStats
+        from foveation.io.rangeio import RangeStats
 
         monitoring.record("foveation_data_read_seconds", time.perf_counter() - self.t0)
         monitoring.record("foveation_data_patch_banks_total", len(self.batch["loc"]))

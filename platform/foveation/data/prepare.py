@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from foveation import storage
 from foveation.config import Config
+from foveation.io import storage
 
 
 def has_files(uri: str) -> bool:

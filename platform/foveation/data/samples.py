@@ -1,20 +1,25 @@
-"""A manifest split decoded into memory as ``Sample``s, for the single-device trainer (the
-science check, which tests the method, not Ray) on sets small enough to hold."""
+"""Manifest rows decoded into memory as ``Sample``s: for the single-device trainer (the science
+check, which tests the method, not Ray) and for Ray Train workers whose shard of the training
+slides is small enough to hold (``data.pipeline.loader``: the pattern of MONAI's
+``CacheDataset``: decode once, cut fresh locations every epoch in-process)."""
 
 from __future__ import annotations
 
-from foveation import storage
+import math
+
+from foveation.config import Config
 from foveation.data.toy import Sample
+from foveation.io import storage
+
+LOADERS = ("auto", "stream", "memory")
 
 
-def load_manifest_split(manifest: str, split: str) -> list[Sample]:
-    from foveation.data.ingest import read_manifest
-    from foveation.slides import SlideReader
+def load_rows(rows: list[dict], split: str) -> list[Sample]:
+    """Decode each manifest row's image and label at full resolution."""
+    from foveation.io.slides import SlideReader
 
     out = []
-    for row in read_manifest(manifest).to_pylist():
-        if row["split"] != split:
-            continue
+    for row in rows:
         image = SlideReader(storage.absolute(row["image_uri"]))
         label = SlideReader(storage.absolute(row["label_uri"]), rgb=False)
         try:
@@ -25,3 +30,35 @@ def load_manifest_split(manifest: str, split: str) -> list[Sample]:
             label.close()
         out.append(Sample(row["slide_id"], split, img, lab))
     return out
+
+
+def load_manifest_split(manifest: str, split: str) -> list[Sample]:
+    from foveation.data.ingest import read_manifest
+
+    rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == split]
+    return load_rows(rows, split)
+
+
+def shard(rows: list, rank: int, world: int) -> list:
+    """Rank ``rank``'s share of ``rows``: every ``world``-th row from ``rank`` on, wrapping round
+    so that every rank gets ``ceil(len(rows) / world)`` rows, hence the same number of steps (a
+    rank that ran out early would leave the others waiting in an all-reduce)."""
+    per = math.ceil(len(rows) / world)
+    return [rows[(rank + world * i) % len(rows)] for i in range(per)]
+
+
+def decoded_bytes(row: dict) -> int:
+    """What a manifest row holds once decoded: RGB and label, one byte each per pixel."""
+    return 4 * int(row["width"]) * int(row["height"])
+
+
+def choose_loader(cfg: Config, rows: list[dict], world: int) -> str:
+    """ "stream" or "memory" for a training run over ``rows`` on ``world`` workers: the configured
+    loader, or for "auto", memory when the largest possible shard decodes to at most
+    ``data.pipeline.memory_limit_mb``."""
+    pc = cfg.data.pipeline
+    if pc.loader != "auto":
+        return pc.loader
+    per = math.ceil(len(rows) / world)
+    largest = sum(sorted((decoded_bytes(r) for r in rows), reverse=True)[:per])
+    return "memory" if largest <= pc.memory_limit_mb * 2**20 else "stream"

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from foveation import storage
 from foveation.config import SYNTHETIC_REGIMES, PatchSetConfig, SyntheticConfig
+from foveation.io import storage
 
 STROMA = np.array([232.0, 170.0, 200.0], np.float32)
 NUCLEUS = np.array([105.0, 55.0, 150.0], np.float32)
@@ -440,7 +440,7 @@ def write_synthetic_set(
     random 3 to 6 of the set's annotators; true labels and cue maps beside). Deterministic in
     ``cfg.seed``. Returns the slide ids."""
     from foveation.data import gleason
-    from foveation.images import encode_jpeg, encode_png
+    from foveation.io.images import encode_jpeg, encode_png
 
     scales = TissueScales.from_patches(patches)
     params = GeneratorParams(

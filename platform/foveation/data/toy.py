@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from foveation import storage
 from foveation.config import ToyConfig
-from foveation.images import decode_image, decode_label, encode_png
+from foveation.io import storage
+from foveation.io.images import decode_image, decode_label, encode_png
 
 STROMA = np.array([232.0, 170.0, 200.0])
 NUCLEUS = np.array([120.0, 70.0, 160.0])

@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from foveation.images import as_rgb_uint8, to_chw_tensor
+from foveation.io.images import as_rgb_uint8, to_chw_tensor
 from foveation.patches import pad_image
 
 

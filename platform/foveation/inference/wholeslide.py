@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from foveation.config import Config
-from foveation.images import to_chw_tensor
 from foveation.inference.sinks import Sink
 from foveation.inference.sources import RegionSource, read_window
+from foveation.io.images import to_chw_tensor
 from foveation.models.foveated import FoveatedSegmenter
 from foveation.models.mixing import MixContext
 from foveation.patches import (

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from foveation import storage
+from foveation.io import storage
 from foveation.serving.errors import RequestError
 
 STATE_FILE = "state.json"

@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import torch
 
-from foveation import storage
+from foveation.io import storage
 from foveation.serving import geojson
 
 

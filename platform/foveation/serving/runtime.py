@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from foveation import storage
 from foveation.config import Config
 from foveation.inference import ArraySink, ArraySource, segment
+from foveation.io import storage
 from foveation.models.foveated import FoveatedSegmenter
 from foveation.serving.errors import RequestError
 from foveation.serving.jobstore import (
@@ -130,7 +130,7 @@ class JobRunner:
     def submit(self, slide_uri: object) -> JobRecord:
         """Validate the slide (allowed, present, readable, not too big), record the job and
         queue it; a :class:`RequestError` otherwise."""
-        from foveation.slides import SlideError, SlideReader
+        from foveation.io.slides import SlideError, SlideReader
 
         uri = check_slide_uri(slide_uri, self.settings.jobs.allowed_prefixes)
         try:
@@ -244,7 +244,7 @@ class JobRunner:
                 done.set()
 
     def _segment(self, job_id: str) -> None:
-        from foveation.slides import SlideReader
+        from foveation.io.slides import SlideReader
 
         cancelled = self._cancel[job_id].is_set
         rec = self._latest(job_id)

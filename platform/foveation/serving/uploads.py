@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from foveation.images import ImageError, as_rgb_uint8
+from foveation.io.images import ImageError, as_rgb_uint8
 from foveation.serving.errors import RequestError
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "TIFF": "image/tiff"}

@@ -191,7 +191,7 @@ def train(
 ) -> TrainResult:
     """Train on one device over in-memory slides, with ``run_epoch`` and a ``LocalEngine``; a
     whole-image validation per epoch when ``val_samples`` are given."""
-    from foveation.evaluation import evaluate
+    from foveation.evaluation.inmemory import evaluate
 
     tc = cfg.training
     device = resolve_device(tc.device)

@@ -35,8 +35,11 @@ def warmup_steps(cfg: Config, total_steps: int) -> int:
 
 
 def warmup_mode(cfg: Config, step: int, total_steps: int) -> MixConfig | None:
-    """``training.warmup_mix`` during the warm-up (docs/method.md#collapse), else None."""
-    return MixConfig(cfg.training.warmup_mix) if step < warmup_steps(cfg, total_steps) else None
+    """``training.warmup_mix`` during the warm-up (docs/method.md#collapse), else None. Only a
+    learned mix has a warm-up: the recipe's levers never touch a fixed baseline."""
+    if not is_learned(cfg.model.mix.mode) or step >= warmup_steps(cfg, total_steps):
+        return None
+    return MixConfig(cfg.training.warmup_mix)
 
 
 def entropy_weight(cfg: Config, step: int, total_steps: int) -> float:
@@ -55,10 +58,9 @@ def weight_entropy(w: Tensor) -> Tensor:
     return -(w * w.clamp_min(1e-12).log()).sum(1)
 
 
-@torch.no_grad()
-def scale_target(model, bank: Tensor, label: Tensor, w: Tensor, cfg: Config) -> Tensor:
-    """The hindsight scale target q [N, D] = softmax(-loss_d / T): loss_d is each location's
-    mean cross entropy when the segmenter sees patch d alone (docs/method.md#scale-target)."""
+def per_fov_losses(model, bank: Tensor, label: Tensor, w: Tensor) -> Tensor:
+    """[N, D]: each location's mean cross entropy when the segmenter sees patch d alone (with
+    gradient when called with it enabled: the every-FoV loss)."""
     valid = (label != IGNORE_INDEX).float()
     count = valid.sum((1, 2)).clamp_min(1.0)
     losses = []
@@ -66,7 +68,13 @@ def scale_target(model, bank: Tensor, label: Tensor, w: Tensor, cfg: Config) -> 
         logits, _ = model(bank, w, None, MixConfig("onehot", index=d))
         ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="none")
         losses.append((ce * valid).sum((1, 2)) / count)
-    return torch.softmax(-torch.stack(losses, 1) / cfg.training.scale_target_temperature, 1)
+    return torch.stack(losses, 1)
+
+
+def scale_target(losses: Tensor, cfg: Config) -> Tensor:
+    """The hindsight scale target q [N, D] = softmax(-loss_d / T) of per-FoV losses
+    (docs/method.md#scale-target)."""
+    return torch.softmax(-losses.detach() / cfg.training.scale_target_temperature, 1)
 
 
 def segmentation_loss(
@@ -83,7 +91,7 @@ def segmentation_loss(
     tc = cfg.training
     class_w = torch.tensor(tc.class_weights, device=logits.device) if tc.class_weights else None
     loss = F.cross_entropy(logits.float(), label, weight=class_w, ignore_index=IGNORE_INDEX)
-    ew = entropy_weight(cfg, step, total_steps)
+    ew = entropy_weight(cfg, step, total_steps) if is_learned(cfg.model.mix.mode) else 0.0
     if ew:
         loss = loss - ew * weight_entropy(w).mean()
     if not torch.isfinite(loss):
@@ -108,8 +116,18 @@ def batch_forward(
     logits, h = model(bank, w, mix_context(cfg, step, total_steps), warm)
     loss = segmentation_loss(logits, label, w, cfg, step, batch.get("slide_id", []), total_steps)
     tc = cfg.training
-    if tc.scale_target_weight and warm is None and is_learned(cfg.model.mix.mode):
-        q = scale_target(model, bank, label, w.detach(), cfg)
+    fov_losses = None
+    learned = is_learned(cfg.model.mix.mode)  # the recipe's levers never touch a baseline
+    if tc.every_fov_weight and learned:
+        fov_losses = per_fov_losses(model, bank, label, w.detach())
+        loss = loss + tc.every_fov_weight * fov_losses.mean()
+    # The target applies during the warm-up too: the segmenter then sees every FoV alike, so it
+    # is not yet biased towards F's own choices (docs/method.md#scale-target).
+    if tc.scale_target_weight and learned:
+        if fov_losses is None:
+            with torch.no_grad():
+                fov_losses = per_fov_losses(model, bank, label, w.detach())
+        q = scale_target(fov_losses, cfg)
         loss = loss - tc.scale_target_weight * (q * w.clamp_min(1e-12).log()).sum(1).mean()
     return loss, logits, w, h
 

@@ -16,10 +16,11 @@ import dataclasses
 import json
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from foveation import monitoring, storage
+from foveation import monitoring
 from foveation.checkpoint import (
     META,
     CheckpointError,
@@ -28,6 +29,7 @@ from foveation.checkpoint import (
     save_checkpoint,
 )
 from foveation.config import Config
+from foveation.io import storage
 
 RUN_NAME = "train"
 
@@ -59,6 +61,13 @@ def architecture(cfg: Config) -> dict:
         "fovnet_width": m.fovnet_width,
         "depth": cfg.patches.depth,
     }
+
+
+def _existing(uri: str) -> list[str]:
+    try:
+        return storage.list_files(uri)
+    except storage.StorageError:
+        return []
 
 
 def _latest_checkpoint(run_uri: str) -> str | None:
@@ -126,10 +135,51 @@ def resumable(run_uri: str, cfg: Config) -> bool:
     return same == cfg
 
 
+class EpochLines:
+    """Prints each epoch's line as rank 0 writes it under ``progress`` (``worker.
+    write_epoch_line``), from the driver: the console then reads the same whether worker output
+    reaches the driver or stays in Ray's log files (``raycluster.init_ray(quiet=True)``), and a
+    line never shows twice. Polls storage every ``every_s`` on a daemon thread."""
+
+    def __init__(self, progress: str, log: Callable[[str], None], every_s: float = 2.0):
+        self.progress, self.log, self.every_s = progress, log, every_s
+        self.seen = {u.rsplit("/", 1)[-1] for u in _existing(progress)}  # a resumed run's
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="epoch-lines", daemon=True)
+
+    def __enter__(self) -> EpochLines:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()  # the last epoch's line, written just before the run ended
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            files = storage.list_files(self.progress, ".txt")
+        except storage.StorageError:
+            return  # nothing written yet
+        for uri in files:
+            name = uri.rsplit("/", 1)[-1]
+            if name.startswith("epoch_") and name not in self.seen:
+                self.seen.add(name)
+                try:
+                    self.log(storage.read_bytes(uri).decode())
+                except storage.StorageError:
+                    self.seen.discard(name)  # retried at the next poll
+
+
 def run_resources(cfg: Config) -> dict[str, float]:
     """Logical resources a training run holds: its Ray Train workers and its reader actors."""
     dc, pc = cfg.distributed, cfg.data.pipeline
-    cpu = dc.num_workers * dc.cpus_per_worker + pc.reader_actors * pc.actor_cpus
+    readers = 0 if pc.loader == "memory" else pc.reader_actors  # "auto" may stream
+    cpu = dc.num_workers * dc.cpus_per_worker + readers * pc.actor_cpus
     return {"CPU": cpu} | ({"GPU": dc.num_workers * dc.gpus_per_worker} if dc.use_gpu else {})
 
 
@@ -182,6 +232,7 @@ def fit(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from foveation.data.pipeline import Pipeline, epoch_clock
+    from foveation.data.samples import choose_loader
     from foveation.training.worker import FAULT_ENV, train_worker
 
     fs, path = storage.resolve(out)
@@ -192,7 +243,8 @@ def fit(
     dc, tc = cfg.distributed, cfg.training
     clock = epoch_clock(0)
     train_pipe = Pipeline(manifest, "train", cfg)
-    datasets = {"train": train_pipe.epoch(clock)}
+    loader = choose_loader(cfg, splits["train"], dc.num_workers)
+    datasets = {"train": train_pipe.epoch(clock)} if loader == "stream" else {}
     if splits["val"]:
         # The same locations every epoch, read once: a few MB, and no reader actors to start
         # again for every validation pass.
@@ -205,6 +257,7 @@ def fit(
     )
     fail_at = os.environ.get(FAULT_ENV)
     history = storage.join(out, "history")
+    progress = storage.join(history, "epochs")
     loop_config = {
         "cfg": cfg.to_dict(),
         "steps_per_epoch": steps_per_epoch,
@@ -212,6 +265,8 @@ def fit(
         "history": _history_target(history, splits["val"][0]) if splits["val"] else None,
         "fail_at_step": int(fail_at) if fail_at else None,
         "has_val": bool(splits["val"]),
+        "progress": progress,
+        "train_rows": splits["train"] if loader == "memory" else None,
         "run": run_label(out),
     }
     resources = {"CPU": dc.cpus_per_worker} | ({"GPU": dc.gpus_per_worker} if dc.use_gpu else {})
@@ -239,15 +294,17 @@ def fit(
     log(
         f"training {cfg.name!r} ({cfg.model.mix.label}): {len(splits['train'])} train / "
         f"{len(splits['val'])} val slides, {dc.num_workers} worker(s), {tc.epochs} epochs of "
-        f"{steps_per_epoch} steps, precision {tc.precision}, ZeRO {dc.zero_stage}"
+        f"{steps_per_epoch} steps, precision {tc.precision}, ZeRO {dc.zero_stage}, "
+        f"batches {'streamed by Ray Data' if loader == 'stream' else 'cut in memory'}"
     )
     try:
-        result = trainer.fit()
+        with EpochLines(progress, log):
+            result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error; keep its message, drop the chain
         raise TrainingError(f"training {cfg.name!r} failed: {exc}") from exc
     finally:  # ended, however: not "running" (the training-stalled alert reads this)
         monitoring.record("foveation_train_running", 0.0, run=loop_config["run"])
-    skipped = train_pipe.check()
+    skipped = train_pipe.check() if loader == "stream" else {}
     best = list(result.best_checkpoints or [])
     if not best:
         raise TrainingError(f"training {cfg.name!r} finished without a checkpoint")

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,11 +25,11 @@ import torch
 
 from foveation.checkpoint import META, write_files
 from foveation.config import Config, config_from_dict
-from foveation.metrics import ConfusionMatrix
+from foveation.evaluation.metrics import ConfusionMatrix
 from foveation.models.foveated import FoveatedSegmenter, build_model
 from foveation.models.mixing import MixContext
 from foveation.training import distributed
-from foveation.training.loop import EpochStats, run_epoch
+from foveation.training.loop import EpochStats, in_memory_batches, run_epoch
 from foveation.training.recorder import EpochMetrics, Recorder
 
 DEEPSPEED_DIR = "deepspeed"
@@ -171,9 +171,24 @@ def epoch_metrics(
     )
 
 
+def memory_batches(cfg: Config, rows: list[dict], rank: int) -> Callable[[int], Iterator[dict]]:
+    """Epoch -> training batches of this rank's shard of ``rows``, decoded once (the memory
+    loader): the extractor and locations of the streamed pipeline, without its reader actors."""
+    from foveation.data.batches import BatchExtractor
+    from foveation.data.samples import load_rows, shard
+
+    extractors = {}
+    for s in load_rows(shard(rows, rank, distributed.world_size()), "train"):
+        key = s.slide_id if s.slide_id not in extractors else f"{s.slide_id}#{len(extractors)}"
+        extractors[key] = BatchExtractor.from_arrays(cfg, s.image, s.label)
+    return lambda epoch: in_memory_batches(extractors, cfg, epoch)
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``. ``config``: ``cfg`` (Config as a dict),
-    ``steps_per_epoch``, ``clock`` (the pipeline's epoch clock), ``history`` (where rank 0
+    ``steps_per_epoch``, ``clock`` (the pipeline's epoch clock), ``train_rows`` (the training
+    slides' manifest rows for the memory loader; None: stream this rank's dataset shard),
+    ``progress`` (where rank 0 writes each epoch's console line), ``history`` (where rank 0
     writes the per-epoch APSM of one validation slide, or None), ``has_val``, ``run`` (the
     metrics label) and ``fail_at_step``."""
     import ray
@@ -194,7 +209,14 @@ def train_worker(config: dict) -> None:
     recorder = Recorder(config.get("run") or cfg.name, rank)
     recorder.heartbeat()
 
-    train_shard = ray.train.get_dataset_shard("train")
+    if config.get("train_rows") is not None:  # data.pipeline.loader: memory
+        batches_of = memory_batches(cfg, config["train_rows"], rank)
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+
+        def batches_of(epoch: int):
+            return torch_batches(train_shard, rows)
+
     # Ray Train 2.60 raises KeyError for a dataset it was not given (a set without val slides).
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     rows = tc.batch_size * tc.locations_per_image
@@ -226,9 +248,16 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             ray.get(config["clock"].set.remote(pos.epoch))
         distributed.barrier()  # no rank starts the epoch's execution before the clock is set
-        batches = torch_batches(train_shard, rows)
         stats = run_epoch(
-            engine, batches, cfg, pos.step, total, device, pos.skip, before_step, after_step
+            engine,
+            batches_of(pos.epoch),
+            cfg,
+            pos.step,
+            total,
+            device,
+            pos.skip,
+            before_step,
+            after_step,
         )
         pos.step += stats.steps
         pos.skip = 0
@@ -246,15 +275,8 @@ def train_worker(config: dict) -> None:
         metrics = m.flat()
         pos.history.append(metrics)
         recorder.epoch(m)
-        if rank == 0 and config.get("history"):
-            print(
-                f"epoch {pos.epoch}/{tc.epochs} step {pos.step} loss {m.loss:.4f} "
-                f"val mIoU {m.val_miou:.3f} {m.samples_per_s:.1f} locations/s "
-                f"mean weight per FoV {[round(x, 3) for x in stats.weight_mean()]} "
-                f"entropy {m.weight_entropy:.3f} F grad {m.fovnet_grad_norm:.2e} "
-                f"APSM { ({k: round(v) for k, v in m.apsm.items()}) }",
-                flush=True,
-            )
+        if rank == 0 and config.get("progress"):
+            write_epoch_line(config["progress"], pos.epoch, epoch_line(m, tc.epochs, stats))
         meta = {
             "epoch": pos.epoch,
             "step": pos.step,
@@ -267,6 +289,26 @@ def train_worker(config: dict) -> None:
         report(engine, cfg, metrics, meta, rank)
 
 
+def epoch_line(m: EpochMetrics, epochs: int, stats: EpochStats) -> str:
+    """The one console line of an epoch (the driver prints it: ``trainer.EpochLines``)."""
+    val = f"val mIoU {m.val_miou:.3f} " if m.val else ""
+    apsm = f" APSM { ({k: round(v) for k, v in m.apsm.items()}) }" if m.apsm else ""
+    return (
+        f"epoch {m.epoch}/{epochs} step {m.step} loss {m.loss:.4f} {val}"
+        f"{m.samples_per_s:.1f} locations/s mean weight per FoV "
+        f"{[round(x, 3) for x in stats.weight_mean()]} entropy {m.weight_entropy:.3f} "
+        f"F grad {m.fovnet_grad_norm:.2e}{apsm}"
+    )
+
+
+def write_epoch_line(progress: str, epoch: int, line: str) -> None:
+    """One small file per epoch under ``progress``: storage has no append, and the driver, which
+    may run elsewhere, reads them in order."""
+    from foveation.io import storage
+
+    storage.write_bytes(storage.join(progress, f"epoch_{epoch:04d}.txt"), line.encode())
+
+
 @torch.no_grad()
 def _write_apsm(
     model: FoveatedSegmenter, cfg: Config, history: dict, epoch: int, device
@@ -275,12 +317,12 @@ def _write_apsm(
     its mean (px), over all x_r cells ("all") and, where the slide has a cue map, by cue."""
     import io
 
-    from foveation import storage
-    from foveation.images import decode_label
+    from foveation.evaluation.slides import CUE_NAMES, apsm_cue_sums
     from foveation.inference.wholeslide import xr_from_source
+    from foveation.io import storage
+    from foveation.io.images import decode_label
+    from foveation.io.slides import open_slide
     from foveation.patches import pad_xr
-    from foveation.slide_eval import CUE_NAMES, apsm_cue_sums
-    from foveation.slides import open_slide
 
     source = open_slide(history["image_uri"]).as_source(0)
     if source.height * source.width > MAX_HISTORY_PIXELS:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from foveation import storage
 from foveation.config import Config
+from foveation.io import storage
 from foveation.tuning import space
 
 TABLE = "results.parquet"

@@ -20,8 +20,8 @@ import os
 import uuid
 from collections.abc import Callable
 
-from foveation import storage
 from foveation.config import Config, config_from_dict
+from foveation.io import storage
 from foveation.tuning import results, space
 from foveation.tuning.results import SweepResult
 

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 
-from foveation import storage
+from foveation.io import storage
 
 if TYPE_CHECKING:
     import pyvips

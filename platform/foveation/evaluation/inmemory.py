@@ -7,8 +7,8 @@ import torch
 
 from foveation.config import Config
 from foveation.data.toy import Sample
+from foveation.evaluation.metrics import ConfusionMatrix
 from foveation.inference import ArraySink, ArraySource, segment
-from foveation.metrics import ConfusionMatrix
 from foveation.models.foveated import FoveatedSegmenter
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from foveation import storage
 from foveation.checkpoint import CONFIG, META, save_checkpoint
 from foveation.config import Config, MixConfig
+from foveation.io import storage
 from foveation.models.mixing import is_learned
 
 TRAINERS = ("ray", "single")
@@ -97,8 +97,8 @@ def reproduce(
     only: tuple[str, ...] | None = None,
     log: Callable[[str], None] = print,
 ) -> ReproduceResult:
-    from foveation.report import evaluation_report
-    from foveation.slide_eval import evaluate_runs
+    from foveation.evaluation.report import evaluation_report
+    from foveation.evaluation.slides import evaluate_runs
 
     if trainer not in TRAINERS:
         raise ValueError(f"trainer {trainer!r}: expected one of {TRAINERS}")
@@ -184,7 +184,7 @@ def criteria(res, seeds: tuple[int, ...], cfg: Config) -> str:
     the best one-hot (best by its mean over seeds), Random and Average; a criterion holds when
     the mean difference minus one standard deviation clears its bar. Empty without a learned
     run or one-hot baselines. ``res``: ``slide_eval.EvaluationResult``."""
-    from foveation.slide_eval import apsm_by_cue
+    from foveation.evaluation.slides import apsm_by_cue
 
     metrics = res.metrics
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from foveation import storage
 from foveation.config import Config
-from foveation.metrics import ConfusionMatrix
+from foveation.evaluation.metrics import ConfusionMatrix
+from foveation.io import storage
 
 EXPERT_RUN = "average expert"
 
@@ -75,7 +75,7 @@ def _model(uri: str):
 def score_slide(run: str, checkpoint_uri: str, row: dict, thumb_px: int = 256) -> SlideScore:
     """One run on one slide (a Ray task body; also callable in-process)."""
     from foveation.inference import segment
-    from foveation.slides import SlideReader
+    from foveation.io.slides import SlideReader
 
     torch.set_num_threads(1)  # several tasks share the cores
     model, cfg, _ = _model(checkpoint_uri)
@@ -99,8 +99,8 @@ def score_slide(run: str, checkpoint_uri: str, row: dict, thumb_px: int = 256) -
 
 def score_experts(row: dict, num_classes: int, ignore_index: int) -> list[SlideScore]:
     """Each annotator's map on one slide against the fused label: one score per annotator."""
-    from foveation.images import decode_label
-    from foveation.slides import SlideReader
+    from foveation.io.images import decode_label
+    from foveation.io.slides import SlideReader
 
     label = SlideReader(row["label_uri"], rgb=False)
     try:
@@ -129,7 +129,7 @@ class EvaluationResult:
 
 def thumbnail(row: dict, px: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(image, label) thumbnails sampled like ``ScoringSink``'s mask thumbnail."""
-    from foveation.slides import SlideReader
+    from foveation.io.slides import SlideReader
 
     out = []
     for uri, rgb in ((row["image_uri"], True), (row["label_uri"], False)):
@@ -254,7 +254,7 @@ def apsm_by_cue(res: EvaluationResult, run: str) -> dict[str, float] | None:
     """Mean APSM (px) of ``run`` over the x_r cells whose centre the generator's cue map marks
     as context-decided, texture-decided or either (synthetic sets only; None without cue maps).
     Foveation should choose larger FoVs where context decides and smaller where texture does."""
-    from foveation.images import decode_label
+    from foveation.io.images import decode_label
 
     s = res.cfg.patches.xr_scale
     sums = np.zeros(len(CUE_NAMES))

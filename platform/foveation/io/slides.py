@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from foveation import storage
+from foveation.io import storage
 
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 PYVIPS_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
@@ -120,7 +120,7 @@ class SlideReader:
         sources: dict[int, object] = {}
         try:
             if storage.is_remote(uri):
-                from foveation.rangeio import BlockCachedFile, vips_source
+                from foveation.io.rangeio import BlockCachedFile, vips_source
 
                 range_file = BlockCachedFile(uri, block_size=block_size, max_blocks=max_blocks)
 

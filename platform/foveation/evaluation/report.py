@@ -8,8 +8,8 @@ import io
 
 import numpy as np
 
-from foveation import storage
 from foveation.config import Config
+from foveation.io import storage
 
 PALETTE = np.array(
     [[240, 240, 240], [80, 170, 80], [240, 180, 40], [200, 40, 40]] + [[40, 40, 40]] * 252,
@@ -70,7 +70,7 @@ def apsm_figure(apsms: list[np.ndarray], titles: list[str], fovs: tuple[int, ...
 
 def prediction_figure(image: np.ndarray, label: np.ndarray, mask: np.ndarray) -> bytes:
     """Image | label | prediction, as one PNG (the paper's Fig. 5 form)."""
-    from foveation.images import encode_png
+    from foveation.io.images import encode_png
 
     h = image.shape[0]
     gap = np.full((h, 4, 3), 255, np.uint8)
@@ -192,8 +192,8 @@ def evaluation_report(
     run -> directory of ``apsm_epoch_*.npy``) for the runs whose F chooses, and every run's
     prediction beside the label on a few slides. Returns (report URI, the Table-1 text).
     Whether F chooses in a run is the registry's word (``models.mixing.is_learned``)."""
+    from foveation.evaluation.slides import CUE_NAMES, apsm_by_cue, thumbnail
     from foveation.models.mixing import is_learned
-    from foveation.slide_eval import CUE_NAMES, apsm_by_cue, thumbnail
 
     cfg = res.cfg
     rows = list(res.metrics.items())

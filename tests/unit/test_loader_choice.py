@@ -1,0 +1,42 @@
+"""The memory loader's shard and the choice between streaming and memory (no Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from foveation.config import Config, ConfigError, PipelineConfig
+from foveation.data.samples import choose_loader, shard
+
+
+@pytest.mark.parametrize("n,world", [(7, 2), (8, 2), (3, 4), (1, 2), (10, 3)])
+def test_every_rank_gets_the_same_number_of_slides_and_every_slide_is_trained(n, world):
+    rows = list(range(n))
+    shards = [shard(rows, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # equal steps: no rank waits in an all-reduce
+    assert set().union(*map(set, shards)) == set(rows)
+    if n % world == 0:  # no padding needed: a partition
+        assert sorted(sum(shards, [])) == rows
+
+
+def cfg_with(loader: str, limit_mb: float) -> Config:
+    cfg = Config()
+    pc = PipelineConfig(loader=loader, memory_limit_mb=limit_mb)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline=pc))
+
+
+def test_auto_holds_a_shard_in_memory_only_when_its_largest_possible_share_fits():
+    rows = [{"width": 1024, "height": 1024}] * 6  # 4 MiB each decoded (RGB + label)
+    assert choose_loader(cfg_with("auto", 24), rows, 1) == "memory"
+    assert choose_loader(cfg_with("auto", 23), rows, 1) == "stream"
+    assert choose_loader(cfg_with("auto", 12), rows, 2) == "memory"  # 3 slides a rank
+    big = rows + [{"width": 40_000, "height": 30_000}]  # one whole-slide image: 4.8 GB
+    assert choose_loader(cfg_with("auto", 1024), big, 2) == "stream"
+    assert choose_loader(cfg_with("stream", 1e9), rows, 1) == "stream"
+    assert choose_loader(cfg_with("memory", 0), big, 1) == "memory"
+
+
+def test_an_unknown_loader_names_the_field():
+    with pytest.raises(ConfigError, match=r"data\.pipeline\.loader"):
+        PipelineConfig(loader="disk")
