@@ -15,7 +15,7 @@ from foveation.data.ingest import ingest, ray_tasks, serial_map
 from foveation.data.synthetic import TissueScales, generate_slide, write_synthetic_set
 
 
-def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Figure]:
+def run(config: str = "jobs/configs/bench.toml", quick: bool = False) -> list[Figure]:
     cfg = load_config(config)
     n, size = (4, 512) if quick else (8, 1024)  # 8 slides (was 12) in each of the 3 rounds
     syn = dataclasses.replace(cfg.data.synthetic, n_slides=n, size=size)

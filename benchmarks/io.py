@@ -322,7 +322,7 @@ def _pipeline_vs_loop(config: str, n_slides: int) -> list[Figure]:
     ]
 
 
-def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Figure]:
+def run(config: str = "jobs/configs/bench.toml", quick: bool = False) -> list[Figure]:
     size, tile = (5000, 256) if quick else (9000, 256)
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/slide.tif"

@@ -113,7 +113,7 @@ def _outside_ray_us(quick: bool) -> float:
     return float(r.stdout.strip().splitlines()[-1])
 
 
-def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Figure]:
+def run(config: str = "jobs/configs/bench.toml", quick: bool = False) -> list[Figure]:
     import ray
 
     from foveation.raycluster import init_ray

@@ -135,7 +135,7 @@ def _inference(cfg: Config, size: int) -> list[Figure]:
 
 
 def run(
-    config: str = "jobs/configs/debug.toml", size: int = 1024, quick: bool = False
+    config: str = "jobs/configs/bench.toml", size: int = 1024, quick: bool = False
 ) -> list[Figure]:
     cfg = load_config(config)
     torch.manual_seed(0)

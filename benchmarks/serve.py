@@ -183,7 +183,7 @@ def _on_round(url, body, n1: int, n8: int) -> dict:
     return {"on1": on1, "on1_rps": on1_rps, "on8": on8, "on8_rps": n8 / wall}
 
 
-def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Figure]:
+def run(config: str = "jobs/configs/bench.toml", quick: bool = False) -> list[Figure]:
     import torch
     from ray import serve
 

@@ -85,7 +85,7 @@ def ray_train_loop(
     return [(round(h["samples_per_s"] * h["seconds"]), h["seconds"]) for h in hist]
 
 
-def run(config: str = "jobs/configs/debug.toml", quick: bool = False) -> list[Figure]:
+def run(config: str = "jobs/configs/bench.toml", quick: bool = False) -> list[Figure]:
     from foveation.data.pipeline import Pipeline
     from foveation.raycluster import init_ray
 

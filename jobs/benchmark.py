@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark")
     p.add_argument("suite", choices=sorted(SUITES))
     p.add_argument("--json", dest="json_out", help="also write the figures as JSON here")
-    p.add_argument("--config", default="jobs/configs/debug.toml", help="config the suite measures")
+    p.add_argument("--config", default="jobs/configs/bench.toml", help="config the suite measures")
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes for a smoke run (targets not meaningful)"
     )

@@ -1,6 +1,7 @@
 """The HTTP ingress and the app builder.
 
     serve run serve.app:build_app checkpoint=runs/debug/model [config=serve/serve.toml]
+    (runs/debug/model is what jobs.train writes; make demo prints its own, runs/debug/runs/soft/model)
     serve deploy serve/serve.yaml
 
 Endpoints (JSON errors everywhere, OpenAPI at /docs):

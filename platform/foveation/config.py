@@ -371,7 +371,7 @@ class DataConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
-WARMUP_MIXES = ("average", "random")
+WARMUP_MIXES = ("average", "random", "smallest")
 
 
 @dataclass(frozen=True)
@@ -395,8 +395,10 @@ class TrainingConfig:
     """Fraction of steps that use ``warmup_mix`` before F chooses (docs/method.md#collapse): the
     segmenter first learns every scale's cue, then F learns to choose."""
     warmup_mix: str = "average"
-    """The mix of the warm-up: "average" (every patch at 1/D) or "random" (one patch per
-    location, drawn uniformly: the segmenter learns each scale alone, as a hard choice sees it)."""
+    """The mix of the warm-up: "average" (every patch at 1/D), "random" (one patch per
+    location, drawn uniformly: the segmenter learns each scale alone, as a hard choice sees it)
+    or "smallest" (the smallest FoV, full resolution, everywhere: the fine detail a shared-scale
+    segmenter is slowest to learn is learned first; docs/method.md#every-fov)."""
     entropy_weight: float = 0.0
     """Weight of an entropy bonus on F's weights (positive keeps them spread, negative makes
     each location's choice decisive)."""

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,6 +278,15 @@ def test_the_demo_runs_end_to_end_in_tiny_mode_and_reuses_its_work(ray_cluster, 
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| soft |" in r.stdout and "| average expert |" in r.stdout
     assert (tmp_path / "out" / "report" / "report.md").exists()
+    # A readable console: each epoch's line once (the driver prints it), none of Ray's worker
+    # output, and a serve command whose checkpoint exists.
+    console = r.stdout + r.stderr
+    assert [console.count(f"epoch {e}/2 step") for e in (1, 2)] == [1, 1], console[-3000:]
+    assert "PlacementGroupCleaner" not in console and "RayTrainWorker" not in console
+    serve = next(line for line in r.stdout.splitlines() if line.startswith("serve:"))
+    assert (root / serve.split("checkpoint=")[1] / "model.safetensors").exists() or (
+        Path(serve.split("checkpoint=")[1]) / "model.safetensors"
+    ).exists(), serve
     assert read_manifest(str(tmp_path / "store")).num_rows == 6
     again = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=root)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -58,7 +58,7 @@ def test_benchmark_harness_writes_the_pinned_json(root, tmp_path):
         "patches",
         "--quick",
         "--config",
-        str(root / "jobs/configs/debug.toml"),
+        str(root / "jobs/configs/bench.toml"),
         "--json",
         str(out),
         cwd=tmp_path,

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from foveation.config import PatchSetConfig
 from foveation.data.toy import generate_set, load_split
 from foveation.evaluation.inmemory import evaluate
 from foveation.training.loop import train
@@ -12,8 +13,8 @@ from foveation.training.loop import train
 
 @pytest.mark.slow
 def test_short_training_learns_the_cue_and_the_scale_that_carries_it(debug_cfg, tmp_path):
-    # The budget this test was tuned for (90 steps of 4 toy images x 16 locations), pinned
-    # here so the demo's budget in debug.toml can change on its own.
+    # The geometry and budget this test was tuned for (90 steps of 4 toy images x 16 locations),
+    # pinned here so the demo's in debug.toml can change on their own.
     training = dataclasses.replace(
         debug_cfg.training,
         epochs=15,
@@ -25,6 +26,7 @@ def test_short_training_learns_the_cue_and_the_scale_that_carries_it(debug_cfg, 
     )
     cfg = dataclasses.replace(
         debug_cfg,
+        patches=PatchSetConfig(fovs=(64, 128, 256), patch_size=64, xr_scale=16),
         data=dataclasses.replace(debug_cfg.data, root=str(tmp_path / "data")),
         training=training,
     )

@@ -17,7 +17,7 @@ def test_every_rank_gets_the_same_number_of_slides_and_every_slide_is_trained(n,
     assert len({len(s) for s in shards}) == 1  # equal steps: no rank waits in an all-reduce
     assert set().union(*map(set, shards)) == set(rows)
     if n % world == 0:  # no padding needed: a partition
-        assert sorted(sum(shards, [])) == rows
+        assert sorted(r for s in shards for r in s) == rows
 
 
 def cfg_with(loader: str, limit_mb: float) -> Config:
@@ -31,7 +31,7 @@ def test_auto_holds_a_shard_in_memory_only_when_its_largest_possible_share_fits(
     assert choose_loader(cfg_with("auto", 24), rows, 1) == "memory"
     assert choose_loader(cfg_with("auto", 23), rows, 1) == "stream"
     assert choose_loader(cfg_with("auto", 12), rows, 2) == "memory"  # 3 slides a rank
-    big = rows + [{"width": 40_000, "height": 30_000}]  # one whole-slide image: 4.8 GB
+    big = [*rows, {"width": 40_000, "height": 30_000}]  # one whole-slide image: 4.8 GB
     assert choose_loader(cfg_with("auto", 1024), big, 2) == "stream"
     assert choose_loader(cfg_with("stream", 1e9), rows, 1) == "stream"
     assert choose_loader(cfg_with("memory", 0), big, 1) == "memory"

@@ -39,6 +39,8 @@ def warmup_mode(cfg: Config, step: int, total_steps: int) -> MixConfig | None:
     learned mix has a warm-up: the recipe's levers never touch a fixed baseline."""
     if not is_learned(cfg.model.mix.mode) or step >= warmup_steps(cfg, total_steps):
         return None
+    if cfg.training.warmup_mix == "smallest":
+        return MixConfig("onehot", index=0)
     return MixConfig(cfg.training.warmup_mix)
 
 
