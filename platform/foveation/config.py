@@ -414,7 +414,7 @@ class TrainingConfig:
     """T of the hindsight target: lower is closer to the best patch's one-hot."""
     every_fov_weight: float = 0.0
     """Weight of an auxiliary loss that trains the segmenter on every patch of the bank alone,
-    at every location (docs/method.md#every-fov): the segmenter stays competent at every FoV
+    at every location, after the warm-up (docs/method.md#every-fov): the segmenter stays competent at every FoV
     whatever F chooses, so the hindsight target (computed from these same losses, at no extra
     cost) compares scales fairly. Costs D more forward and backward passes a step. 0: off."""
     class_weights: tuple[float, ...] | None = None

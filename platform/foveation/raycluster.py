@@ -8,6 +8,7 @@ cluster instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -60,11 +61,14 @@ def init_ray(
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     if quiet:
-        import logging
-
-        logging.getLogger("ray").setLevel(logging.WARNING)  # the driver's own Ray notices
+        _quiet_loggers()
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
+        ray.init(
+            address=address,
+            runtime_env=runtime_env,
+            log_to_driver=not quiet,
+            logging_level=logging.ERROR if quiet else logging.INFO,
+        )
     else:
         ray.init(
             address="local",  # a new local instance, never a stray `ray start` one found by chance
@@ -73,7 +77,18 @@ def init_ray(
             dashboard_host="127.0.0.1",
             runtime_env=runtime_env,
             log_to_driver=not quiet,
+            logging_level=logging.ERROR if quiet else logging.INFO,
         )
+    if quiet:  # Ray Data sets its logger's level when imported: import it, then quieten it
+        import ray.data
+
+        _quiet_loggers()
+
+
+def _quiet_loggers() -> None:
+    """The driver's own Ray notices (token auth, execution plans) to errors only."""
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def ray_logs_dir() -> str | None:

@@ -120,7 +120,7 @@ def batch_forward(
     tc = cfg.training
     fov_losses = None
     learned = is_learned(cfg.model.mix.mode)  # the recipe's levers never touch a baseline
-    if tc.every_fov_weight and learned:
+    if tc.every_fov_weight and learned and warm is None:  # the warm-up trains on its mix alone
         fov_losses = per_fov_losses(model, bank, label, w.detach())
         loss = loss + tc.every_fov_weight * fov_losses.mean()
     # The target applies during the warm-up too: the segmenter then sees every FoV alike, so it
