@@ -40,3 +40,24 @@ def test_auto_holds_a_shard_in_memory_only_when_its_largest_possible_share_fits(
 def test_an_unknown_loader_names_the_field():
     with pytest.raises(ConfigError, match=r"data\.pipeline\.loader"):
         PipelineConfig(loader="disk")
+
+
+def test_an_unreadable_slide_in_a_shard_is_skipped_and_the_shard_keeps_its_length(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from foveation.data.samples import load_shard
+    from foveation.io.slides import SlideError
+
+    rows = []
+    for i in range(3):
+        img, lab = tmp_path / f"s{i}.png", tmp_path / f"s{i}-label.png"
+        Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(img)
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(lab)
+        rows.append({"slide_id": f"s{i}", "image_uri": str(img), "label_uri": str(lab)})
+    (tmp_path / "s1.png").write_bytes(b"not an image")
+    samples, failed = load_shard(rows, "train", max_error_fraction=0.5)
+    assert list(failed) == ["s1"] and "s1.png" in failed["s1"]
+    assert [s.slide_id for s in samples] == ["s0", "s2", "s0"]  # equal steps on every rank
+    with pytest.raises(SlideError, match=r"max_error_fraction"):
+        load_shard(rows, "train", max_error_fraction=0.2)

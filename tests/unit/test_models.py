@@ -130,7 +130,7 @@ def test_foveated_segmenter_forward(debug_cfg):
     logits, h = model(bank, w)
     assert logits.shape == (5, 4, 16, 16) and h.shape == (5, 3)
     apsm = model.apsm(torch.tensor([[[[1.0]], [[0.0]], [[0.0]]]]))
-    assert apsm.item() == 64.0
+    assert apsm.item() == debug_cfg.patches.fovs[0]
 
 
 def test_f_on_neighbourhoods_equals_f_on_the_whole_map(debug_cfg):

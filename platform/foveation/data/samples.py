@@ -14,22 +14,49 @@ from foveation.io import storage
 LOADERS = ("auto", "stream", "memory")
 
 
-def load_rows(rows: list[dict], split: str) -> list[Sample]:
-    """Decode each manifest row's image and label at full resolution."""
+def load_row(row: dict, split: str) -> Sample:
+    """Decode one manifest row's image and label at full resolution."""
     from foveation.io.slides import SlideReader
 
-    out = []
-    for row in rows:
-        image = SlideReader(storage.absolute(row["image_uri"]))
+    image = SlideReader(storage.absolute(row["image_uri"]))
+    try:
         label = SlideReader(storage.absolute(row["label_uri"]), rgb=False)
         try:
             img = image.read_level(0, 0, 0, image.height, image.width)[..., :3]
             lab = label.read_level(0, 0, 0, label.height, label.width, (255,))[..., 0]
         finally:
-            image.close()
             label.close()
-        out.append(Sample(row["slide_id"], split, img, lab))
-    return out
+    finally:
+        image.close()
+    return Sample(row["slide_id"], split, img, lab)
+
+
+def load_rows(rows: list[dict], split: str) -> list[Sample]:
+    """Decode each manifest row's image and label at full resolution."""
+    return [load_row(row, split) for row in rows]
+
+
+def load_shard(
+    rows: list[dict], split: str, max_error_fraction: float
+) -> tuple[list[Sample], dict[str, str]]:
+    """Decode a worker's shard as the streamed pipeline treats slides: an unreadable one is
+    skipped (slide id -> error), unless more than ``max_error_fraction`` of them are, which
+    raises naming them. The shard keeps its length (good slides fill the gaps, in turn), so every
+    rank still takes the same number of steps."""
+    from foveation.io.slides import SlideError
+
+    good, failed = [], {}
+    for row in rows:
+        try:
+            good.append(load_row(row, split))
+        except (SlideError, OSError, ValueError) as exc:
+            failed[row["slide_id"]] = str(exc)
+    if failed and (not good or len(failed) > max_error_fraction * len(rows)):
+        raise SlideError(
+            f"{len(failed)} of {len(rows)} slides unreadable (more than data.pipeline."
+            f"max_error_fraction = {max_error_fraction}): {failed}"
+        )
+    return [good[i % len(good)] for i in range(len(rows))], failed
 
 
 def load_manifest_split(manifest: str, split: str) -> list[Sample]:

@@ -175,10 +175,15 @@ def memory_batches(cfg: Config, rows: list[dict], rank: int) -> Callable[[int], 
     """Epoch -> training batches of this rank's shard of ``rows``, decoded once (the memory
     loader): the extractor and locations of the streamed pipeline, without its reader actors."""
     from foveation.data.batches import BatchExtractor
-    from foveation.data.samples import load_rows, shard
+    from foveation.data.samples import load_shard, shard
 
     extractors = {}
-    for s in load_rows(shard(rows, rank, distributed.world_size()), "train"):
+    samples, failed = load_shard(
+        shard(rows, rank, distributed.world_size()), "train", cfg.data.pipeline.max_error_fraction
+    )
+    for sid, error in failed.items():
+        print(f"skipped unreadable training slide {sid}: {error}", flush=True)
+    for s in samples:
         key = s.slide_id if s.slide_id not in extractors else f"{s.slide_id}#{len(extractors)}"
         extractors[key] = BatchExtractor.from_arrays(cfg, s.image, s.label)
     return lambda epoch: in_memory_batches(extractors, cfg, epoch)
