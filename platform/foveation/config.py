@@ -317,6 +317,10 @@ class IngestConfig:
         require(0 <= self.max_error_fraction <= 1, f"{w}.max_error_fraction", "must be in [0, 1]")
 
 
+LOADERS = ("auto", "stream", "memory")
+"""``data.pipeline.loader``: how Ray Train workers get training batches."""
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """The Ray Data pipeline from a manifest to training batches (``foveation.data.pipeline``)."""
@@ -345,7 +349,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         w = "data.pipeline"
         require(
-            self.loader in ("auto", "stream", "memory"),
+            self.loader in LOADERS,
             f"{w}.loader",
             f"must be 'auto', 'stream' or 'memory', got {self.loader!r}",
         )

@@ -11,8 +11,6 @@ from foveation.config import Config
 from foveation.data.toy import Sample
 from foveation.io import storage
 
-LOADERS = ("auto", "stream", "memory")
-
 
 def load_row(row: dict, split: str) -> Sample:
     """Decode one manifest row's image and label at full resolution."""

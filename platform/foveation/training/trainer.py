@@ -63,19 +63,6 @@ def architecture(cfg: Config) -> dict:
     }
 
 
-def _absolute_rows(rows: list[dict]) -> list[dict]:
-    """Manifest rows whose slide and label URIs resolve on any worker: a relative path (a store
-    given as ``runs/data/...``) is the driver's, and a Ray worker runs in another directory."""
-    return [
-        r
-        | {
-            "image_uri": storage.absolute(r["image_uri"]),
-            "label_uri": storage.absolute(r["label_uri"]),
-        }
-        for r in rows
-    ]
-
-
 def _existing(uri: str) -> list[str]:
     try:
         return storage.list_files(uri)
@@ -279,7 +266,8 @@ def fit(
         "fail_at_step": int(fail_at) if fail_at else None,
         "has_val": bool(splits["val"]),
         "progress": progress,
-        "train_rows": _absolute_rows(splits["train"]) if loader == "memory" else None,
+        # The pipeline's rows: their URIs are made absolute once, there, for workers elsewhere.
+        "train_rows": train_pipe.rows if loader == "memory" else None,
         "run": run_label(out),
     }
     resources = {"CPU": dc.cpus_per_worker} | ({"GPU": dc.gpus_per_worker} if dc.use_gpu else {})
