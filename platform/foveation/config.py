@@ -144,6 +144,10 @@ class MixConfig:
         return f"onehot-{self.index}" if self.mode == "onehot" else self.mode
 
 
+SEGMENTERS = ("shared", "per_fov")
+"""``model.segmenters``: one segmenter for the mix, or one per FoV."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The foveated segmenter: foveation net F, mixer, and segmenter on a timm backbone."""
@@ -161,8 +165,18 @@ class ModelConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     mix: MixConfig = field(default_factory=MixConfig)
+    segmenters: str = "shared"
+    """"shared": the paper's one segmenter reads the mix of the D patches (h mixes inputs).
+    "per_fov": D segmenters, one per FoV, each reads its own patch and h mixes their class
+    probabilities (docs/method.md#per-fov-segmenters). Every mode of a reproduction, baselines
+    included, gets the same choice, so they compare like with like."""
 
     def __post_init__(self) -> None:
+        require(
+            self.segmenters in SEGMENTERS,
+            "model.segmenters",
+            f"must be one of {SEGMENTERS}, got {self.segmenters!r}",
+        )
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         require(bool(self.backbone), "model.backbone", "must name a backbone")
@@ -376,6 +390,7 @@ class DataConfig:
 
 
 WARMUP_MIXES = ("average", "random", "smallest")
+PER_FOV_LOSSES = ("mixture", "own")
 
 
 @dataclass(frozen=True)
@@ -409,6 +424,11 @@ class TrainingConfig:
     entropy_weight_end: float | None = None
     """If set, the entropy weight moves linearly from ``entropy_weight`` (first step after the
     warm-up) to this (last step): e.g. spread early, decisive late."""
+    per_fov_loss: str = "mixture"
+    """With ``model.segmenters = "per_fov"`` and a learned mix: "mixture" trains every part on
+    the loss of the mixed output; "own" trains each FoV's segmenter on its own patch alone, as
+    its one-hot baseline is trained, and F on the mixture with the segmenters' outputs held
+    fixed (docs/method.md#per-fov-segmenters)."""
     scale_target_weight: float = 0.0
     """Weight of the hindsight scale target (docs/method.md#scale-target): each location's loss
     under each single patch (no gradient) gives a target q = softmax(-loss_d / T) that F's
@@ -456,6 +476,11 @@ class TrainingConfig:
         require(self.scale_target_weight >= 0, f"{w}.scale_target_weight", "must be >= 0")
         require(self.scale_target_temperature > 0, f"{w}.scale_target_temperature", "must be > 0")
         require(self.every_fov_weight >= 0, f"{w}.every_fov_weight", "must be >= 0")
+        require(
+            self.per_fov_loss in PER_FOV_LOSSES,
+            f"{w}.per_fov_loss",
+            f"must be one of {PER_FOV_LOSSES}, got {self.per_fov_loss!r}",
+        )
         require(self.precision in PRECISIONS, f"{w}.precision", f"must be one of {PRECISIONS}")
         require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

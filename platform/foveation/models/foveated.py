@@ -1,5 +1,10 @@
 """The foveated segmenter: F weighs the D patches of each location, a mixer turns the weights
-into mixing coefficients, the segmenter segments the mix (eq. 1). Single device."""
+into mixing coefficients, the segmenter segments the mix (eq. 1). Single device.
+
+With ``model.segmenters = "per_fov"`` the coefficients mix outputs instead of inputs: D
+segmenters each read one patch, and the model's output is the log of sum_d h_d softmax(s_d(x_d))
+(docs/method.md#per-fov-segmenters). Callers see the same contract either way: "logits" whose
+softmax is the class probability, so losses, argmax and tile blending need no branch."""
 
 from __future__ import annotations
 
@@ -28,7 +33,19 @@ class FoveatedSegmenter(nn.Module):
             "fovs", torch.tensor(cfg.patches.fovs, dtype=torch.float32), persistent=False
         )
         self.fovnet = FoveationNet(cfg.patches.depth, m.fovnet_width)
-        self.segmenter = Segmenter(m.backbone, m.num_classes, m.head_channels)
+        self.segmenter: Segmenter | None = None
+        self.experts: nn.ModuleList | None = None
+        if m.segmenters == "per_fov":
+            self.experts = nn.ModuleList(
+                Segmenter(m.backbone, m.num_classes, m.head_channels)
+                for _ in range(cfg.patches.depth)
+            )
+        else:
+            self.segmenter = Segmenter(m.backbone, m.num_classes, m.head_channels)
+
+    def segmenters(self) -> list[Segmenter]:
+        """The segmenter, or the D per-FoV ones (for optimiser groups and weight loading)."""
+        return [self.segmenter] if self.experts is None else list(self.experts)
 
     def weights(self, xr: Tensor) -> Tensor:
         """F's softmax weights [B, D, h, w] from x_r zero-padded by 3 [B, 3, h + 6, w + 6]."""
@@ -50,13 +67,53 @@ class FoveatedSegmenter(nn.Module):
         return MIXERS[mcfg.mode](w, ctx)
 
     def forward(
-        self, bank: Tensor, w: Tensor, ctx: MixContext | None = None, mode: MixConfig | None = None
+        self,
+        bank: Tensor,
+        w: Tensor,
+        ctx: MixContext | None = None,
+        mode: MixConfig | None = None,
+        per_fov: bool = False,
     ):
         """Logits [N, K, P/4, P/4] for banks [N, D, 3, P, P] (uint8 or float in 0..255) and F's
-        weights w [N, D]; also returns the mixing coefficients h [N, D] used."""
+        weights w [N, D]; also returns the mixing coefficients h [N, D] used. ``per_fov`` (per-FoV
+        segmenters only): each segmenter's own logits [N, D, K, P/4, P/4] instead, unmixed, so
+        a training step can give each its own loss; a keyword rather than a method so it goes
+        through the engine's forward (and its autocast)."""
         h = self.mixing(w, ctx, mode)
+        if per_fov:
+            if self.experts is None:
+                raise ValueError("per_fov=True needs model.segmenters = 'per_fov'")
+            return torch.stack([self._expert(d, bank[:, d]) for d in range(len(self.experts))], 1), h
+        if self.experts is not None:
+            return self._mix_outputs(bank, h), h
         x = normalise(mix(bank.to(torch.float32), h), self.mean, self.std)
         return self.segmenter(x), h
+
+    def _mix_outputs(self, bank: Tensor, h: Tensor) -> Tensor:
+        """log sum_d h_d softmax(s_d(x_d)) [N, K, P/4, P/4]. Where h carries no gradient
+        (evaluation, one-hot and Random mixes, the every-FoV loss), segmenter d runs only on the
+        locations with h_d != 0, so a hard choice costs one segmenter per location, not D."""
+        grad = torch.is_grad_enabled() and h.requires_grad
+        prob = None
+        for d in range(len(self.experts)):
+            hd = h[:, d].float()
+            rows = None
+            if not grad:
+                active = hd != 0
+                if not bool(active.any()):
+                    continue
+                if not bool(active.all()):
+                    rows = active.nonzero().squeeze(1)
+            p = torch.softmax(self._expert(d, bank[:, d] if rows is None else bank[rows, d]), 1)
+            weight = (hd if rows is None else hd[rows])[:, None, None, None]
+            if prob is None:
+                prob = torch.zeros((bank.shape[0],) + p.shape[1:], device=p.device)
+            prob = prob + weight * p if rows is None else prob.index_add(0, rows, weight * p)
+        return prob.clamp_min(1e-12).log()
+
+    def _expert(self, d: int, x: Tensor) -> Tensor:
+        """Segmenter d's logits (float32) for patches x [N, 3, P, P] in 0..255."""
+        return self.experts[d](normalise(x.to(torch.float32), self.mean, self.std)).float()
 
     def apsm(self, w: Tensor) -> Tensor:
         """Average Patch Size Map: the expected FoV (px) per location, sum_d w_d F_d; w [B, D, h, w]."""
@@ -93,5 +150,6 @@ def build_model(cfg: Config) -> FoveatedSegmenter:
     check_config(cfg)
     model = FoveatedSegmenter(cfg)
     if cfg.model.pretrained:
-        load_pretrained(model.segmenter.encoder, cfg.model.pretrained)
+        for segmenter in model.segmenters():
+            load_pretrained(segmenter.encoder, cfg.model.pretrained)
     return model

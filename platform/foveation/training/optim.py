@@ -11,9 +11,10 @@ from foveation.models.foveated import FoveatedSegmenter
 
 
 def param_groups(model: FoveatedSegmenter, cfg: TrainingConfig) -> list[dict]:
+    segmenters = model.segmenters()
     modules = {
-        "encoder": (model.segmenter.encoder, cfg.lr_encoder),
-        "decoder": (model.segmenter.decoder, cfg.lr_decoder),
+        "encoder": (nn.ModuleList([s.encoder for s in segmenters]), cfg.lr_encoder),
+        "decoder": (nn.ModuleList([s.decoder for s in segmenters]), cfg.lr_decoder),
         "fovnet": (model.fovnet, cfg.lr_fovnet),
     }
     groups = []

@@ -63,14 +63,10 @@ def weight_entropy(w: Tensor) -> Tensor:
 def per_fov_losses(model, bank: Tensor, label: Tensor, w: Tensor) -> Tensor:
     """[N, D]: each location's mean cross entropy when the segmenter sees patch d alone (with
     gradient when called with it enabled: the every-FoV loss)."""
-    valid = (label != IGNORE_INDEX).float()
-    count = valid.sum((1, 2)).clamp_min(1.0)
-    losses = []
-    for d in range(w.shape[1]):
-        logits, _ = model(bank, w, None, MixConfig("onehot", index=d))
-        ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="none")
-        losses.append((ce * valid).sum((1, 2)) / count)
-    return torch.stack(losses, 1)
+    per_fov = [
+        model(bank, w, None, MixConfig("onehot", index=d))[0].float() for d in range(w.shape[1])
+    ]
+    return per_location_losses(torch.stack(per_fov, 1), label)
 
 
 def scale_target(losses: Tensor, cfg: Config) -> Tensor:
@@ -104,6 +100,41 @@ def segmentation_loss(
     return loss
 
 
+def per_location_losses(logits: Tensor, label: Tensor) -> Tensor:
+    """[N, D]: each location's mean cross entropy under each of D per-FoV logits
+    [N, D, K, h, w] (ignore index 255)."""
+    valid = (label != IGNORE_INDEX).float()
+    count = valid.sum((1, 2)).clamp_min(1.0)
+    ce = torch.stack(
+        [
+            F.cross_entropy(logits[:, d], label, ignore_index=IGNORE_INDEX, reduction="none")
+            for d in range(logits.shape[1])
+        ],
+        1,
+    )
+    return (ce * valid[:, None]).sum((2, 3)) / count[:, None]
+
+
+def own_fov_forward(model, bank, label, w, cfg, step, total_steps, warm, slide_ids):
+    """(loss, logits, h) of ``training.per_fov_loss = "own"``: each FoV's segmenter learns from
+    its own patch alone (the sum over FoVs of their mean cross entropies: each gets the gradient
+    its one-hot baseline would), and F learns from the mixture log sum_d h_d p_d with the
+    segmenters' probabilities p_d held fixed, which pulls w towards each location's posterior
+    h_d p_d(y) / sum_e h_e p_e(y) over FoVs (docs/method.md#per-fov-segmenters)."""
+    per_fov, h = model(bank, w, mix_context(cfg, step, total_steps), warm, per_fov=True)
+    own = per_location_losses(per_fov, label)
+    prob = torch.einsum("nd,ndkij->nkij", h.float(), torch.softmax(per_fov.detach(), 2))
+    logits = prob.clamp_min(1e-12).log()
+    loss = segmentation_loss(logits, label, w, cfg, step, slide_ids, total_steps)
+    total = loss + own.mean(0).sum()
+    if not torch.isfinite(total):
+        raise TrainingDiverged(
+            f"training diverged at step {step}: a per-FoV segmenter's loss is not finite "
+            f"(slides {sorted(set(slide_ids))}); lower the learning rates or check the inputs"
+        )
+    return total, logits, h, own
+
+
 def batch_forward(
     model, batch: dict, cfg: Config, step: int, total_steps: int, device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -115,12 +146,19 @@ def batch_forward(
     label = batch["label"].to(device, non_blocking=True).long()
     w = module.location_weights(xr)
     warm = warmup_mode(cfg, step, total_steps)
-    logits, h = model(bank, w, mix_context(cfg, step, total_steps), warm)
-    loss = segmentation_loss(logits, label, w, cfg, step, batch.get("slide_id", []), total_steps)
     tc = cfg.training
-    fov_losses = None
     learned = is_learned(cfg.model.mix.mode)  # the recipe's levers never touch a baseline
-    if tc.every_fov_weight and learned and warm is None:  # the warm-up trains on its mix alone
+    slide_ids = batch.get("slide_id", [])
+    fov_losses = None
+    if learned and tc.per_fov_loss == "own" and module.experts is not None:
+        loss, logits, h, fov_losses = own_fov_forward(
+            model, bank, label, w, cfg, step, total_steps, warm, slide_ids
+        )
+    else:
+        logits, h = model(bank, w, mix_context(cfg, step, total_steps), warm)
+        loss = segmentation_loss(logits, label, w, cfg, step, slide_ids, total_steps)
+    # The warm-up trains on its mix alone; "own" already gave each FoV its loss.
+    if tc.every_fov_weight and learned and warm is None and fov_losses is None:
         fov_losses = per_fov_losses(model, bank, label, w.detach())
         loss = loss + tc.every_fov_weight * fov_losses.mean()
     # The target applies during the warm-up too: the segmenter then sees every FoV alike, so it

@@ -60,6 +60,7 @@ def architecture(cfg: Config) -> dict:
         "head_channels": m.head_channels,
         "fovnet_width": m.fovnet_width,
         "depth": cfg.patches.depth,
+        "segmenters": m.segmenters,
     }
 
 

@@ -1,0 +1,111 @@
+"""``model.segmenters = "per_fov"``: D segmenters, one per FoV, whose class probabilities the
+mix weighs (docs/method.md#per-fov-segmenters)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from foveation.config import ConfigError, MixConfig, config_from_dict
+from foveation.models import build_model
+from foveation.models.mixing import MixContext
+from foveation.patches import normalise
+from foveation.training.optim import param_groups
+
+
+@pytest.fixture(scope="module")
+def per_fov(debug_cfg):
+    cfg = dataclasses.replace(
+        debug_cfg, model=dataclasses.replace(debug_cfg.model, segmenters="per_fov")
+    )
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval()
+
+
+def _bank(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 3, 32, 32), dtype=torch.uint8, generator=g)
+
+
+def _expert_log_probs(model, bank, d):
+    x = normalise(bank[:, d].float(), model.mean, model.std)
+    return torch.log_softmax(model.experts[d](x), 1)
+
+
+def test_one_segmenter_per_fov_each_with_its_own_weights(per_fov):
+    cfg, model = per_fov
+    assert model.segmenter is None and len(model.experts) == cfg.patches.depth
+    a, b = (model.experts[i].decoder[-1].weight for i in (0, 1))
+    assert not torch.equal(a, b)
+    groups = {g["name"]: g["params"] for g in param_groups(model, cfg.training)}
+    owned = {id(p) for ps in groups.values() for p in ps}
+    assert all(id(p) in owned for p in model.parameters())
+
+
+def test_output_is_the_log_of_the_weighted_mixture_of_class_probabilities(per_fov):
+    _, model = per_fov
+    bank = _bank()
+    w = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(1)), 1)
+    with torch.no_grad():
+        logits, h = model(bank, w)
+        want = sum(
+            h[:, d, None, None, None] * _expert_log_probs(model, bank, d).exp() for d in range(3)
+        )
+    torch.testing.assert_close(logits.exp(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.exp().sum(1), torch.ones(6, 8, 8))
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_onehot_mix_is_exactly_that_fovs_segmenter(per_fov, k):
+    _, model = per_fov
+    bank, w = _bank(), torch.full((6, 3), 1 / 3)
+    with torch.no_grad():
+        logits, _ = model(bank, w, mode=MixConfig("onehot", index=k))
+    torch.testing.assert_close(logits, _expert_log_probs(model, bank, k), rtol=1e-5, atol=1e-5)
+
+
+def test_a_hard_choice_runs_each_segmenter_on_its_own_locations_only(per_fov):
+    """Evaluation of a hard mix: location n is read by segmenter argmax w_n alone, and the
+    others never see it (counted by hooks)."""
+    _, model = per_fov
+    bank = _bank(n=5)
+    choice = torch.tensor([0, 2, 2, 1, 0])
+    w = torch.nn.functional.one_hot(choice, 3).float() * 0.8 + 0.2 / 3
+    seen = {}
+    hooks = [
+        e.register_forward_hook(lambda m, i, o, d=d: seen.__setitem__(d, i[0].shape[0]))
+        for d, e in enumerate(model.experts)
+    ]
+    try:
+        with torch.no_grad():
+            logits, h = model(bank, w, MixContext(MixConfig("hard"), training=False),
+                              MixConfig("hard"))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    assert seen == {0: 2, 1: 1, 2: 2}
+    for n, d in enumerate(choice.tolist()):
+        torch.testing.assert_close(
+            logits[n], _expert_log_probs(model, bank[n : n + 1], d)[0], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_gradients_reach_f_and_every_segmenter_under_a_soft_mix(per_fov):
+    cfg, model = per_fov
+    model.train()
+    try:
+        xr = torch.randn(4, 3, 7, 7)
+        w = model.location_weights(xr)
+        logits, _ = model(_bank(n=4), w, MixContext(MixConfig("soft"), training=True))
+        label = torch.randint(0, 4, (4, 8, 8))
+        torch.nn.functional.cross_entropy(logits, label).backward()
+        for part in [model.fovnet, *model.experts]:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    finally:
+        model.zero_grad()
+        model.eval()
+
+
+def test_an_unknown_segmenters_value_names_the_field():
+    with pytest.raises(ConfigError, match=r"model\.segmenters"):
+        config_from_dict({"model": {"segmenters": "many"}})
