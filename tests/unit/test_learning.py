@@ -26,6 +26,8 @@ def test_short_training_learns_the_cue_and_the_scale_that_carries_it(debug_cfg, 
     )
     cfg = dataclasses.replace(
         debug_cfg,
+        # The paper's shared segmenter (the demo ships per-FoV ones: test_recipe_learns.py).
+        model=dataclasses.replace(debug_cfg.model, segmenters="shared"),
         patches=PatchSetConfig(fovs=(64, 128, 256), patch_size=64, xr_scale=16),
         data=dataclasses.replace(debug_cfg.data, root=str(tmp_path / "data")),
         training=training,

@@ -109,3 +109,40 @@ def test_gradients_reach_f_and_every_segmenter_under_a_soft_mix(per_fov):
 def test_an_unknown_segmenters_value_names_the_field():
     with pytest.raises(ConfigError, match=r"model\.segmenters"):
         config_from_dict({"model": {"segmenters": "many"}})
+
+
+def test_own_loss_trains_each_segmenter_on_its_patch_and_f_on_the_fixed_mixture(per_fov):
+    """``training.per_fov_loss = "own"``: segmenter d's gradient is its one-hot loss's alone
+    (the mixture term does not reach it), and F's is the mixture's alone."""
+    from foveation.training.step import own_fov_forward, per_location_losses
+
+    cfg, model = per_fov
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, per_fov_loss="own"))
+    model.train()
+    try:
+        torch.manual_seed(3)
+        bank, xr = _bank(n=4), torch.randn(4, 3, 7, 7)
+        label = torch.randint(0, 4, (4, 8, 8))
+        w = model.location_weights(xr)
+        loss, logits, h, own = own_fov_forward(model, bank, label, w, cfg, 0, 10, None, [])
+        assert own.shape == (4, 3) and logits.shape == (4, 4, 8, 8)
+        loss.backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        # The segmenters alone, each on its patch: the same gradients.
+        per_fov_logits, _ = model(bank, w.detach(), per_fov=True)
+        per_location_losses(per_fov_logits, label).mean(0).sum().backward()
+        for n, p in model.experts.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(got[f"experts.{n}"], p.grad, rtol=1e-4, atol=1e-6)
+        assert any(n.startswith("fovnet.") for n in got)
+        model.zero_grad()
+        # F alone, on the mixture with the probabilities held fixed.
+        w = model.location_weights(xr)
+        prob = torch.einsum("nd,ndkij->nkij", w, torch.softmax(per_fov_logits.detach(), 2))
+        torch.nn.functional.cross_entropy(prob.log(), label).backward()
+        for n, p in model.fovnet.named_parameters():
+            torch.testing.assert_close(got[f"fovnet.{n}"], p.grad, rtol=1e-4, atol=1e-6)
+    finally:
+        model.zero_grad()
+        model.eval()
