@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 import torch
 
 from foveation.checkpoint import load_checkpoint
-from foveation.config import DistributedConfig, load_config
+from foveation.config import DistributedConfig, load_config, read_toml
 from foveation.data.ingest import ingest, read_manifest
 from foveation.data.synthetic import write_synthetic_set
 from foveation.io import storage
@@ -261,12 +262,19 @@ def test_the_demo_runs_end_to_end_in_tiny_mode_and_reuses_its_work(ray_cluster, 
     env = dict(
         os.environ, RAY_ADDRESS=ray_cluster, PYTHONPATH=os.pathsep.join(p for p in path if p)
     )
+    # tiny.toml with the demo's recipe (per-FoV segmenters, own loss): it goes through Ray Train
+    # and DeepSpeed's engine here, as `make demo` runs it.
+    data = read_toml(root / "jobs/configs/tiny.toml")
+    data["model"] |= {"segmenters": "per_fov"}
+    data["training"] |= {"per_fov_loss": "own"}
+    config = tmp_path / "tiny-demo.toml"
+    config.write_bytes(tomli_w.dumps(data).encode())
     args = [
         sys.executable,
         "-m",
         "jobs.demo",
         "--config",
-        "jobs/configs/tiny.toml",
+        str(config),
         "--raw",
         str(tmp_path / "raw"),
         "--store",

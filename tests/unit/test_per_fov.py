@@ -78,8 +78,9 @@ def test_a_hard_choice_runs_each_segmenter_on_its_own_locations_only(per_fov):
     ]
     try:
         with torch.no_grad():
-            logits, h = model(bank, w, MixContext(MixConfig("hard"), training=False),
-                              MixConfig("hard"))
+            logits, _ = model(
+                bank, w, MixContext(MixConfig("hard"), training=False), MixConfig("hard")
+            )
     finally:
         for hk in hooks:
             hk.remove()
@@ -91,7 +92,7 @@ def test_a_hard_choice_runs_each_segmenter_on_its_own_locations_only(per_fov):
 
 
 def test_gradients_reach_f_and_every_segmenter_under_a_soft_mix(per_fov):
-    cfg, model = per_fov
+    _, model = per_fov
     model.train()
     try:
         xr = torch.randn(4, 3, 7, 7)
@@ -124,7 +125,7 @@ def test_own_loss_trains_each_segmenter_on_its_patch_and_f_on_the_fixed_mixture(
         bank, xr = _bank(n=4), torch.randn(4, 3, 7, 7)
         label = torch.randint(0, 4, (4, 8, 8))
         w = model.location_weights(xr)
-        loss, logits, h, own = own_fov_forward(model, bank, label, w, cfg, 0, 10, None, [])
+        loss, logits, _, own = own_fov_forward(model, bank, label, w, cfg, 0, 10, None, [])
         assert own.shape == (4, 3) and logits.shape == (4, 4, 8, 8)
         loss.backward()
         got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -83,7 +83,9 @@ class FoveatedSegmenter(nn.Module):
         if per_fov:
             if self.experts is None:
                 raise ValueError("per_fov=True needs model.segmenters = 'per_fov'")
-            return torch.stack([self._expert(d, bank[:, d]) for d in range(len(self.experts))], 1), h
+            return torch.stack(
+                [self._expert(d, bank[:, d]) for d in range(len(self.experts))], 1
+            ), h
         if self.experts is not None:
             return self._mix_outputs(bank, h), h
         x = normalise(mix(bank.to(torch.float32), h), self.mean, self.std)
@@ -107,7 +109,7 @@ class FoveatedSegmenter(nn.Module):
             p = torch.softmax(self._expert(d, bank[:, d] if rows is None else bank[rows, d]), 1)
             weight = (hd if rows is None else hd[rows])[:, None, None, None]
             if prob is None:
-                prob = torch.zeros((bank.shape[0],) + p.shape[1:], device=p.device)
+                prob = torch.zeros((bank.shape[0], *p.shape[1:]), device=p.device)
             prob = prob + weight * p if rows is None else prob.index_add(0, rows, weight * p)
         return prob.clamp_min(1e-12).log()
 
