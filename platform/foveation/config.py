@@ -122,6 +122,9 @@ class MixConfig:
     """For "gumbel": straight-through one-hot samples instead of relaxed ones."""
     tau_min: float = 0.1
     """For "gumbel": the annealed temperature max(tau_min, exp(-step / total_steps))."""
+    argmax_at_eval: bool = False
+    """For "soft": at evaluation and inference, the one-hot of argmax w instead of w: one patch
+    per location. With per-FoV segmenters a location then costs one segmenter, not D."""
 
     def __post_init__(self) -> None:
         require(bool(self.mode), "model.mix.mode", "must name a mix mode")

@@ -147,3 +147,14 @@ def test_own_loss_trains_each_segmenter_on_its_patch_and_f_on_the_fixed_mixture(
     finally:
         model.zero_grad()
         model.eval()
+
+
+def test_argmax_at_eval_chooses_one_fov_per_location_outside_training_only():
+    w = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+    mix = MixConfig("soft", argmax_at_eval=True)
+    from foveation.models.mixing import MIXERS
+
+    evaluated = MIXERS["soft"](w, MixContext(mix, training=False))
+    assert evaluated.tolist() == [[0, 1, 0], [1, 0, 0]]
+    assert torch.equal(MIXERS["soft"](w, MixContext(mix, training=True)), w)
+    assert torch.equal(MIXERS["soft"](w, MixContext(MixConfig("soft"), training=False)), w)

@@ -37,7 +37,10 @@ def _onehot_argmax(w: Tensor) -> Tensor:
 
 
 def soft(w: Tensor, ctx: MixContext) -> Tensor:
-    """Eq. 1: the softmax weights themselves; the gradient reaches F only through them."""
+    """Eq. 1: the softmax weights themselves; the gradient reaches F only through them. With
+    ``argmax_at_eval``, the one-hot of argmax w outside training."""
+    if ctx.cfg.argmax_at_eval and not ctx.training:
+        return _onehot_argmax(w)
     return w
 
 

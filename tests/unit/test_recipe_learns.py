@@ -1,0 +1,66 @@
+"""The shipped recipe learns where to look, quickly enough for every CI run: on a tiny
+informative synthetic set (docs/method.md#synthetic-regimes), 240 steps of the demo's recipe
+(per-FoV segmenters, own loss, soft mix) segment about as well as the best fixed FoV measured
+offline, and F's chosen FoV is larger on context-decided tissue than on texture-decided tissue.
+
+The set: 16 train and 4 test slides of 384 px at the demo's geometry, with the fine texture at
+4x its default contrast so that it is learned within the budget (at the default contrast
+nothing is learned in 240 steps, by any mode). The reference numbers were measured offline
+with the same code and set, seeds 0-2 (``OFFLINE`` below)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from foveation.data.synthetic import GeneratorParams, TissueScales, generate_slide
+from foveation.data.toy import Sample
+from foveation.evaluation.inmemory import evaluate
+from foveation.evaluation.slides import CUE_NAMES, apsm_cue_sums
+from foveation.training.loop import train
+
+STEPS, N_TRAIN, N_TEST, SIZE = 240, 16, 4, 384
+
+# mIoU over benign, G3, G4 on the 4 test slides, seeds 0, 1, 2 (measured 2026-11-30, one thread;
+# the 64 px one-hot was not measured). The recipe's mean chosen FoV on context / texture tissue
+# was 77 / 35, 71 / 37 and 89 / 37 px.
+OFFLINE = {
+    "onehot-0": (0.532, 0.502, 0.508),
+    "onehot-2": (0.318, 0.315, 0.281),
+    "recipe": (0.625, 0.557, 0.615),
+}
+
+
+def _slides(cfg):
+    scales = TissueScales.from_patches(cfg.patches)
+    params = GeneratorParams(regime="informative", texture_contrast=4.0)
+    slides = [generate_slide(SIZE, SIZE, scales, 1000 + i, params) for i in range(N_TRAIN + N_TEST)]
+    train_set = [Sample(f"t{i}", "train", s.image, s.truth) for i, s in enumerate(slides[:N_TRAIN])]
+    test_set = [Sample(f"e{i}", "test", s.image, s.truth) for i, s in enumerate(slides[N_TRAIN:])]
+    return train_set, test_set, [s.cue for s in slides[N_TRAIN:]]
+
+
+@pytest.mark.slow
+def test_the_demos_recipe_matches_the_best_fixed_fov_and_looks_where_the_cue_says(debug_cfg):
+    assert debug_cfg.model.segmenters == "per_fov" and debug_cfg.training.per_fov_loss == "own"
+    cfg = dataclasses.replace(
+        debug_cfg,
+        training=dataclasses.replace(
+            debug_cfg.training, epochs=STEPS * 2 // N_TRAIN, batch_size=2, seed=0
+        ),
+    )
+    train_set, test_set, cues = _slides(cfg)
+    result = train(cfg, train_set, None, log=lambda s: None)
+    m = evaluate(result.model, test_set, cfg, keep_outputs=len(test_set))
+    sums, counts = np.zeros(len(CUE_NAMES)), np.zeros(len(CUE_NAMES))
+    for out, cue in zip(m["outputs"], cues, strict=True):
+        a, b = apsm_cue_sums(out["apsm"], cue, cfg.patches.xr_scale)
+        sums, counts = sums + a, counts + b
+    apsm = dict(zip(CUE_NAMES, sums / np.maximum(counts, 1), strict=True))
+    # Within 0.05 of the best fixed FoV's mean: the recipe's seeds spread by 0.03 (and all three
+    # beat it by 0.04-0.11), a run that learned nothing scores about 0.2.
+    best_fixed = max(np.mean(v) for k, v in OFFLINE.items() if k.startswith("onehot"))
+    assert m["miou_kept"] >= best_fixed - 0.05, (m["miou_kept"], best_fixed)
+    # The chosen FoV follows the cue by a clear margin (a quarter of the FoV range).
+    fovs = cfg.patches.fovs
+    assert apsm["context"] - apsm["texture"] >= 0.25 * (fovs[-1] - fovs[0]), apsm
