@@ -52,10 +52,16 @@ def run_config(cfg: Config, mix: MixConfig, seed: int) -> Config:
 
 
 def _done(model_uri: str, cfg: Config) -> bool:
-    """An exported model trained from exactly this config."""
+    """An exported model trained from exactly this config. Compared as configs, not as text: a
+    field added since the run was trained, at its default, does not make it stale."""
+    import tomllib
+
+    from foveation.config import config_from_dict
+
     try:
-        return storage.read_bytes(storage.join(model_uri, CONFIG)).decode() == cfg.to_toml()
-    except storage.StorageError:
+        text = storage.read_bytes(storage.join(model_uri, CONFIG)).decode()
+        return config_from_dict(tomllib.loads(text)) == cfg
+    except (storage.StorageError, ValueError):  # unreadable or no longer valid: train again
         return False
 
 
