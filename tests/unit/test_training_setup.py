@@ -123,3 +123,26 @@ def test_seed_table_gives_mean_and_spread_per_mode():
     t = seed_table(m, (0, 1))
     assert "| soft | 2 | 0.600 ± 0.100 | 0.700 ± 0.100 |" in t
     assert "| onehot-0 | 1 |" in t and "expert" not in t
+
+
+def test_reproduce_reuses_a_run_whose_config_differs_only_by_a_new_default(tmp_path, debug_cfg):
+    """A run saved before a config field existed (its TOML lacks the field, at its default)
+    is reused; any real difference trains again."""
+    import dataclasses
+
+    from foveation.checkpoint import CONFIG
+    from foveation.evaluation.reproduce import _done
+
+    model = tmp_path / "model"
+    model.mkdir()
+    text = debug_cfg.to_toml()
+    assert "argmax_at_eval = false" in text
+    (model / CONFIG).write_text(text.replace("argmax_at_eval = false\n", ""))
+    assert _done(str(model), debug_cfg)
+    other = dataclasses.replace(
+        debug_cfg,
+        training=dataclasses.replace(debug_cfg.training, seed=debug_cfg.training.seed + 1),
+    )
+    assert not _done(str(model), other)
+    (model / CONFIG).write_text("not toml [")
+    assert not _done(str(model), debug_cfg)
