@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from foveation.checkpoint import CONFIG, META, save_checkpoint
+from foveation.checkpoint import META, CheckpointError, read_config, save_checkpoint
 from foveation.config import Config, MixConfig
 from foveation.io import storage
 from foveation.models.mixing import is_learned
@@ -54,14 +54,9 @@ def run_config(cfg: Config, mix: MixConfig, seed: int) -> Config:
 def _done(model_uri: str, cfg: Config) -> bool:
     """An exported model trained from exactly this config. Compared as configs, not as text: a
     field added since the run was trained, at its default, does not make it stale."""
-    import tomllib
-
-    from foveation.config import config_from_dict
-
     try:
-        text = storage.read_bytes(storage.join(model_uri, CONFIG)).decode()
-        return config_from_dict(tomllib.loads(text)) == cfg
-    except (storage.StorageError, ValueError):  # unreadable or no longer valid: train again
+        return read_config(model_uri) == cfg
+    except CheckpointError:  # missing, unreadable or no longer valid: train again
         return False
 
 

@@ -21,6 +21,19 @@ from foveation.models.segmenter import BACKBONES, OUTPUT_STRIDE, Segmenter, know
 from foveation.patches import normalise
 
 
+def _log(prob: Tensor) -> Tensor:
+    """log of class probabilities, floored so that a zero (a class no segmenter gives) stays
+    finite in the loss."""
+    return prob.clamp_min(1e-12).log()
+
+
+def log_mixture(h: Tensor, probs: Tensor) -> Tensor:
+    """log sum_d h_d probs_d [N, K, ...] from coefficients h [N, D] and per-FoV class
+    probabilities probs [N, D, K, ...]: the per-FoV segmenters' output, from outputs already
+    computed (the training step's own loss)."""
+    return _log(torch.einsum("nd,ndk...->nk...", h.float(), probs))
+
+
 class FoveatedSegmenter(nn.Module):
     output_stride = OUTPUT_STRIDE
 
@@ -111,7 +124,7 @@ class FoveatedSegmenter(nn.Module):
             if prob is None:
                 prob = torch.zeros((bank.shape[0], *p.shape[1:]), device=p.device)
             prob = prob + weight * p if rows is None else prob.index_add(0, rows, weight * p)
-        return prob.clamp_min(1e-12).log()
+        return _log(prob)
 
     def _expert(self, d: int, x: Tensor) -> Tensor:
         """Segmenter d's logits (float32) for patches x [N, 3, P, P] in 0..255."""

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from foveation.config import Config, MixConfig
 from foveation.geometry import IGNORE_INDEX
+from foveation.models.foveated import log_mixture
 from foveation.models.mixing import MixContext, is_learned
 
 
@@ -92,9 +93,14 @@ def segmentation_loss(
     ew = entropy_weight(cfg, step, total_steps) if is_learned(cfg.model.mix.mode) else 0.0
     if ew:
         loss = loss - ew * weight_entropy(w).mean()
+    return check_finite(loss, step, slide_ids)
+
+
+def check_finite(loss: Tensor, step: int, slide_ids, what: str = "loss") -> Tensor:
+    """``loss``, or ``TrainingDiverged`` naming the step and slides if it is NaN or infinite."""
     if not torch.isfinite(loss):
         raise TrainingDiverged(
-            f"training diverged at step {step}: loss is {loss.item()} "
+            f"training diverged at step {step}: {what} is {loss.item()} "
             f"(slides {sorted(set(slide_ids))}); lower the learning rates or check the inputs"
         )
     return loss
@@ -123,16 +129,10 @@ def own_fov_forward(model, bank, label, w, cfg, step, total_steps, warm, slide_i
     h_d p_d(y) / sum_e h_e p_e(y) over FoVs (docs/method.md#per-fov-segmenters)."""
     per_fov, h = model(bank, w, mix_context(cfg, step, total_steps), warm, per_fov=True)
     own = per_location_losses(per_fov, label)
-    prob = torch.einsum("nd,ndkij->nkij", h.float(), torch.softmax(per_fov.detach(), 2))
-    logits = prob.clamp_min(1e-12).log()
+    logits = log_mixture(h, torch.softmax(per_fov.detach(), 2))
     loss = segmentation_loss(logits, label, w, cfg, step, slide_ids, total_steps)
-    total = loss + own.mean(0).sum()
-    if not torch.isfinite(total):
-        raise TrainingDiverged(
-            f"training diverged at step {step}: a per-FoV segmenter's loss is not finite "
-            f"(slides {sorted(set(slide_ids))}); lower the learning rates or check the inputs"
-        )
-    return total, logits, h, own
+    own_loss = check_finite(own.mean(0).sum(), step, slide_ids, "the per-FoV segmenters' loss")
+    return loss + own_loss, logits, h, own
 
 
 def batch_forward(
