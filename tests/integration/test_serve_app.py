@@ -265,12 +265,18 @@ def test_whole_slide_job_from_s3(served, reference):
     assert mask.shape == want.shape
     assert (mask == want).mean() >= 0.9999
 
-    # the GeoJSON: QuPath's form, per-class polygon areas match the mask's pixel counts
+    # the GeoJSON: QuPath's form, one valid MultiPolygon per class (merged across tiles),
+    # per-class polygon areas match the mask's pixel counts
+    from shapely.geometry import shape
+
     coll = json.loads(storage.read_bytes(res["geojson"]))
     assert coll["type"] == "FeatureCollection" and coll["features"]
+    names_seen = [f["properties"]["classification"]["name"] for f in coll["features"]]
+    assert len(names_seen) == len(set(names_seen))
     for f in coll["features"]:
         assert f["properties"]["objectType"] == "annotation"
         assert f["geometry"]["type"] == "MultiPolygon"
+        assert shape(f["geometry"]).is_valid, f["properties"]["classification"]["name"]
     areas = geojson.class_areas(coll)
     names = reference[1].evaluation.class_names
     for k, name in enumerate(names):

@@ -189,3 +189,30 @@ def test_changed_annotations_reingest_one_slide_and_splits_stay(raw_set, tmp_pat
     # a setting that shapes the files re-ingests everything
     third = ingest(str(root), dest, dataclasses.replace(ING, tile_size=256), log=lambda s: None)
     assert len(third.ingested) == 5
+
+
+def test_a_generated_set_made_with_other_settings_is_regenerated_and_real_data_never(
+    raw_set, tmp_path
+):
+    from foveation.config import Config, DataConfig
+    from foveation.data.prepare import generation_needed
+    from foveation.data.synthetic import SETTINGS_FILE
+
+    cfg = Config(patches=PC, data=DataConfig(synthetic=SYN))
+    assert generation_needed(cfg, str(tmp_path / "empty")) == "the source is empty"
+    src = copy_set(raw_set, tmp_path)
+    assert generation_needed(cfg, str(src)) is None  # the same settings: reused
+    other = dataclasses.replace(
+        cfg, data=DataConfig(synthetic=dataclasses.replace(SYN, texture_contrast=2.0))
+    )
+    assert "texture_contrast" in generation_needed(other, str(src))
+    fewer = dataclasses.replace(
+        cfg, data=DataConfig(synthetic=dataclasses.replace(SYN, n_slides=3, seed=4))
+    )
+    with pytest.raises(ValueError, match=r"holds a synthetic set of 5 slides.*remove"):
+        generation_needed(fewer, str(src))
+    (src / SETTINGS_FILE).unlink()  # a set from before the record: regenerated
+    assert "no settings record" in generation_needed(other, str(src))
+    real = tmp_path / "real"
+    shutil.copytree(src / "Train Imgs", real / "Train Imgs")  # no truth maps: not generated
+    assert generation_needed(other, str(real)) is None

@@ -433,12 +433,47 @@ def annotate(slide: SyntheticSlide, who: Annotator, seed: int) -> np.ndarray:
 # -- the data set in the Gleason2019 layout ------------------------------------------------
 
 
+SETTINGS_FILE = "synthetic.json"
+"""Written last into a generated set's root: the settings it was generated with (so a set made
+with other settings is regenerated rather than silently reused) and that it is complete."""
+
+
+def generator_settings(cfg: SyntheticConfig, patches: PatchSetConfig) -> dict:
+    """What determines a generated set's pixels: ``data.synthetic`` and the tissue scales'
+    patch geometry (JSON types, so it compares equal to its stored copy)."""
+    import dataclasses
+    import json
+
+    return json.loads(
+        json.dumps(
+            {
+                "synthetic": dataclasses.asdict(cfg),
+                "fovs": list(patches.fovs),
+                "patch_size": patches.patch_size,
+                "xr_scale": patches.xr_scale,
+            }
+        )
+    )
+
+
+def stored_settings(dest: str) -> dict | None:
+    """The settings a generated set in ``dest`` was made with; None where there is no record."""
+    import json
+
+    uri = storage.join(dest, SETTINGS_FILE)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
 def write_synthetic_set(
     dest: str, cfg: SyntheticConfig, patches: PatchSetConfig, log=print
 ) -> list[str]:
     """Generate ``cfg.n_slides`` slides into ``dest`` in the Gleason2019 layout (each slide by a
-    random 3 to 6 of the set's annotators; true labels and cue maps beside). Deterministic in
-    ``cfg.seed``. Returns the slide ids."""
+    random 3 to 6 of the set's annotators; true labels and cue maps beside), then the settings
+    record (``SETTINGS_FILE``). Deterministic in ``cfg.seed``. Returns the slide ids."""
+    import json
+
     from foveation.data import gleason
     from foveation.io.images import encode_jpeg, encode_png
 
@@ -475,4 +510,6 @@ def write_synthetic_set(
         )
         ids.append(sid)
         log(f"  generated {sid} ({cfg.size} px, annotators {[annotators[a].index for a in who]})")
+    settings = json.dumps(generator_settings(cfg, patches), indent=1).encode()
+    storage.write_bytes(storage.join(dest, SETTINGS_FILE), settings)
     return ids

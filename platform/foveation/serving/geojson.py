@@ -9,6 +9,14 @@ where two pixels of the class touch only diagonally the ring turns right, so rin
 4-connectivity, as libvips' ``labelregions`` that groups each component's outer ring with its
 holes), and collinear vertices are dropped. Each ring's signed (shoelace) area is positive
 for an outer ring and negative for a hole, so a class's polygon area equals its pixel count.
+
+Such a ring may touch itself at a vertex (a component closing on itself through a diagonal
+touch), which strict tools reject ("Ring Self-intersection"). So each class's rings become
+shapely polygons that ``shapely.make_valid`` splits at those vertices (area unchanged), and the
+pieces of one class, from every tile of a large map, are merged with ``shapely.union_all``:
+one valid MultiPolygon per class whose area is still the pixel count (integer vertices, exact
+arithmetic). ``simplify_px`` optionally simplifies (topology preserved) by a tolerance in label
+pixels.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import json
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import shapely
+from shapely.geometry import mapping
 
 PALETTE = [(0, 170, 0), (255, 200, 0), (255, 100, 0), (220, 0, 0), (0, 120, 255), (160, 0, 200)]
 
@@ -118,9 +128,72 @@ def region_ids(labels: np.ndarray) -> np.ndarray:
     return im.labelregions().numpy().reshape(labels.shape)
 
 
-def _closed(ring, scale: float, dx: float, dy: float) -> list[list[float]]:
-    pts = [[x * scale + dx, y * scale + dy] for x, y in ring]
-    return [*pts, pts[0]]
+def class_geometry(
+    labels: np.ndarray,
+    cls: int,
+    regions: np.ndarray | None = None,
+    scale: float = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+):
+    """The pixels of class ``cls`` as one valid shapely geometry (empty when absent); pixel
+    (row, col) maps to level-0 ``x = (col + offset_x) * scale``, given in label pixels."""
+    dx, dy = offset[0] * scale, offset[1] * scale
+    parts = [
+        shapely.Polygon(*_scaled(poly, scale, dx, dy)) for poly in polygons(labels, cls, regions)
+    ]
+    if not parts:
+        return shapely.Polygon()
+    arr = np.array(parts, dtype=object)
+    bad = ~shapely.is_valid(arr)
+    if bad.any():
+        arr[bad] = shapely.make_valid(arr[bad], method="structure", keep_collapsed=False)
+    return shapely.union_all(arr)
+
+
+def _scaled(poly, scale: float, dx: float, dy: float):
+    shell, *holes = ([(x * scale + dx, y * scale + dy) for x, y in ring] for ring in poly)
+    return shell, holes
+
+
+def merge(pieces: Iterable) -> object:
+    """One valid geometry from a class's pieces (e.g. one per tile): shared edges dissolve."""
+    pieces = [p for p in pieces if not p.is_empty]
+    return shapely.union_all(np.array(pieces, dtype=object)) if pieces else shapely.Polygon()
+
+
+def as_multipolygon(geom) -> dict:
+    """GeoJSON MultiPolygon of the polygonal parts of ``geom`` (collapsed lines dropped)."""
+    polys = [p for p in shapely.get_parts(geom) if p.geom_type == "Polygon" and not p.is_empty]
+    return mapping(shapely.MultiPolygon(polys))
+
+
+def feature(geom, cls: int, name: str) -> dict:
+    """One QuPath annotation feature of class ``cls`` named ``name``."""
+    return {
+        "type": "Feature",
+        "geometry": as_multipolygon(geom),
+        "properties": {
+            "objectType": "annotation",
+            "classification": {"name": name, "color": list(PALETTE[cls % len(PALETTE)])},
+            "isLocked": False,
+        },
+    }
+
+
+def class_features(
+    geoms: dict[int, object], class_names: Sequence[str], simplify_px: float = 0.0, scale=1.0
+) -> list[dict]:
+    """One feature per class with a non-empty geometry in ``geoms`` (class id -> geometry),
+    simplified by ``simplify_px`` label pixels (``scale`` level-0 px each) when > 0."""
+    feats = []
+    for cls, name in enumerate(class_names):
+        g = geoms.get(cls)
+        if g is None or g.is_empty:
+            continue
+        if simplify_px > 0:
+            g = shapely.make_valid(g.simplify(simplify_px * scale, preserve_topology=True))
+        feats.append(feature(g, cls, name))
+    return feats
 
 
 def features(
@@ -128,31 +201,37 @@ def features(
     class_names: Sequence[str],
     scale: float = 1.0,
     offset: tuple[float, float] = (0.0, 0.0),
+    simplify_px: float = 0.0,
 ) -> list[dict]:
-    """One MultiPolygon annotation per class present in ``labels``; pixel (row, col) maps to
-    level-0 ``x = (col + offset_x) * scale`` ... given as (offset_x, offset_y) in label pixels."""
+    """One valid MultiPolygon annotation per class present in ``labels`` (see
+    ``class_geometry`` for the coordinates)."""
     regions = region_ids(labels)
-    feats = []
-    for cls, name in enumerate(class_names):
-        polys = polygons(labels, cls, regions)
-        if not polys:
-            continue
-        coords = [
-            [_closed(r, scale, offset[0] * scale, offset[1] * scale) for r in poly]
-            for poly in polys
-        ]
-        feats.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "MultiPolygon", "coordinates": coords},
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": name, "color": list(PALETTE[cls % len(PALETTE)])},
-                    "isLocked": False,
-                },
-            }
-        )
-    return feats
+    geoms = {
+        cls: class_geometry(labels, cls, regions, scale, offset) for cls in range(len(class_names))
+    }
+    return class_features(geoms, class_names, simplify_px, scale)
+
+
+def tiled_features(
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    tile: int = 1024,
+    scale: float = 1.0,
+    simplify_px: float = 0.0,
+) -> list[dict]:
+    """``features`` of a large label map traced ``tile`` px at a time (the tracer's edge lists
+    stay small) and merged across tiles per class: one valid MultiPolygon per class."""
+    pieces: dict[int, list] = {}
+    for r0 in range(0, labels.shape[0], tile):
+        for c0 in range(0, labels.shape[1], tile):
+            part = labels[r0 : r0 + tile, c0 : c0 + tile]
+            regions = region_ids(part)
+            for cls in range(len(class_names)):
+                geom = class_geometry(part, cls, regions, scale, (c0, r0))
+                if not geom.is_empty:
+                    pieces.setdefault(cls, []).append(geom)
+    merged = {cls: merge(p) for cls, p in pieces.items()}
+    return class_features(merged, class_names, simplify_px, scale)
 
 
 def feature_collection(feats: Iterable[dict]) -> dict:

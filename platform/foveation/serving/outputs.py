@@ -5,7 +5,7 @@ the probability heatmap (one OME channel per class), the APSM, and GeoJSON polyg
 
 Memory stays bounded by a few rows of the slide: the label map lives in a file, the pyramid
 is built by libvips streaming from that file, and polygons are traced tile by tile on the
-label map shrunk by mode to at most ``geojson_max_side`` px a side.
+label map shrunk by mode to at most ``geojson_max_side`` px a side, then merged per class.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ class JobSink:
         class_names: Sequence[str],
         geojson_max_side: int = 4096,
         geojson_tile: int = 1024,
+        geojson_simplify_px: float = 0.0,
     ) -> dict[str, str]:
         """Write every result under the storage ``prefix``; returns name -> URI."""
         import pyvips
@@ -199,24 +200,24 @@ class JobSink:
             publish("apsm", "apsm.ome.tif")
 
         uri = storage.join(prefix, "annotations.geojson")
-        coll = self.geojson(class_names, geojson_max_side, geojson_tile)
+        coll = self.geojson(class_names, geojson_max_side, geojson_tile, geojson_simplify_px)
         storage.write_bytes(uri, geojson.dumps(coll))
         out["geojson"] = uri
         return out
 
-    def geojson(self, class_names: Sequence[str], max_side: int, tile: int) -> dict:
+    def geojson(
+        self, class_names: Sequence[str], max_side: int, tile: int, simplify_px: float = 0.0
+    ) -> dict:
         """Polygons of the label map shrunk by mode by ``g`` (the least power of 2 that brings
-        the longer side to ``max_side`` or less), traced per tile, in level-0 pixels."""
+        the longer side to ``max_side`` or less), traced per tile and merged across tiles per
+        class: one valid MultiPolygon per class, in level-0 pixels."""
         g = 1
         while max(self.height, self.width) / g > max_side:
             g *= 2
         small = mode_shrink(self.labels, g, self.k)
-        feats = []
-        for r0 in range(0, small.shape[0], tile):
-            for c0 in range(0, small.shape[1], tile):
-                part = small[r0 : r0 + tile, c0 : c0 + tile]
-                feats += geojson.features(part, class_names, scale=g, offset=(c0, r0))
-        return geojson.feature_collection(feats)
+        return geojson.feature_collection(
+            geojson.tiled_features(small, class_names, tile, g, simplify_px)
+        )
 
 
 def mode_shrink(labels: np.ndarray, g: int, k: int, band_blocks: int = 64) -> np.ndarray:

@@ -277,6 +277,7 @@ class JobRunner:
                     self.cfg.evaluation.class_names,
                     jc.geojson_max_side,
                     jc.geojson_tile,
+                    jc.geojson_simplify_px,
                 )
                 results["heatmap"] = results.get(jc.heatmap, results["probabilities"])
                 summary = {
