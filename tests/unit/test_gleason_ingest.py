@@ -216,3 +216,51 @@ def test_a_generated_set_made_with_other_settings_is_regenerated_and_real_data_n
     real = tmp_path / "real"
     shutil.copytree(src / "Train Imgs", real / "Train Imgs")  # no truth maps: not generated
     assert generation_needed(other, str(real)) is None
+
+
+def test_splits_keep_each_patients_cores_together_and_stay_as_they_were_without_patients():
+    ids = [f"slide{i // 4 + 1:03d}_core{i % 4 + 1:03d}" for i in range(64)]
+    # Without groups: each slide its own group, the split drawn before groups existed.
+    rng = np.random.default_rng(0)
+    order = [sorted(ids)[i] for i in rng.permutation(len(ids))]
+    before = {sid: "test" if i < 8 else "val" if i < 12 else "train" for i, sid in enumerate(order)}
+    assert assign_splits(ids, 0.0625, 0.125, None, seed=0) == before
+    for seed in range(20):
+        patient = {sid: sid.split("_")[0] if seed % 2 else f"p{hash(sid) % 7}" for sid in ids}
+        split = assign_splits(ids, 0.0625, 0.125, None, seed=seed, groups=patient)
+        by_patient: dict[str, set] = {}
+        for sid, name in split.items():
+            by_patient.setdefault(patient[sid], set()).add(name)
+        assert all(len(v) == 1 for v in by_patient.values()), by_patient  # no patient spans two
+        n_test = sum(v == "test" for v in split.values())
+        assert 8 <= n_test < 8 + max(list(patient.values()).count(p) for p in set(patient.values()))
+
+
+def test_patients_csv_groups_the_cores_through_ingest(raw_set, tmp_path):
+    src = copy_set(raw_set, tmp_path)
+    ids = [s.slide_id for s in scan(str(src))]
+    (src / "patients.csv").write_text(
+        "slide_id,patient\n" + "".join(f"{sid},P{i // 2}\n" for i, sid in enumerate(ids))
+    )
+    slides = scan(str(src))
+    assert [s.patient for s in slides] == [f"P{i // 2}" for i in range(len(ids))]
+    summary = ingest(str(src), str(tmp_path / "store"), ING, 4, log=lambda s: None)
+    rows = read_manifest(summary.manifest_uri).to_pylist()
+    splits: dict[str, set] = {}
+    for r in rows:
+        splits.setdefault(r["patient"], set()).add(r["split"])
+    assert all(len(v) == 1 for v in splits.values())
+    (src / "patients.csv").write_text(f"slide_id,patient\n{ids[0]},A\nslide999_core001,B\n")
+    with pytest.raises(DataError, match=r"patients\.csv, line 3: slide 'slide999_core001'"):
+        scan(str(src))
+    (src / "patients.csv").write_text("id;who\n")
+    with pytest.raises(DataError, match=r"patients\.csv: expected a CSV with a header"):
+        scan(str(src))
+
+
+def test_a_manifest_from_before_the_patient_column_reads_with_it_null(raw_set, tmp_path):
+    summary = ingest(str(raw_set), str(tmp_path / "store"), ING, 4, log=lambda s: None)
+    table = pq.read_table(summary.manifest_uri).drop_columns(["patient"])
+    old = tmp_path / "old.parquet"
+    pq.write_table(table, old)
+    assert read_manifest(str(old)).column("patient").null_count == table.num_rows

@@ -7,16 +7,22 @@ so one reader serves both:
     <root>/Maps6_T/...
     <root>/Synthetic Truth/slide001_core003_truth.png          (synthetic sets only: true classes)
     <root>/Synthetic Cues/slide001_core003_cue.png             (synthetic sets only: cue map)
+    <root>/patients.csv                                         (optional: slide_id,patient)
 
 Annotator maps hold the challenge's raw values, mapped as the authors did: {0, 1, 2, 6} ->
 benign (0), 3 -> grade 3 (1), 4 -> grade 4 (2), 5 -> grade 5 (3); any other value is an error
-naming the file. ``root`` is a folder or an ``s3://`` prefix.
+naming the file. ``root`` is a folder or an ``s3://`` prefix. ``patients.csv`` (a header
+``slide_id,patient``, then one row per slide) groups cores of one patient: splits then keep each
+patient's cores together (``assign_splits``); a slide it does not list is its own group.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +34,7 @@ MAP_DIR = re.compile(r"^Maps(\d+)_T$")
 MAP_SUFFIX = "_classimg_nonconvex.png"
 TRUTH_DIR, TRUTH_SUFFIX = "Synthetic Truth", "_truth.png"
 CUE_DIR, CUE_SUFFIX = "Synthetic Cues", "_cue.png"
+PATIENTS_FILE = "patients.csv"
 SLIDE_FILE = re.compile(r"^(slide\d+_core\d+)\.(jpg|jpeg|png|tif|tiff)$", re.IGNORECASE)
 
 RAW_VALUES = {0: 0, 1: 0, 2: 0, 6: 0, 3: 1, 4: 2, 5: 3}
@@ -49,6 +56,7 @@ class RawSlide:
     annotators: tuple[int, ...]  # which annotators (1..6)
     truth_uri: str | None = None
     cue_uri: str | None = None
+    patient: str | None = None  # from patients.csv; None: the core is its own group
 
 
 def map_labels(raw: np.ndarray, name: str) -> np.ndarray:
@@ -84,9 +92,12 @@ def scan(root: str) -> list[RawSlide]:
     maps: dict[str, dict[int, str]] = {}
     extra: dict[str, dict[str, str]] = {}
     map_dirs: dict[int, int] = {}
+    patients_uri = None
     for uri in files:
         rel = uri[len(base) :].lstrip("/")
         parts = rel.split("/")
+        if parts == [PATIENTS_FILE]:
+            patients_uri = uri
         if len(parts) != 2:
             continue
         folder, name = parts
@@ -118,14 +129,43 @@ def scan(root: str) -> list[RawSlide]:
         raise DataError(
             f"annotator folder(s) with no maps: {names}; expected files named slideNNN_coreNNN{MAP_SUFFIX}"
         )
+    patients = read_patients(patients_uri, set(images)) if patients_uri else {}
     out = []
     for sid in sorted(images):
         ann = maps.get(sid, {})
         ks = tuple(sorted(ann))
         e = extra.get(sid, {})
         out.append(
-            RawSlide(sid, images[sid], tuple(ann[k] for k in ks), ks, e.get("truth"), e.get("cue"))
+            RawSlide(
+                sid,
+                images[sid],
+                tuple(ann[k] for k in ks),
+                ks,
+                e.get("truth"),
+                e.get("cue"),
+                patients.get(sid),
+            )
         )
+    return out
+
+
+def read_patients(uri: str, slide_ids: set[str]) -> dict[str, str]:
+    """slide id -> patient from a ``slide_id,patient`` CSV; a malformed file or a row naming a
+    slide the source does not hold is an error naming the file."""
+    text = storage.read_bytes(uri).decode("utf-8-sig")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows or not {"slide_id", "patient"} <= set(rows[0]):
+        raise DataError(f"{uri}: expected a CSV with a header 'slide_id,patient' and a row a slide")
+    out = {}
+    for i, r in enumerate(rows, start=2):
+        sid, patient = (r.get("slide_id") or "").strip(), (r.get("patient") or "").strip()
+        if not sid or not patient:
+            raise DataError(f"{uri}, line {i}: empty slide_id or patient")
+        if sid not in slide_ids:
+            raise DataError(f"{uri}, line {i}: slide {sid!r} is not in {IMAGE_DIR}/")
+        if out.get(sid, patient) != patient:
+            raise DataError(f"{uri}, line {i}: slide {sid!r} is given two patients")
+        out[sid] = patient
     return out
 
 
@@ -152,11 +192,21 @@ def assign_splits(
     test_fraction: float,
     test_count: int | None,
     seed: int,
+    groups: Mapping[str, str | None] | None = None,
 ) -> dict[str, str]:
-    """Seeded train / val / test split, independent of listing order."""
+    """Seeded train / val / test split, independent of listing order. ``groups`` (slide id ->
+    patient) keeps each group's slides in one split; a slide without one is its own group. The
+    sizes are counted in slides: test, then val, take whole groups in a seeded order until they
+    reach theirs (so they may exceed it by less than a group); without groups this is a seeded
+    split of the slides themselves."""
     ids = sorted(slide_ids)
+    groups = groups or {}
+    key = {sid: ("patient", groups[sid]) if groups.get(sid) else ("slide", sid) for sid in ids}
+    members: dict[tuple, list[str]] = {}
+    for sid in ids:
+        members.setdefault(key[sid], []).append(sid)
+    keys = sorted(members)
     rng = np.random.default_rng(seed)
-    order = [ids[i] for i in rng.permutation(len(ids))]
     n = len(ids)
     n_test = min(n, test_count) if test_count is not None else round(n * test_fraction)
     n_val = round(n * val_fraction)
@@ -165,6 +215,11 @@ def assign_splits(
         n_val = max(n_val, 1 if val_fraction else 0)
     n_val = min(n_val, max(0, n - n_test - 1))
     split = {}
-    for i, sid in enumerate(order):
-        split[sid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    taken = {"test": 0, "val": 0}
+    for k in (keys[i] for i in rng.permutation(len(keys))):
+        name = "test" if taken["test"] < n_test else "val" if taken["val"] < n_val else "train"
+        if name != "train":
+            taken[name] += len(members[k])
+        for sid in members[k]:
+            split[sid] = name
     return split

@@ -60,8 +60,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("class_fractions", pa.list_(pa.float64())),
         ("checksum", pa.string()),
+        ("patient", pa.string()),  # the source's patient (patients.csv), or null
     ]
 )
+OPTIONAL_COLUMNS = {"patient"}  # added later: a manifest without it reads as all null
 
 
 class IngestError(RuntimeError):
@@ -354,15 +356,18 @@ def ingest(
             f"{len(summary.failed)} of {len(slides)} slides failed (more than data.ingest.max_error_fraction = "
             f"{cfg.max_error_fraction}); no manifest written.\n{summary.text()}"
         )
+    patients = {s.slide_id: s.patient for s in slides}
     splits = assign_splits(
         [s.slide_id for s in slides],  # all of the source: a failure now reshuffles nothing
         cfg.val_fraction,
         cfg.test_fraction,
         cfg.test_count,
         cfg.split_seed,
+        groups=patients,  # one patient's cores never span two splits
     )
     for r in rows:
         r["split"] = splits[r["slide_id"]]
+        r["patient"] = patients.get(r["slide_id"])
     rows.sort(key=lambda r: r["slide_id"])
     if per_annotator:
         summary.average_expert = average_expert(per_annotator, kept_classes, class_names)
@@ -392,6 +397,9 @@ def read_manifest(dest_or_uri: str) -> pa.Table:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     except storage.StorageError as exc:
         raise DataError(f"{uri}: no manifest ({exc}); run `python -m jobs.ingest` first") from None
+    for name in OPTIONAL_COLUMNS - set(table.column_names):
+        field = MANIFEST_SCHEMA.field(name)
+        table = table.append_column(field, pa.nulls(len(table), field.type))
     missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
     if missing:
         raise DataError(
