@@ -46,6 +46,7 @@ def require(cond: bool, where: str, msg: str) -> None:
 PADDING_MODES = ("constant", "reflect")
 RESAMPLE_MODES = ("area", "reference")
 INFERENCE_MODES = ("tiled", "dense")
+BLENDS = ("gaussian", "flat")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -538,14 +539,22 @@ class DistributedConfig:
 class InferenceConfig:
     mode: str = "tiled"
     """"tiled": stride near the smallest FoV, overlap-add (default); "dense": the paper's stride s."""
-    overlap: float = 0.0
-    """Tiled mode: fraction of the smallest FoV that neighbouring tiles share (0 = none)."""
+    overlap: float = 0.25
+    """Tiled mode: fraction of the smallest FoV that neighbouring tiles share (0 = none). The
+    segmenter's forward grows by about 1 / (1 - overlap)^2: 1.8x at 0.25, the default, against
+    1.06x without overlap, which leaves seams (docs/method.md#inference)."""
+    blend: str = "gaussian"
+    """How overlapping predictions are averaged: "gaussian" weighs each tile's pixels by a
+    Gaussian of their distance from its centre (sigma a sixth of the tile), so a pixel near one
+    tile's border is decided by the tile it is central in; "flat": equal weights. Both are
+    normalised by the weights' sum, so where tiles do not overlap they are the same."""
     batch_size: int = 16
     """Locations per segmenter forward."""
 
     def __post_init__(self) -> None:
         require(self.mode in INFERENCE_MODES, "inference.mode", f"must be one of {INFERENCE_MODES}")
         require(0 <= self.overlap < 1, "inference.overlap", "must be in [0, 1)")
+        require(self.blend in BLENDS, "inference.blend", f"must be one of {BLENDS}")
         require(self.batch_size >= 1, "inference.batch_size", "must be >= 1")
 
 

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from foveation.config import Config, InferenceConfig, replace
+from foveation.evaluation.metrics import seam_ratio
 from foveation.inference import ArraySink, ArraySource, forward_pixels, segment
-from foveation.inference.wholeslide import xr_from_source
+from foveation.inference.wholeslide import blend_window, tile_edges, xr_from_source
 from foveation.models import FoveatedSegmenter
 from foveation.patches import make_xr
 
@@ -41,10 +42,48 @@ def test_every_pixel_is_predicted_for_any_size(model, size, mode):
     assert stats.forward_pixels == forward_pixels(*size, Config(), mode)
 
 
-def test_tiled_spends_about_one_forward_pixel_per_output_pixel():
-    cfg = Config()
-    assert forward_pixels(1024, 1024, cfg, "tiled") / 1024**2 <= 1.3
-    assert forward_pixels(1024, 1024, cfg, "dense") / 1024**2 == pytest.approx(16.0)
+def test_tiled_spends_about_one_forward_pixel_per_output_pixel_and_overlap_its_square():
+    flat = replace(Config(), inference=InferenceConfig(overlap=0.0))
+    assert forward_pixels(1024, 1024, flat, "tiled") / 1024**2 <= 1.3
+    assert forward_pixels(1024, 1024, flat, "dense") / 1024**2 == pytest.approx(16.0)
+    cfg = Config()  # the default overlap of 0.25: about 1 / 0.75^2
+    assert cfg.inference.overlap == 0.25
+    assert 1.7 <= forward_pixels(1024, 1024, cfg, "tiled") / 1024**2 <= 1.9
+
+
+def test_the_blend_window_falls_off_to_the_border_and_normalises_away(model):
+    g = blend_window(32, "gaussian")
+    assert g.shape == (32, 32) and torch.equal(g, g.T) and bool((g > 0).all())
+    assert float(g[15, 15]) > 0.99 and float(g[0, 0]) < 0.01 and float(g[0, 15]) < 0.02
+    assert torch.equal(blend_window(8, "flat"), torch.ones(8, 8))
+    # Where tiles do not overlap the weights cancel: flat and Gaussian give the same map.
+    image = img(96, 96, 3)
+    out = {}
+    for blend in ("flat", "gaussian"):
+        cfg = replace(Config(), inference=InferenceConfig(overlap=0.0, blend=blend))
+        out[blend] = ArraySink(keep_probs=True)
+        segment(model, ArraySource(image), cfg, out[blend])
+    np.testing.assert_allclose(
+        out["flat"].probs.astype(np.float32), out["gaussian"].probs.astype(np.float32), atol=2e-3
+    )
+
+
+def test_seam_ratio_sees_a_seam_along_tile_edges_and_none_elsewhere():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 20:] = 1  # one true boundary, not on an edge
+    edges = [16, 32, 48]
+    clean = seam_ratio(mask, edges, edges)
+    assert clean["across"] == 0 and clean["ratio"] == 0
+    seamy = mask.copy()
+    for e in edges:  # tiles disagree: the class flips along every tile edge
+        seamy[:, e : e + 16] = rng.integers(0, 2)
+        seamy[e : e + 16, :] ^= 1
+    assert seam_ratio(seamy, edges, edges)["ratio"] > 5
+    # Tiles of 64 px (the default's smallest FoV) every 64 px without overlap, every 48 with.
+    flat = replace(Config(), inference=InferenceConfig(overlap=0.0))
+    assert np.diff(tile_edges(1000, 63, flat, "tiled")).tolist() == [64] * 14
+    assert set(np.diff(tile_edges(1000, 63, Config(), "tiled"))) == {16, 32}
 
 
 def test_tiled_with_overlap_equals_itself_from_any_source_and_agrees_with_dense(model):

@@ -88,3 +88,23 @@ class ConfusionMatrix:
                 names[i] for i in range(self.num_classes) if self.matrix[i].sum() == 0
             ],
         }
+
+
+def seam_ratio(mask: np.ndarray, row_edges, col_edges) -> dict[str, float]:
+    """How often neighbouring pixels disagree in class across tile borders against inside
+    tiles: ``across`` is the rate over neighbour pairs that straddle an edge (a pair (e - 1, e)
+    for an edge e of ``row_edges`` vertically or ``col_edges`` horizontally), ``inside`` over
+    all other neighbour pairs, ``ratio`` = across / inside (1: no seam)."""
+    m = np.asarray(mask)
+    dv = m[1:, :] != m[:-1, :]  # pair (r - 1, r) at index r - 1
+    dh = m[:, 1:] != m[:, :-1]
+    rv = np.zeros(m.shape[0] - 1, bool)
+    rv[[e - 1 for e in row_edges if 0 < e < m.shape[0]]] = True
+    ch = np.zeros(m.shape[1] - 1, bool)
+    ch[[e - 1 for e in col_edges if 0 < e < m.shape[1]]] = True
+    across_n = int(dv[rv].size + dh[:, ch].size)
+    across = int(dv[rv].sum() + dh[:, ch].sum())
+    inside_n = int(dv[~rv].size + dh[:, ~ch].size)
+    inside = int(dv[~rv].sum() + dh[:, ~ch].sum())
+    a, i = across / max(1, across_n), inside / max(1, inside_n)
+    return {"across": a, "inside": i, "ratio": a / i if i else float("inf") if a else 1.0}
