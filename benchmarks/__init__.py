@@ -138,6 +138,7 @@ SUITES: dict[str, str] = {
     "gpu": "benchmarks.gpu:run",
     "serve": "benchmarks.serve:run",
     "monitoring": "benchmarks.metrics_overhead:run",
+    "seams": "benchmarks.seams:run",
 }
 
 
