@@ -311,6 +311,9 @@ class IngestConfig:
     """Logical CPUs per Ray ingest task (fractional on small machines: docs/architecture.md)."""
     max_error_fraction: float = 0.5
     """The job fails when more than this fraction of slides cannot be ingested."""
+    unannotated: str = "ignore"
+    """QuPath GeoJSON sources: the label of pixels no polygon covers, "ignore" (255: the loss
+    and the metrics skip them) or a class name of ``evaluation.class_names``."""
 
     def __post_init__(self) -> None:
         w = "data.ingest"

@@ -57,6 +57,9 @@ class RawSlide:
     truth_uri: str | None = None
     cue_uri: str | None = None
     patient: str | None = None  # from patients.csv; None: the core is its own group
+    label_kind: str = "gleason"
+    """How the annotator files read: "gleason" (the challenge's raw values), "mask" (class
+    ids, 255 unlabelled) or "qupath" (GeoJSON, ``data.annotations``)."""
 
 
 def map_labels(raw: np.ndarray, name: str) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Ingest: raw slides in the Gleason2019 layout (a folder or an s3:// prefix) -> object storage:
+"""Ingest: raw slides in the Gleason2019 layout (a folder or an s3:// prefix), or a slide list
+(CSV or Parquet: ``data.slidelist``, with QuPath GeoJSON or label masks) -> object storage:
 
     <dest>/slides/<id>.tif            pyramidal tiled TIFF (a level at every power of 2)
     <dest>/labels/<id>.tif            the STAPLE-fused label map, a pyramid shrunk by mode
@@ -179,10 +180,15 @@ def _n_pages(path: str) -> int:
     return im.get("n-pages") if im.get_typeof("n-pages") else 1
 
 
-def _source_key(image_checksum: str, map_bytes: list[bytes], cfg: IngestConfig) -> str:
+def _source_key(
+    image_checksum: str, map_bytes: list[bytes], cfg: IngestConfig, extra: tuple = ()
+) -> str:
     """What decides a slide's outputs: its image, its annotators' maps, and the settings that
-    shape the files. A change to any re-ingests the slide; anything else is "unchanged"."""
+    shape the files (``extra``: what else reading the maps depends on). A change to any
+    re-ingests the slide; anything else is "unchanged"."""
     h = hashlib.sha256(image_checksum.encode())
+    if extra:
+        h.update(repr(extra).encode())
     for b in map_bytes:
         h.update(hashlib.sha256(b).digest())
     shape = (
@@ -197,7 +203,41 @@ def _source_key(image_checksum: str, map_bytes: list[bytes], cfg: IngestConfig) 
     return h.hexdigest()
 
 
-def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int = 4) -> SlideOutcome:
+def read_annotator_map(
+    raw: RawSlide, uri: str, data: bytes, shape: tuple[int, int], cfg: IngestConfig, class_names
+) -> np.ndarray:
+    """One annotator's label map (class ids, 255 unlabelled) of ``raw``'s image of ``shape``, by
+    the source's kind; errors name ``uri`` and what was expected."""
+    H, W = shape
+    if raw.label_kind == "qupath":
+        from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
+
+        fill = unannotated_value(cfg.unannotated, class_names)
+        return rasterize(parse_qupath(data, uri, class_names), H, W, fill=fill)
+    m = decode_label(data, uri)
+    if raw.label_kind == "gleason":
+        m = map_labels(m, uri)
+    else:
+        bad = sorted(set(np.unique(m).tolist()) - {*range(len(class_names)), 255})
+        if bad:
+            raise DataError(
+                f"{uri}: label values {bad[:10]} are not class ids 0..{len(class_names) - 1} "
+                "(or 255 for unlabelled)"
+            )
+    if m.shape != (H, W):
+        raise DataError(
+            f"{uri}: label map is {m.shape[1]} x {m.shape[0]}, expected the slide's {W} x {H}"
+        )
+    return m
+
+
+def ingest_slide(
+    raw: RawSlide,
+    dest: str,
+    cfg: IngestConfig,
+    num_classes: int = 4,
+    class_names: tuple[str, ...] = ("benign", "grade3", "grade4", "grade5"),
+) -> SlideOutcome:
     """Ingest one slide; never raises for bad input: a failed outcome names the file and why."""
     t0 = time.perf_counter()
     sid = raw.slide_id
@@ -205,7 +245,9 @@ def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int =
         data = storage.read_bytes(raw.image_uri)
         checksum = hashlib.sha256(data).hexdigest()
         map_bytes = [storage.read_bytes(uri) for uri in raw.annotator_uris]
-        source_key = _source_key(checksum, map_bytes, cfg)
+        # QuPath polygons read through the class table and the unannotated label.
+        extra = (cfg.unannotated, tuple(class_names)) if raw.label_kind == "qupath" else ()
+        source_key = _source_key(checksum, map_bytes, cfg, extra)
         prev = _previous_row(dest, sid)
         if (
             prev
@@ -217,16 +259,13 @@ def ingest_slide(raw: RawSlide, dest: str, cfg: IngestConfig, num_classes: int =
             conf = {int(k): v for k, v in prev.get("annotator_confusion", {}).items()}
             return SlideOutcome(sid, "unchanged", row, None, time.perf_counter() - t0, 0.0, conf)
         if not raw.annotator_uris:
-            raise DataError(f"{raw.image_uri}: no annotator map for {sid} in any MapsK_T folder")
+            where = "in any MapsK_T folder" if raw.label_kind == "gleason" else "(annotation_uri)"
+            raise DataError(f"{raw.image_uri}: no annotator map for {sid} {where}")
         image = decode_image(data, raw.image_uri)
         H, W = image.shape[:2]
         maps = []
         for uri, raw_map in zip(raw.annotator_uris, map_bytes, strict=True):
-            m = map_labels(decode_label(raw_map, uri), uri)
-            if m.shape != (H, W):
-                raise DataError(
-                    f"{uri}: label map is {m.shape[1]} x {m.shape[0]}, expected the slide's {W} x {H}"
-                )
+            m = read_annotator_map(raw, uri, raw_map, (H, W), cfg, class_names)
             maps.append(central_crop(m, cfg.crop_size))
         image = central_crop(image, cfg.crop_size)
         fused = staple(maps, num_classes)
@@ -329,15 +368,17 @@ def ingest(
     class_names: tuple[str, ...] = ("benign", "grade3", "grade4", "grade5"),
 ) -> IngestSummary:
     """Ingest every slide under ``source`` into ``dest`` and write the manifest last."""
+    from foveation.data.slidelist import is_slide_list, scan_list
+
     t0 = time.perf_counter()
-    slides = scan(source)
+    slides = scan_list(source) if is_slide_list(source) else scan(source)
     log(f"ingest: {len(slides)} slides from {source}")
     summary = IngestSummary(dest, None)
     rows = []
     per_annotator: dict[int, ConfusionMatrix] = {}
 
     def one(raw: RawSlide) -> SlideOutcome:
-        return ingest_slide(raw, dest, cfg, num_classes)
+        return ingest_slide(raw, dest, cfg, num_classes, tuple(class_names))
 
     for out in map_fn(one, slides):
         if out.status == "failed":

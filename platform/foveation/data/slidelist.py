@@ -1,0 +1,89 @@
+"""A list of slides as the source of ingest: a CSV or Parquet file (a path or an ``s3://``
+URI) with one row per slide, for data that is not in the Gleason2019 layout.
+
+    image_uri        required: the image (what ``io.images`` decodes: PNG, JPEG, TIFF)
+    slide_id         optional: defaults to the image's file name without its extension
+    annotation_uri   optional: QuPath GeoJSON (``.geojson``/``.json``: ``data.annotations``) or a
+                     label mask of class ids (PNG/TIFF; 255 = unlabelled)
+    patient          optional: keeps a patient's slides in one split (``assign_splits``)
+
+Relative URIs are taken relative to the list's folder. Errors name the list, the line and
+what was expected. Whole-slide pyramids (SVS, NDPI, MRXS) are not ingested from a list yet:
+the image is decoded whole, as the Gleason2019 JPEGs are.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+
+from foveation.data.gleason import DataError, RawSlide
+from foveation.io import storage
+
+LIST_SUFFIXES = (".csv", ".parquet")
+GEOJSON_SUFFIXES = (".geojson", ".json")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_slide_list(source: str) -> bool:
+    return source.lower().endswith(LIST_SUFFIXES)
+
+
+def _rows(uri: str) -> list[dict]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes(uri)
+    try:
+        if uri.lower().endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(data))
+        else:
+            opts = pacsv.ConvertOptions(strings_can_be_null=True, column_types=None)
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=opts)
+    except Exception as exc:  # pyarrow raises several kinds for a malformed file
+        raise DataError(f"{uri}: cannot read the slide list ({exc})") from None
+    if "image_uri" not in table.column_names:
+        raise DataError(
+            f"{uri}: the slide list has no 'image_uri' column (columns: {table.column_names}); "
+            "expected image_uri[, slide_id, annotation_uri, patient]"
+        )
+    return table.to_pylist()
+
+
+def _resolve(uri: str, base: str) -> str:
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return posixpath.join(base, uri) if base else uri
+
+
+def scan_list(uri: str) -> list[RawSlide]:
+    """The slides of a list, sorted by slide id."""
+    base = posixpath.dirname(uri)
+    out: dict[str, RawSlide] = {}
+    for line, r in enumerate(_rows(uri), start=2):
+        where = f"{uri}, line {line}"
+        image = str(r.get("image_uri") or "").strip()
+        if not image:
+            raise DataError(f"{where}: empty image_uri")
+        sid = (
+            str(r.get("slide_id") or "").strip() or posixpath.splitext(posixpath.basename(image))[0]
+        )
+        if not _ID.match(sid):
+            raise DataError(f"{where}: slide id {sid!r} must be letters, digits, '.', '_' or '-'")
+        if sid in out:
+            raise DataError(f"{where}: slide id {sid!r} is listed twice")
+        ann = str(r.get("annotation_uri") or "").strip()
+        kind = "qupath" if ann.lower().endswith(GEOJSON_SUFFIXES) else "mask"
+        patient = r.get("patient")
+        out[sid] = RawSlide(
+            sid,
+            _resolve(image, base),
+            (_resolve(ann, base),) if ann else (),
+            (1,) if ann else (),
+            patient=str(patient) if patient not in (None, "") else None,
+            label_kind=kind,
+        )
+    if not out:
+        raise DataError(f"{uri}: the slide list has no rows")
+    return [out[k] for k in sorted(out)]

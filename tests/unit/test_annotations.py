@@ -1,0 +1,148 @@
+"""QuPath GeoJSON annotations and slide lists: parsed, rasterised by tiles, ingested."""
+
+import json
+
+import numpy as np
+import pytest
+import pyvips
+
+from foveation.config import IngestConfig
+from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
+from foveation.data.gleason import DataError
+from foveation.data.ingest import ingest, read_manifest
+from foveation.data.slidelist import scan_list
+from foveation.io.images import decode_label, encode_png
+from foveation.serving import geojson
+
+NAMES = ("benign", "grade3", "grade4", "grade5")
+
+
+def blobs(h, w, seed):
+    """A label map of blobs with holes and diagonal touches (and unlabelled 255 background)."""
+    rng = np.random.default_rng(seed)
+    lab = np.full((h, w), 255, np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(8):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(5, 30)
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 4)
+    lab[rng.random((h, w)) < 0.01] = 255  # pinholes
+    return lab
+
+
+def export(lab, names=NAMES) -> bytes:
+    return geojson.dumps(geojson.feature_collection(geojson.features(lab, names)))
+
+
+@pytest.mark.parametrize("tile", [2048, 37])
+def test_a_map_exported_as_qupath_geojson_rasterises_back_exactly(tile):
+    lab = blobs(150, 170, 0)
+    anns = parse_qupath(export(lab), "a.geojson", NAMES)
+    assert {a.class_id for a in anns} == set(np.unique(lab).tolist()) - {255}
+    back = rasterize(anns, 150, 170, tile=tile)
+    assert np.array_equal(back, lab)
+    # At a coarser label resolution: each pixel takes the class under its centre.
+    half = rasterize(anns, 150, 170, downsample=2.0, tile=tile)
+    assert half.shape == (75, 85) and (half == lab[::2, ::2]).mean() > 0.9
+
+
+def test_holes_are_kept_and_later_features_win_where_polygons_overlap():
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [
+                        [[0, 0], [20, 0], [20, 20], [0, 20], [0, 0]],
+                        [[5, 5], [15, 5], [15, 15], [5, 15], [5, 5]],
+                    ],
+                },
+                "properties": {"classification": {"name": "grade3"}},
+            },
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 4], [0, 4]]]},
+                "properties": {"classification": {"name": "grade5"}},
+            },
+        ],
+    }
+    lab = rasterize(parse_qupath(json.dumps(doc).encode(), "x", NAMES), 24, 24, fill=0)
+    assert (lab[6:14, 6:14] == 0).all()  # the hole
+    assert (lab[:4, :4] == 3).all() and lab[10, 2] == 1 and lab[22, 22] == 0
+
+
+def test_bad_annotations_are_errors_that_name_the_file_and_the_feature():
+    good = {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 4], [0, 0]]]}
+    cases = [
+        (b"{not json", r"a\.geojson: not JSON"),
+        (json.dumps({"features": [{"geometry": good, "properties": {}}]}), r"feature 0: no prop"),
+        (
+            json.dumps([{"geometry": good, "properties": {"classification": {"name": "Tumor"}}}]),
+            r"a\.geojson: feature 0: class 'Tumor' is not in the class table",
+        ),
+        (
+            json.dumps([{"geometry": {"type": "Point", "coordinates": [1, 2]}}]),
+            r"feature 0: geometry 'Point'; expected Polygon or MultiPolygon",
+        ),
+    ]
+    for data, match in cases:
+        with pytest.raises(DataError, match=match):
+            parse_qupath(data if isinstance(data, bytes) else data.encode(), "a.geojson", NAMES)
+    assert unannotated_value("ignore", NAMES) == 255 and unannotated_value("benign", NAMES) == 0
+    with pytest.raises(DataError, match=r"data\.ingest\.unannotated: 'stroma'"):
+        unannotated_value("stroma", NAMES)
+
+
+def test_a_slide_list_with_qupath_and_mask_annotations_ingests(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = ["slide_id,image_uri,annotation_uri,patient"]
+    truth = {}
+    for i in range(6):
+        img = rng.integers(0, 255, (200, 220, 3), np.uint8)
+        lab = blobs(200, 220, 10 + i)
+        (tmp_path / f"img{i}.png").write_bytes(encode_png(img))
+        if i % 2:
+            (tmp_path / f"img{i}.geojson").write_bytes(export(lab))
+            ann = f"img{i}.geojson"
+        else:
+            (tmp_path / f"img{i}_mask.png").write_bytes(encode_png(lab))
+            ann = f"img{i}_mask.png"
+        rows.append(f"core{i},img{i}.png,{ann},P{i // 2}")
+        truth[f"core{i}"] = lab
+    (tmp_path / "slides.csv").write_text("\n".join(rows) + "\n")
+    slides = scan_list(str(tmp_path / "slides.csv"))
+    assert [s.label_kind for s in slides] == ["mask", "qupath"] * 3
+    cfg = IngestConfig(
+        crop_size=None, tile_size=128, compression="deflate", val_fraction=0.2, test_fraction=0.2
+    )
+    summary = ingest(str(tmp_path / "slides.csv"), str(tmp_path / "store"), cfg, log=print)
+    assert not summary.failed, summary.failed
+    rows_out = read_manifest(summary.manifest_uri).to_pylist()
+    assert len(rows_out) == 6
+    by_patient: dict[str, set] = {}
+    for r in rows_out:
+        by_patient.setdefault(r["patient"], set()).add(r["split"])
+        label = pyvips.Image.new_from_file(r["label_uri"], page=0).numpy()
+        assert np.array_equal(label.reshape(200, 220), truth[r["slide_id"]])
+    assert all(len(v) == 1 for v in by_patient.values())
+
+
+def test_bad_slide_lists_name_the_list_and_the_line(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("image,who\na.png,x\n")
+    with pytest.raises(DataError, match=r"l\.csv: the slide list has no 'image_uri' column"):
+        scan_list(str(p))
+    p.write_text("image_uri,slide_id\na.png,x\nb.png,x\n")
+    with pytest.raises(DataError, match=r"l\.csv, line 3: slide id 'x' is listed twice"):
+        scan_list(str(p))
+    # A mask whose values are not class ids fails that slide, named.
+    (tmp_path / "a.png").write_bytes(encode_png(np.zeros((64, 64, 3), np.uint8)))
+    (tmp_path / "m.png").write_bytes(encode_png(np.full((64, 64), 7, np.uint8)))
+    p.write_text("image_uri,annotation_uri\na.png,m.png\n")
+    cfg = IngestConfig(
+        crop_size=None, tile_size=128, compression="deflate", test_fraction=0.0, val_fraction=0.0
+    )
+    with pytest.raises(Exception, match=r"m\.png: label values \[7\] are not class ids"):
+        ingest(str(p), str(tmp_path / "s"), cfg, log=lambda s: None)
+    assert decode_label(encode_png(np.zeros((2, 2), np.uint8)), "z").shape == (2, 2)
