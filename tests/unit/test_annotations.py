@@ -146,3 +146,24 @@ def test_bad_slide_lists_name_the_list_and_the_line(tmp_path):
     with pytest.raises(Exception, match=r"m\.png: label values \[7\] are not class ids"):
         ingest(str(p), str(tmp_path / "s"), cfg, log=lambda s: None)
     assert decode_label(encode_png(np.zeros((2, 2), np.uint8)), "z").shape == (2, 2)
+
+
+def test_training_samples_locations_only_where_a_partly_annotated_slide_has_labels():
+    from foveation.config import Config, TrainingConfig, replace
+    from foveation.data.batches import BatchExtractor, sample_locations
+
+    cfg = replace(Config(), training=TrainingConfig(locations_per_image=64))
+    s = cfg.patches.xr_scale
+    image = np.full((512, 512, 3), 120, np.uint8)  # tissue everywhere
+    label = np.full((512, 512), 255, np.uint8)
+    label[:, :200] = 1  # annotated on the left only
+    ex = BatchExtractor.from_arrays(cfg, image, label)
+    locs = sample_locations(ex.image, cfg, 0, 0, "a", ex.label)
+    assert len(locs) == 64 and (locs[:, 1] * s < 200).all()
+    everywhere = sample_locations(ex.image, cfg, 0, 0, "a")
+    assert (everywhere[:, 1] * s >= 200).any()
+    # Fully labelled: the same draw as without the label.
+    full = BatchExtractor.from_arrays(cfg, image, np.ones((512, 512), np.uint8))
+    assert np.array_equal(sample_locations(full.image, cfg, 0, 0, "a", full.label), everywhere)
+    unlabelled = BatchExtractor.from_arrays(cfg, image, np.full((512, 512), 255, np.uint8))
+    assert len(sample_locations(unlabelled.image, cfg, 0, 0, "a", unlabelled.label)) == 0

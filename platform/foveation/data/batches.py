@@ -137,11 +137,34 @@ def tissue_locations(reader, cfg: Config) -> np.ndarray:
     return torch.nonzero(mask).numpy()
 
 
-def sample_locations(source, cfg: Config, seed: int, epoch: int, slide_id: str) -> np.ndarray:
+def labelled_cells(label, cfg: Config) -> np.ndarray:
+    """[h, w] bool on the x_r grid: cells holding any labelled pixel (not 255), read from the
+    label pyramid's finest level not finer than x_r (levels are shrunk by mode, so a cell
+    reads as labelled where most of its block is)."""
+    s = cfg.patches.xr_scale
+    h, w = -(-label.height // s), -(-label.width // s)
+    k = label.level_for(s, 1)
+    lv = label.levels[k]
+    lab = np.asarray(label.read_level(k, 0, 0, lv.height, lv.width))
+    lab = lab[..., 0] if lab.ndim == 3 else lab
+    known = torch.from_numpy((lab != IGNORE_INDEX).astype(np.float32))[None, None]
+    step = s / lv.downsample
+    ph, pw = round(h * step) - lv.height, round(w * step) - lv.width
+    known = F.pad(known, (0, max(0, pw), 0, max(0, ph)), value=0.0)
+    return F.adaptive_max_pool2d(known, (h, w))[0, 0].numpy() > 0
+
+
+def sample_locations(
+    source, cfg: Config, seed: int, epoch: int, slide_id: str, label=None
+) -> np.ndarray:
     """One epoch's training locations [n, 2] of one slide: ``locations_per_image`` distinct x_r
-    locations on tissue, seeded by (seed, epoch, slide id), so every trainer (and every rerun)
-    draws the same ones."""
+    locations on tissue (and, given the ``label`` pyramid, where it holds labels: a slide
+    annotated in part trains only where it is annotated), seeded by (seed, epoch, slide id),
+    so every trainer (and every rerun) draws the same ones."""
     locs = tissue_locations(source, cfg)
+    if label is not None and len(locs):
+        known = labelled_cells(label, cfg)
+        locs = locs[known[locs[:, 0], locs[:, 1]]]
     rng = np.random.default_rng([seed, epoch, zlib.crc32(slide_id.encode())])
     n = min(cfg.training.locations_per_image, len(locs))
     return locs[rng.choice(len(locs), size=n, replace=False)] if n else locs[:0]

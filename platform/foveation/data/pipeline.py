@@ -87,8 +87,8 @@ class BankReader:
 
     def sample(self, slide_id: str, image_uri: str, label_uri: str) -> np.ndarray:
         """This epoch's locations [n, 2] of one slide (``batches.sample_locations``)."""
-        reader = self._reader(image_uri, label_uri).image
-        return sample_locations(reader, self.cfg, self.seed, self.epoch, slide_id)
+        ex = self._reader(image_uri, label_uri)
+        return sample_locations(ex.image, self.cfg, self.seed, self.epoch, slide_id, ex.label)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Slide rows in, training-batch rows out (``locations_per_image`` per slide)."""

@@ -176,7 +176,7 @@ def in_memory_batches(
         for k in order[b : b + tc.batch_size]:
             sid = ids[k]
             ex = extractors[sid]
-            locs = sample_locations(ex.image, cfg, tc.seed, epoch, sid)
+            locs = sample_locations(ex.image, cfg, tc.seed, epoch, sid, ex.label)
             if len(locs):
                 parts.append(ex.batch(locs, sid))
         if parts:
