@@ -247,3 +247,47 @@ def _vips_from_memmap(mm: np.memmap, width: int, height: int, bands: int):
     import pyvips
 
     return pyvips.Image.rawload(mm.filename, width, height, bands, offset=mm.offset)
+
+
+def predict_slide(
+    model,
+    cfg,
+    slide_uri: str,
+    prefix: str,
+    *,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    geojson_max_side: int = 4096,
+    geojson_tile: int = 1024,
+    geojson_simplify_px: float = 0.0,
+) -> tuple[dict[str, str], dict]:
+    """Segment one slide read out of core from ``slide_uri`` and write its results under the
+    storage ``prefix`` (``JobSink.write_results``): (name -> URI, summary). What a Serve slide
+    job and ``jobs.predict`` both run for each slide."""
+    import tempfile
+    import time
+
+    from foveation.inference import segment
+    from foveation.io.slides import SlideReader
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="foveation-slide-") as tmp:
+        reader = SlideReader(slide_uri)
+        try:
+            sink = JobSink(tmp, cfg.patches.xr_scale, progress, cancelled)
+            stats = segment(model, reader.as_source(0), cfg, sink, device=device)
+        finally:
+            reader.close()
+        names = cfg.evaluation.class_names
+        results = sink.write_results(
+            prefix, names, geojson_max_side, geojson_tile, geojson_simplify_px
+        )
+        summary = {
+            "width": sink.width,
+            "height": sink.height,
+            "class_fractions": dict(zip(names, sink.fractions(), strict=True)),
+            "locations": stats.locations,
+            "seconds": round(time.time() - t0, 3),
+        }
+    return results, summary

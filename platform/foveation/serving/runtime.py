@@ -15,7 +15,6 @@ on start resumes the jobs a previous runner left queued or running.
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from foveation.serving.jobstore import (
     JobRecord,
     JobStore,
 )
-from foveation.serving.outputs import JobCancelled, JobSink
+from foveation.serving.outputs import JobCancelled, predict_slide
 from foveation.serving.settings import ServeConfig
 from foveation.serving.uris import check_slide_uri
 
@@ -244,15 +243,12 @@ class JobRunner:
                 done.set()
 
     def _segment(self, job_id: str) -> None:
-        from foveation.io.slides import SlideReader
-
         cancelled = self._cancel[job_id].is_set
         rec = self._latest(job_id)
         if cancelled() or rec.cancel_requested:
             self._save(rec, state=CANCELLED)
             return
         rec = self._save(rec, state=RUNNING, attempts=rec.attempts + 1, progress=0.0, error=None)
-        t0 = time.time()
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -262,33 +258,20 @@ class JobRunner:
                 self._save(self._latest(job_id), progress=round(0.95 * done / total, 4))
 
         try:
-            with tempfile.TemporaryDirectory(prefix="foveation-job-") as tmp:
-                reader = SlideReader(rec.slide_uri)
-                try:
-                    sink = JobSink(tmp, self.cfg.patches.xr_scale, progress, cancelled)
-                    stats = segment(
-                        self.model, reader.as_source(0), self.cfg, sink, device=self.settings.device
-                    )
-                finally:
-                    reader.close()
-                jc = self.settings.jobs
-                results = sink.write_results(
-                    self.store.uri(job_id),
-                    self.cfg.evaluation.class_names,
-                    jc.geojson_max_side,
-                    jc.geojson_tile,
-                    jc.geojson_simplify_px,
-                )
-                results["heatmap"] = results.get(jc.heatmap, results["probabilities"])
-                summary = {
-                    "width": sink.width,
-                    "height": sink.height,
-                    "class_fractions": dict(
-                        zip(self.cfg.evaluation.class_names, sink.fractions(), strict=True)
-                    ),
-                    "locations": stats.locations,
-                    "seconds": round(time.time() - t0, 3),
-                }
+            jc = self.settings.jobs
+            results, summary = predict_slide(
+                self.model,
+                self.cfg,
+                rec.slide_uri,
+                self.store.uri(job_id),
+                device=self.settings.device,
+                progress=progress,
+                cancelled=cancelled,
+                geojson_max_side=jc.geojson_max_side,
+                geojson_tile=jc.geojson_tile,
+                geojson_simplify_px=jc.geojson_simplify_px,
+            )
+            results["heatmap"] = results.get(jc.heatmap, results["probabilities"])
             self._save(
                 self._latest(job_id),
                 state=SUCCEEDED,

@@ -1,0 +1,59 @@
+"""jobs.predict for real: a pool of Ray Data actors on the session's local Ray cluster predicts
+a bucket of slides in the local S3 endpoint (and on disk), writes every output per slide,
+reports a bad slide by name and skips finished slides when run again."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from shapely.geometry import shape
+
+from foveation.io import storage
+from foveation.io.images import encode_png
+from foveation.prediction import DONE_FILE, SUMMARY_FILE, list_slides, predict
+from foveation.raycluster import init_ray
+
+CHECKPOINT = str(Path(__file__).parent.parent / "fixtures" / "checkpoint-48f8459")
+
+
+@pytest.fixture(scope="module")
+def ray_ready(ray_cluster, s3_endpoint):
+    init_ray(address=ray_cluster)
+    return ray_cluster
+
+
+def write_bucket(prefix: str) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        img = rng.integers(0, 255, (300 + 40 * i, 260, 3), np.uint8)
+        storage.write_bytes(storage.join(prefix, f"core{i}.png"), encode_png(img))
+    storage.write_bytes(storage.join(prefix, "broken.tif"), b"II*\x00 not a tiff at all")
+    storage.write_bytes(storage.join(prefix, "notes.txt"), b"not a slide")
+
+
+def test_a_bucket_is_predicted_a_bad_slide_named_and_a_rerun_skips_finished(ray_ready, s3_bucket):
+    base = s3_bucket  # the harder place: listing, range reads and writes all through S3
+    write_bucket(f"{base}/in")
+    out = f"{base}/out"
+    assert [s.slide_id for s in list_slides(f"{base}/in")] == ["broken", "core0", "core1"]
+    lines = []
+    res = predict(CHECKPOINT, f"{base}/in", out, workers=2, device="cpu", log=lines.append)
+    assert sorted(res.predicted) == ["core0", "core1"] and list(res.failed) == ["broken"]
+    assert "broken.tif" in res.failed["broken"]
+    assert any("[3/3]" in line for line in lines)
+    for i, sid in enumerate(["core0", "core1"]):
+        done = json.loads(storage.read_bytes(storage.join(out, sid, DONE_FILE)))
+        assert done["summary"]["height"] == 300 + 40 * i and done["summary"]["width"] == 260
+        assert set(done["results"]) >= {"labels", "probabilities", "apsm", "geojson"}
+        coll = json.loads(storage.read_bytes(done["results"]["geojson"]))
+        assert all(shape(f["geometry"]).is_valid for f in coll["features"])
+        area = sum(shape(f["geometry"]).area for f in coll["features"])
+        assert area == (300 + 40 * i) * 260  # every pixel has exactly one class
+    assert not storage.exists(storage.join(out, "broken", DONE_FILE))
+    summary = json.loads(storage.read_bytes(storage.join(out, SUMMARY_FILE)))
+    assert summary["failed"] == res.failed
+
+    again = predict(CHECKPOINT, f"{base}/in", out, workers=1, device="cpu", log=lambda s: None)
+    assert sorted(again.already_done) == ["core0", "core1"] and again.predicted == []
+    assert list(again.failed) == ["broken"]
