@@ -23,37 +23,44 @@ def ray_ready(ray_cluster, s3_endpoint):
     return ray_cluster
 
 
-def write_bucket(prefix: str) -> None:
+def write_bucket(prefix: str, tmp_path) -> None:
+    from tests.vendor_slides import write_svs
+
     rng = np.random.default_rng(0)
     for i in range(2):
         img = rng.integers(0, 255, (300 + 40 * i, 260, 3), np.uint8)
         storage.write_bytes(storage.join(prefix, f"core{i}.png"), encode_png(img))
+    # A vendor slide: OpenSlide reads it from a local copy of the object.
+    write_svs(str(tmp_path / "wsi.svs"), rng.integers(0, 255, (600, 520, 3), np.uint8))
+    storage.upload_file(str(tmp_path / "wsi.svs"), storage.join(prefix, "wsi.svs"))
     storage.write_bytes(storage.join(prefix, "broken.tif"), b"II*\x00 not a tiff at all")
     storage.write_bytes(storage.join(prefix, "notes.txt"), b"not a slide")
 
 
-def test_a_bucket_is_predicted_a_bad_slide_named_and_a_rerun_skips_finished(ray_ready, s3_bucket):
+def test_a_bucket_is_predicted_a_bad_slide_named_and_a_rerun_skips_finished(
+    ray_ready, s3_bucket, tmp_path
+):
     base = s3_bucket  # the harder place: listing, range reads and writes all through S3
-    write_bucket(f"{base}/in")
+    write_bucket(f"{base}/in", tmp_path)
     out = f"{base}/out"
-    assert [s.slide_id for s in list_slides(f"{base}/in")] == ["broken", "core0", "core1"]
+    assert [s.slide_id for s in list_slides(f"{base}/in")] == ["broken", "core0", "core1", "wsi"]
     lines = []
     res = predict(CHECKPOINT, f"{base}/in", out, workers=2, device="cpu", log=lines.append)
-    assert sorted(res.predicted) == ["core0", "core1"] and list(res.failed) == ["broken"]
+    assert sorted(res.predicted) == ["core0", "core1", "wsi"] and list(res.failed) == ["broken"]
     assert "broken.tif" in res.failed["broken"]
-    assert any("[3/3]" in line for line in lines)
-    for i, sid in enumerate(["core0", "core1"]):
+    assert any("[4/4]" in line for line in lines)
+    for sid, (h, w) in {"core0": (300, 260), "core1": (340, 260), "wsi": (600, 520)}.items():
         done = json.loads(storage.read_bytes(storage.join(out, sid, DONE_FILE)))
-        assert done["summary"]["height"] == 300 + 40 * i and done["summary"]["width"] == 260
+        assert done["summary"]["height"] == h and done["summary"]["width"] == w
         assert set(done["results"]) >= {"labels", "probabilities", "apsm", "geojson"}
         coll = json.loads(storage.read_bytes(done["results"]["geojson"]))
         assert all(shape(f["geometry"]).is_valid for f in coll["features"])
         area = sum(shape(f["geometry"]).area for f in coll["features"])
-        assert area == (300 + 40 * i) * 260  # every pixel has exactly one class
+        assert area == h * w  # every pixel has exactly one class
     assert not storage.exists(storage.join(out, "broken", DONE_FILE))
     summary = json.loads(storage.read_bytes(storage.join(out, SUMMARY_FILE)))
     assert summary["failed"] == res.failed
 
     again = predict(CHECKPOINT, f"{base}/in", out, workers=1, device="cpu", log=lambda s: None)
-    assert sorted(again.already_done) == ["core0", "core1"] and again.predicted == []
+    assert sorted(again.already_done) == ["core0", "core1", "wsi"] and again.predicted == []
     assert list(again.failed) == ["broken"]

@@ -119,3 +119,19 @@ def test_whole_slide_inference_from_a_slide_file_equals_from_memory(slide_files)
     segment(model, source, Config(), a)
     segment(model, ArraySource(s.image), Config(), b)
     assert np.array_equal(a.mask, b.mask)  # a lossless pyramid: the same pixels, the same answer
+
+
+def test_an_aperio_svs_opens_through_openslide_with_its_mpp_and_levels(tmp_path):
+    import openslide
+
+    from tests.vendor_slides import write_svs
+
+    img = np.random.default_rng(3).integers(0, 255, (700, 520, 3), np.uint8)
+    path = str(tmp_path / "s.svs")
+    write_svs(path, img, mpp=0.25)
+    assert openslide.OpenSlide.detect_format(path) == "aperio"
+    r = SlideReader(path)
+    assert r.backend == "openslide" and r.mpp == pytest.approx(0.25)
+    assert [lv.downsample for lv in r.levels] == pytest.approx([1, 2, 4], rel=0.01)
+    assert np.array_equal(r.read_level(0, 100, 50, 64, 80), img[100:164, 50:130])
+    assert np.array_equal(r.read_level(1, 10, 20, 30, 40), img[::2, ::2][10:40, 20:60])

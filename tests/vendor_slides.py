@@ -1,0 +1,35 @@
+"""Small slides that OpenSlide recognises as a vendor's, for tests: an Aperio SVS (a tiled TIFF
+pyramid whose first ImageDescription starts "Aperio", with MPP and AppMag as Aperio writes
+them; OpenSlide reads it as format "aperio"). Tiles are deflate-compressed (tifffile writes
+JPEG only with imagecodecs; OpenSlide decodes other compressions through libtiff)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def write_svs(path: str, image: np.ndarray, mpp: float = 0.499, levels: int = 3) -> None:
+    import tifffile
+
+    h, w = image.shape[:2]
+    head = "Aperio Image Library v12.0.0 \r\n"
+    with tifffile.TiffWriter(path) as tif:
+        desc = f"{head}{w}x{h} [0,0 {w}x{h}] (256x256) -|AppMag = 20|MPP = {mpp:.4f}"
+        tif.write(
+            image,
+            tile=(256, 256),
+            compression="zlib",
+            photometric="rgb",
+            description=desc,
+            metadata=None,
+        )
+        for k in range(1, levels):
+            lv = np.ascontiguousarray(image[:: 2**k, :: 2**k])
+            tif.write(
+                lv,
+                tile=(256, 256),
+                compression="zlib",
+                photometric="rgb",
+                description=f"{head}{w}x{h} -> {lv.shape[1]}x{lv.shape[0]}",
+                metadata=None,
+            )
