@@ -24,7 +24,7 @@ def write_svs(path: str, image: np.ndarray, mpp: float = 0.499, levels: int = 3)
             metadata=None,
         )
         for k in range(1, levels):
-            lv = np.ascontiguousarray(image[:: 2**k, :: 2**k])
+            lv = _block_mean(image, 2**k)
             tif.write(
                 lv,
                 tile=(256, 256),
@@ -33,3 +33,10 @@ def write_svs(path: str, image: np.ndarray, mpp: float = 0.499, levels: int = 3)
                 description=f"{head}{w}x{h} -> {lv.shape[1]}x{lv.shape[0]}",
                 metadata=None,
             )
+
+
+def _block_mean(image: np.ndarray, f: int) -> np.ndarray:
+    """Each f x f block's mean (what a scanner's reduced levels hold), edge blocks dropped."""
+    h, w = image.shape[0] // f * f, image.shape[1] // f * f
+    blocks = image[:h, :w].reshape(h // f, f, w // f, f, -1).astype(np.float32)
+    return np.ascontiguousarray(np.rint(blocks.mean((1, 3))).astype(np.uint8))

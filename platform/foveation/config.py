@@ -65,10 +65,17 @@ class PatchSetConfig:
     resample: str = "area"
     """"area": area-correct downsampling from a per-scale pyramid (default, fast);
     "reference": the authors' crop then bilinear resize without antialiasing (parity only)."""
+    mpp: float | None = None
+    """The model's resolution in microns per pixel: FoVs, x_r and labels are in pixels of this
+    size. Whole-slide prediction (``jobs.predict``, Serve's slide jobs) reads a slide that
+    declares another mpp resampled to it (``io.slides.ScaledSource``), so a 20x and a 40x scan
+    give the same prediction; a slide that declares none is taken to be at this mpp, and its
+    summary says so. None: every slide is read at its own resolution."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fovs", tuple(int(f) for f in self.fovs))
         w = "patches"
+        require(self.mpp is None or self.mpp > 0, f"{w}.mpp", "must be > 0 (microns per pixel)")
         require(len(self.fovs) >= 1, f"{w}.fovs", "needs at least one field of view")
         require(self.patch_size >= 8, f"{w}.patch_size", f"must be >= 8, got {self.patch_size}")
         require(

@@ -134,4 +134,38 @@ def test_an_aperio_svs_opens_through_openslide_with_its_mpp_and_levels(tmp_path)
     assert r.backend == "openslide" and r.mpp == pytest.approx(0.25)
     assert [lv.downsample for lv in r.levels] == pytest.approx([1, 2, 4], rel=0.01)
     assert np.array_equal(r.read_level(0, 100, 50, 64, 80), img[100:164, 50:130])
-    assert np.array_equal(r.read_level(1, 10, 20, 30, 40), img[::2, ::2][10:40, 20:60])
+    half = img[:700, :520].reshape(350, 2, 260, 2, 3).astype(np.float32).mean((1, 3))
+    assert np.array_equal(
+        r.read_level(1, 10, 20, 30, 40), np.rint(half).astype(np.uint8)[10:40, 20:60]
+    )
+
+
+def test_a_40x_and_a_20x_scan_of_the_same_tissue_read_alike_at_the_models_mpp(tmp_path):
+    """ScaledSource: the 40x scan resampled to 20x matches the 20x scan within resampling error,
+    and scale 1 is level 0 exactly."""
+    import torch.nn.functional as F
+
+    from foveation.io.slides import ScaledSource
+    from tests.vendor_slides import write_svs
+
+    cfg = Config()
+    tissue = generate_slide(1024, 768, TissueScales.from_patches(cfg.patches), 5).image
+    half = (
+        F.avg_pool2d(torch.from_numpy(tissue).permute(2, 0, 1)[None].float(), 2)[0]
+        .permute(1, 2, 0)
+        .round()
+        .to(torch.uint8)
+        .numpy()
+    )
+    write_svs(str(tmp_path / "x40.svs"), tissue, mpp=0.25)
+    write_svs(str(tmp_path / "x20.svs"), half, mpp=0.5)
+    r40, r20 = SlideReader(str(tmp_path / "x40.svs")), SlideReader(str(tmp_path / "x20.svs"))
+    same = ScaledSource(r20, r20.mpp / 0.5)
+    assert np.array_equal(same.read_region(10, 20, 100, 90), half[10:110, 20:110])
+    s40 = ScaledSource(r40, r40.mpp / 0.5)
+    assert (s40.height, s40.width) == (512, 384)
+    a = s40.read_region(37, 11, 200, 150).astype(np.int16)
+    b = half[37:237, 11:161].astype(np.int16)
+    assert np.abs(a - b).mean() < 1.0  # a 2x2 area mean either way: rounding only
+    c = ScaledSource(r40, 0.3).read_region(0, 0, 64, 64)  # a non-integer scale reads too
+    assert c.shape == (64, 64, 3)

@@ -303,6 +303,46 @@ class LevelSource:
         return a if a.shape[-1] == 3 else np.repeat(a[..., :1], 3, -1)
 
 
+class ScaledSource:
+    """A slide as a region source at another resolution: ``scale`` output px per level-0 px
+    (the slide's mpp over the model's: 0.5 reads a 40x scan as 20x). Each region is read from
+    the coarsest level still at least as fine as the output (so the residual resampling
+    shrinks by less than 2x, or enlarges when the slide is coarser than the model) and
+    resampled bilinearly with exact sub-pixel alignment (pixel centres map to pixel centres),
+    so a 20x and a 40x scan of the same tissue give the same regions within resampling error.
+    Memory is the region's, as for ``LevelSource``."""
+
+    def __init__(self, reader: SlideReader, scale: float, pad_value=(255, 255, 255)) -> None:
+        if scale <= 0:
+            raise SlideError(f"{reader.uri}: scale {scale} must be positive")
+        self.reader, self.scale, self.pad_value = reader, float(scale), pad_value
+        self.height = max(1, round(reader.height * scale))
+        self.width = max(1, round(reader.width * scale))
+        self.level = reader.level_for(1.0 / scale, 1)
+
+    def read_region(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        lv = self.reader.levels[self.level]
+        k = 1.0 / (self.scale * lv.downsample)  # level px per output px
+        # Output pixel centre (top + i + 0.5) sits at level coordinate (top + i + 0.5) * k.
+        y = (torch.arange(height, dtype=torch.float64) + top + 0.5) * k - 0.5
+        x = (torch.arange(width, dtype=torch.float64) + left + 0.5) * k - 0.5
+        y0, x0 = math.floor(float(y[0])) - 1, math.floor(float(x[0])) - 1
+        h = math.floor(float(y[-1])) + 3 - y0
+        w = math.floor(float(x[-1])) + 3 - x0
+        a = self.reader.read_level(self.level, y0, x0, h, w, self.pad_value)
+        if a.shape[-1] != 3:
+            a = np.repeat(a[..., :1], 3, -1)
+        img = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()
+        gy = (y - y0 + 0.5) / h * 2 - 1  # grid_sample's normalised coordinates, align_corners=False
+        gx = (x - x0 + 0.5) / w * 2 - 1
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)[None].float()
+        out = F.grid_sample(img, grid, mode="bilinear", align_corners=False)
+        return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 COMPANION_SUFFIX = ".s2.tif"
 
 

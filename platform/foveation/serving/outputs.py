@@ -172,6 +172,7 @@ class JobSink:
         geojson_max_side: int = 4096,
         geojson_tile: int = 1024,
         geojson_simplify_px: float = 0.0,
+        level0_per_px: float = 1.0,
     ) -> dict[str, str]:
         """Write every result under the storage ``prefix``; returns name -> URI."""
         import pyvips
@@ -200,13 +201,20 @@ class JobSink:
             publish("apsm", "apsm.ome.tif")
 
         uri = storage.join(prefix, "annotations.geojson")
-        coll = self.geojson(class_names, geojson_max_side, geojson_tile, geojson_simplify_px)
+        coll = self.geojson(
+            class_names, geojson_max_side, geojson_tile, geojson_simplify_px, level0_per_px
+        )
         storage.write_bytes(uri, geojson.dumps(coll))
         out["geojson"] = uri
         return out
 
     def geojson(
-        self, class_names: Sequence[str], max_side: int, tile: int, simplify_px: float = 0.0
+        self,
+        class_names: Sequence[str],
+        max_side: int,
+        tile: int,
+        simplify_px: float = 0.0,
+        level0_per_px: float = 1.0,
     ) -> dict:
         """Polygons of the label map shrunk by mode by ``g`` (the least power of 2 that brings
         the longer side to ``max_side`` or less), traced per tile and merged across tiles per
@@ -216,7 +224,7 @@ class JobSink:
             g *= 2
         small = mode_shrink(self.labels, g, self.k)
         return geojson.feature_collection(
-            geojson.tiled_features(small, class_names, tile, g, simplify_px)
+            geojson.tiled_features(small, class_names, tile, g * level0_per_px, simplify_px)
         )
 
 
@@ -249,6 +257,22 @@ def _vips_from_memmap(mm: np.memmap, width: int, height: int, bands: int):
     return pyvips.Image.rawload(mm.filename, width, height, bands, offset=mm.offset)
 
 
+def model_resolution_source(reader, model_mpp: float | None):
+    """(region source, output px per level-0 px, the mpp the output is at) for predicting
+    ``reader``'s slide with a model trained at ``model_mpp``: the slide resampled when both
+    declare an mpp and they differ by more than 0.1%, else level 0 as it is."""
+    if model_mpp is None:
+        return reader.as_source(0), 1.0, reader.mpp
+    if reader.mpp is None:  # the summary records that the slide declared none
+        return reader.as_source(0), 1.0, model_mpp
+    scale = reader.mpp / model_mpp
+    if abs(scale - 1.0) <= 1e-3:
+        return reader.as_source(0), 1.0, model_mpp
+    from foveation.io.slides import ScaledSource
+
+    return ScaledSource(reader, scale), scale, model_mpp
+
+
 def predict_slide(
     model,
     cfg,
@@ -275,15 +299,19 @@ def predict_slide(
     with tempfile.TemporaryDirectory(prefix="foveation-slide-") as tmp:
         reader = SlideReader(slide_uri)
         try:
+            source, scale, mpp = model_resolution_source(reader, cfg.patches.mpp)
             sink = JobSink(tmp, cfg.patches.xr_scale, progress, cancelled)
-            stats = segment(model, reader.as_source(0), cfg, sink, device=device)
+            stats = segment(model, source, cfg, sink, device=device)
         finally:
             reader.close()
         names = cfg.evaluation.class_names
         results = sink.write_results(
-            prefix, names, geojson_max_side, geojson_tile, geojson_simplify_px
+            prefix, names, geojson_max_side, geojson_tile, geojson_simplify_px, 1.0 / scale
         )
         summary = {
+            "slide_mpp": reader.mpp,
+            "model_mpp": mpp,
+            "scale": scale,  # output px per slide level-0 px (GeoJSON is in level-0 px)
             "width": sink.width,
             "height": sink.height,
             "class_fractions": dict(zip(names, sink.fractions(), strict=True)),
