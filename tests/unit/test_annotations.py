@@ -167,3 +167,46 @@ def test_training_samples_locations_only_where_a_partly_annotated_slide_has_labe
     assert np.array_equal(sample_locations(full.image, cfg, 0, 0, "a", full.label), everywhere)
     unlabelled = BatchExtractor.from_arrays(cfg, image, np.full((512, 512), 255, np.uint8))
     assert len(sample_locations(unlabelled.image, cfg, 0, 0, "a", unlabelled.label)) == 0
+
+
+def test_whole_slide_images_ingest_out_of_core_with_their_mpp_and_polygons(tmp_path):
+    """An Aperio SVS (OpenSlide) and a pyramidal TIFF (libvips), each with QuPath polygons, go
+    the whole-slide path: level 0 and the labels come back exactly, the mpp is kept, and a
+    blank slide is reported as having no tissue."""
+    from tests.vendor_slides import write_svs
+
+    rng = np.random.default_rng(4)
+    tissue = rng.integers(60, 200, (900, 700, 3), np.uint8)
+    lab = blobs(900, 700, 21)
+    write_svs(str(tmp_path / "a.svs"), tissue, mpp=0.25)
+    pyvips.Image.new_from_array(tissue[:600, :500]).tiffsave(
+        str(tmp_path / "b.tif"),
+        tile=True,
+        pyramid=True,
+        compression="deflate",
+        xres=2000.0,
+        yres=2000.0,
+    )
+    write_svs(str(tmp_path / "blank.svs"), np.full((300, 300, 3), 250, np.uint8))
+    (tmp_path / "a.geojson").write_bytes(export(lab))
+    (tmp_path / "b.geojson").write_bytes(export(lab[:600, :500]))
+    (tmp_path / "blank.geojson").write_bytes(export(lab[:300, :300]))
+    (tmp_path / "wsi.csv").write_text(
+        "image_uri,annotation_uri\na.svs,a.geojson\nb.tif,b.geojson\nblank.svs,blank.geojson\n"
+    )
+    cfg = IngestConfig(
+        crop_size=4400, tile_size=128, compression="deflate", val_fraction=0.0, test_fraction=0.0
+    )
+    summary = ingest(str(tmp_path / "wsi.csv"), str(tmp_path / "store"), cfg, log=lambda s: None)
+    assert list(summary.failed) == ["blank"] and "no tissue" in summary.failed["blank"]
+    rows = {r["slide_id"]: r for r in read_manifest(summary.manifest_uri).to_pylist()}
+    assert rows["a"]["mpp"] == pytest.approx(0.25) and rows["b"]["mpp"] == pytest.approx(0.5)
+    assert (rows["a"]["height"], rows["a"]["width"]) == (900, 700)  # not cropped
+    for sid, (h, w) in {"a": (900, 700), "b": (600, 500)}.items():
+        img = pyvips.Image.new_from_file(rows[sid]["image_uri"], page=0).numpy()
+        assert np.array_equal(img, tissue[:h, :w])
+        got = pyvips.Image.new_from_file(rows[sid]["label_uri"], page=0).numpy()
+        assert np.array_equal(got.reshape(h, w), lab[:h, :w])
+        assert rows[sid]["level_downsamples"][0] == 1.0 and len(rows[sid]["level_downsamples"]) > 1
+    again = ingest(str(tmp_path / "wsi.csv"), str(tmp_path / "store"), cfg, log=lambda s: None)
+    assert sorted(again.unchanged) == ["a", "b"]

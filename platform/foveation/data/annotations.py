@@ -97,15 +97,22 @@ def rasterize(
     downsample: float = 1.0,
     fill: int = IGNORE_INDEX,
     tile: int = 2048,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The label map [ceil(height / downsample), ceil(width / downsample)] (uint8) of
-    ``annotations`` at ``downsample`` level-0 px a pixel, burnt tile by tile."""
+    ``annotations`` at ``downsample`` level-0 px a pixel, burnt tile by tile (into ``out``
+    when given, e.g. a memory-mapped file, so the map never needs to fit in memory)."""
     from rasterio.features import rasterize as burn
     from rasterio.transform import Affine
     from shapely import STRtree, box
 
     h, w = int(np.ceil(height / downsample)), int(np.ceil(width / downsample))
-    out = np.full((h, w), fill, np.uint8)
+    if out is None:
+        out = np.empty((h, w), np.uint8)
+    elif out.shape != (h, w):
+        raise ValueError(f"rasterize: out is {out.shape}, expected {(h, w)}")
+    for top in range(0, h, tile):  # filled by tiles too: a memory map stays paged out
+        out[top : top + tile] = fill
     if not annotations:
         return out
     tree = STRtree([a.geometry for a in annotations])

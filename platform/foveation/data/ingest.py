@@ -242,6 +242,16 @@ def ingest_slide(
     t0 = time.perf_counter()
     sid = raw.slide_id
     try:
+        from foveation.data.wsi import ingest_wsi, is_whole_slide, write_row
+
+        if raw.label_kind != "gleason" and is_whole_slide(raw.image_uri):  # out of core
+            prev = _previous_row(dest, sid)
+            row, extras, mp = ingest_wsi(raw, dest, cfg, class_names, prev)
+            if extras is None:
+                row = {k: v for k, v in row.items() if k in MANIFEST_SCHEMA.names}
+                return SlideOutcome(sid, "unchanged", row, None, time.perf_counter() - t0, 0.0, {})
+            write_row(dest, row, extras)
+            return SlideOutcome(sid, "ingested", row, None, time.perf_counter() - t0, mp, {})
         data = storage.read_bytes(raw.image_uri)
         checksum = hashlib.sha256(data).hexdigest()
         map_bytes = [storage.read_bytes(uri) for uri in raw.annotator_uris]

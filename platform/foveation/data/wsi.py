@@ -1,0 +1,198 @@
+"""Whole-slide images into the store, out of core (what ``data.ingest`` runs for a slide list's
+SVS, NDPI, MRXS, pyramidal TIFF and OME-TIFF rows).
+
+A Gleason2019 core is decoded whole; a whole-slide image (50,000-150,000 px a side, tens of GB
+as RGB) never is:
+
+- the source is copied to local disk when it lives in object storage (OpenSlide reads only
+  files) and its checksum is computed in 8 MB chunks;
+- the image pyramid is written by libvips streaming from the source: a TIFF directly (libvips'
+  sequential access), a vendor format through OpenSlide into a memory-mapped file on local disk
+  band by band (``BAND_ROWS`` rows at a time) that libvips reads back as raw pixels;
+- the label map is rasterised from the QuPath polygons tile by tile
+  (``annotations.rasterize``) into a memory-mapped file, or decoded from a mask, and written as
+  a pyramid shrunk by mode;
+- the slide's mpp (OpenSlide's ``openslide.mpp-x``, a TIFF's resolution) goes into the
+  manifest; slides are not cropped (``data.ingest.crop_size`` is for the Gleason cores);
+- a slide without tissue on its coarsest level is an error naming it.
+
+Resident memory is a band of rows plus libvips' tile caches, whatever the slide's size; the
+local disk holds the source copy, the raw level 0 and the outputs until they are uploaded.
+There is one annotator per slide (no STAPLE) and no 1/sqrt(2) companion pyramid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from foveation.config import IngestConfig, PipelineConfig
+from foveation.data.gleason import DataError, RawSlide
+from foveation.io import storage
+
+BAND_ROWS = 1024
+WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".tif", ".tiff")
+
+
+def is_whole_slide(uri: str) -> bool:
+    return os.path.splitext(uri.lower().split("?")[0])[1] in WSI_SUFFIXES
+
+
+def file_checksum(path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _local(uri: str, tmp: str) -> str:
+    if not storage.is_remote(uri):
+        path = uri.removeprefix("file://")
+        if not os.path.isfile(path):
+            raise DataError(f"{uri}: slide does not exist")
+        return path
+    path = os.path.join(tmp, "source" + os.path.splitext(uri)[1])
+    storage.download_file(uri, path)
+    return path
+
+
+def _memmap(tmp: str, name: str, shape: tuple[int, ...]) -> np.memmap:
+    return np.lib.format.open_memmap(
+        os.path.join(tmp, name), mode="w+", dtype=np.uint8, shape=shape
+    )
+
+
+def _raw(mm: np.memmap):
+    import pyvips
+
+    h, w = mm.shape[:2]
+    bands = 1 if mm.ndim == 2 else mm.shape[2]
+    return pyvips.Image.rawload(mm.filename, w, h, bands, offset=mm.offset)
+
+
+def check_tissue(reader, uri: str) -> None:
+    """A slide whose coarsest level has no pixel darker than the tissue threshold is an error."""
+    k = len(reader.levels) - 1
+    lv = reader.levels[k]
+    img = reader.read_level(k, 0, 0, lv.height, lv.width)
+    if not (img[..., :3].mean(-1) < PipelineConfig().tissue_threshold).any():
+        raise DataError(f"{uri}: no tissue (every pixel of level {k} is background)")
+
+
+def label_map(raw: RawSlide, data: bytes, shape, cfg: IngestConfig, class_names, tmp) -> np.memmap:
+    """The slide's label map [H, W] in a memory-mapped file, from QuPath polygons (rasterised
+    tile by tile) or a mask of class ids."""
+    from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
+
+    uri = raw.annotator_uris[0]
+    out = _memmap(tmp, "labels.npy", shape)
+    if raw.label_kind == "qupath":
+        fill = unannotated_value(cfg.unannotated, class_names)
+        rasterize(parse_qupath(data, uri, class_names), *shape, fill=fill, out=out)
+        return out
+    from foveation.data.ingest import read_annotator_map
+
+    out[:] = read_annotator_map(raw, uri, data, shape, cfg, class_names)
+    return out
+
+
+def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: dict | None):
+    """(row, record extras, megapixels) of one whole-slide image written to ``dest``, or
+    (previous row, None, 0) when its source is unchanged. Raises ``DataError`` and friends
+    naming the slide; the caller turns them into a failed outcome."""
+    import pyvips
+
+    from foveation.data.ingest import SCHEMA_VERSION, _source_key
+    from foveation.io.slides import SlideError, SlideReader, write_pyramid
+
+    sid = raw.slide_id
+    if not raw.annotator_uris:
+        raise DataError(f"{raw.image_uri}: no annotation for {sid} (annotation_uri)")
+    with tempfile.TemporaryDirectory(prefix="foveation-wsi-") as tmp:
+        local = _local(raw.image_uri, tmp)
+        checksum = file_checksum(local)
+        maps = [storage.read_bytes(u) for u in raw.annotator_uris]
+        extra = ("wsi", cfg.unannotated, tuple(class_names))
+        key = _source_key(checksum, maps, cfg, extra)
+        if (
+            prev
+            and prev.get("source_key") == key
+            and storage.exists(prev["image_uri"])
+            and storage.exists(prev["label_uri"])
+        ):
+            return prev, None, 0.0
+        try:
+            reader = SlideReader(local)
+        except SlideError as exc:
+            raise DataError(str(exc).replace(local, raw.image_uri)) from None
+        try:
+            check_tissue(reader, raw.image_uri)
+            H, W = reader.height, reader.width
+            if reader.backend == "pyvips":
+                im = pyvips.Image.new_from_file(local, access="sequential")
+                im = im.flatten(background=255) if im.hasalpha() else im
+                im = im.colourspace("srgb") if im.bands < 3 else im
+            else:
+                mm = _memmap(tmp, "image.npy", (H, W, 3))
+                for top in range(0, H, BAND_ROWS):
+                    n = min(BAND_ROWS, H - top)
+                    mm[top : top + n] = reader.read_level(0, top, 0, n, W)[..., :3]
+                mm.flush()
+                im = _raw(mm)
+            mpp = reader.mpp
+        finally:
+            reader.close()
+        slide_path = os.path.join(tmp, "slide.tif")
+        write_pyramid(im, slide_path, cfg.tile_size, cfg.compression, cfg.quality, sqrt2=False)
+        labels = label_map(raw, maps[0], (H, W), cfg, class_names, tmp)
+        labels.flush()
+        label_path = os.path.join(tmp, "labels.tif")
+        _raw(labels).tiffsave(
+            label_path,
+            tile=True,
+            pyramid=True,
+            tile_width=cfg.tile_size,
+            tile_height=cfg.tile_size,
+            bigtiff=True,
+            compression="deflate",
+            region_shrink="mode",
+        )
+        counts = np.zeros(256, np.int64)
+        for top in range(0, H, BAND_ROWS):
+            counts += np.bincount(labels[top : top + BAND_ROWS].reshape(-1), minlength=256)
+        k = len(class_names)
+        fractions = counts[:k] / max(1, int(counts[:k].sum()))
+        n_pages = pyvips.Image.new_from_file(slide_path).get("n-pages")
+        downs = [W / pyvips.Image.new_from_file(slide_path, page=p).width for p in range(n_pages)]
+        image_uri = storage.join(dest, "slides", f"{sid}.tif")
+        label_uri = storage.join(dest, "labels", f"{sid}.tif")
+        storage.upload_file(slide_path, image_uri)
+        storage.upload_file(label_path, label_uri)
+    row = {
+        "schema_version": SCHEMA_VERSION,
+        "slide_id": sid,
+        "image_uri": image_uri,
+        "width": int(W),
+        "height": int(H),
+        "mpp": mpp,
+        "level_downsamples": sorted(downs),
+        "label_uri": label_uri,
+        "annotator_uris": [],
+        "truth_uri": None,
+        "cue_uri": None,
+        "split": None,
+        "class_fractions": [float(f) for f in fractions],
+        "checksum": checksum,
+    }
+    return row, {"source_key": key, "annotator_confusion": {}}, H * W / 1e6
+
+
+def write_row(dest: str, row: dict, extras: dict) -> None:
+    from foveation.data.ingest import _row_uri
+
+    storage.write_bytes(_row_uri(dest, row["slide_id"]), json.dumps(row | extras).encode())
