@@ -139,6 +139,7 @@ SUITES: dict[str, str] = {
     "serve": "benchmarks.serve:run",
     "monitoring": "benchmarks.metrics_overhead:run",
     "seams": "benchmarks.seams:run",
+    "wsi": "benchmarks.wsi:run",
 }
 
 

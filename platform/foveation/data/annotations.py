@@ -98,10 +98,12 @@ def rasterize(
     fill: int = IGNORE_INDEX,
     tile: int = 2048,
     out: np.ndarray | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> np.ndarray:
     """The label map [ceil(height / downsample), ceil(width / downsample)] (uint8) of
     ``annotations`` at ``downsample`` level-0 px a pixel, burnt tile by tile (into ``out``
-    when given, e.g. a memory-mapped file, so the map never needs to fit in memory)."""
+    when given). ``origin`` (top, left, in output pixels) rasterises a window of a larger map:
+    a whole slide's labels are made band by band and never need to fit in memory."""
     from rasterio.features import rasterize as burn
     from rasterio.transform import Affine
     from shapely import STRtree, box
@@ -119,7 +121,7 @@ def rasterize(
     for top in range(0, h, tile):
         for left in range(0, w, tile):
             th, tw = min(tile, h - top), min(tile, w - left)
-            x0, y0 = left * downsample, top * downsample
+            x0, y0 = (origin[1] + left) * downsample, (origin[0] + top) * downsample
             hits = tree.query(box(x0, y0, x0 + tw * downsample, y0 + th * downsample))
             if len(hits) == 0:
                 continue

@@ -7,17 +7,19 @@ as RGB) never is:
 - the source is copied to local disk when it lives in object storage (OpenSlide reads only
   files) and its checksum is computed in 8 MB chunks;
 - the image pyramid is written by libvips streaming from the source: a TIFF directly (libvips'
-  sequential access), a vendor format through OpenSlide into a memory-mapped file on local disk
-  band by band (``BAND_ROWS`` rows at a time) that libvips reads back as raw pixels;
-- the label map is rasterised from the QuPath polygons tile by tile
-  (``annotations.rasterize``) into a memory-mapped file, or decoded from a mask, and written as
-  a pyramid shrunk by mode;
+  sequential access), a vendor format read through OpenSlide a band of ``TILE`` rows at a time
+  into an uncompressed tiled TIFF on local disk (tifffile, from a generator of tiles) that
+  libvips then streams;
+- the label map is rasterised from the QuPath polygons band by band
+  (``annotations.rasterize`` with a window) into the same kind of tiled TIFF, or decoded from a
+  mask, then written as a pyramid shrunk by mode; class fractions are counted per band;
 - the slide's mpp (OpenSlide's ``openslide.mpp-x``, a TIFF's resolution) goes into the
   manifest; slides are not cropped (``data.ingest.crop_size`` is for the Gleason cores);
 - a slide without tissue on its coarsest level is an error naming it.
 
-Resident memory is a band of rows plus libvips' tile caches, whatever the slide's size; the
-local disk holds the source copy, the raw level 0 and the outputs until they are uploaded.
+Resident memory is a band of rows plus libvips' tile caches, whatever the slide's size (no
+memory map: its pages would count as resident as they are written); the local disk holds the
+source copy, the raw level 0 and the outputs until they are uploaded.
 There is one annotator per slide (no STAPLE) and no 1/sqrt(2) companion pyramid.
 """
 
@@ -34,7 +36,7 @@ from foveation.config import IngestConfig, PipelineConfig
 from foveation.data.gleason import DataError, RawSlide
 from foveation.io import storage
 
-BAND_ROWS = 1024
+TILE = 256  # rows of a band, and the side of the temporary TIFFs' tiles
 WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".tif", ".tiff")
 
 
@@ -61,18 +63,25 @@ def _local(uri: str, tmp: str) -> str:
     return path
 
 
-def _memmap(tmp: str, name: str, shape: tuple[int, ...]) -> np.memmap:
-    return np.lib.format.open_memmap(
-        os.path.join(tmp, name), mode="w+", dtype=np.uint8, shape=shape
-    )
+def write_tiled(path: str, height: int, width: int, bands, channels: int) -> None:
+    """An uncompressed tiled TIFF [height, width(, channels)] from ``bands``: an iterable of
+    arrays of ``TILE`` rows each (fewer for the last), written tile by tile (tifffile), so only
+    one band is ever in memory."""
+    import tifffile
 
+    shape = (height, width, channels) if channels > 1 else (height, width)
 
-def _raw(mm: np.memmap):
-    import pyvips
+    def tiles():
+        for band in bands:
+            for c in range(0, width, TILE):
+                t = np.zeros((TILE, TILE, *shape[2:]), np.uint8)
+                part = band[:, c : c + TILE]
+                t[: part.shape[0], : part.shape[1]] = part
+                yield t
 
-    h, w = mm.shape[:2]
-    bands = 1 if mm.ndim == 2 else mm.shape[2]
-    return pyvips.Image.rawload(mm.filename, w, h, bands, offset=mm.offset)
+    photometric = "rgb" if channels == 3 else "minisblack"
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(tiles(), shape=shape, dtype=np.uint8, tile=(TILE, TILE), photometric=photometric)
 
 
 def check_tissue(reader, uri: str) -> None:
@@ -84,21 +93,24 @@ def check_tissue(reader, uri: str) -> None:
         raise DataError(f"{uri}: no tissue (every pixel of level {k} is background)")
 
 
-def label_map(raw: RawSlide, data: bytes, shape, cfg: IngestConfig, class_names, tmp) -> np.memmap:
-    """The slide's label map [H, W] in a memory-mapped file, from QuPath polygons (rasterised
-    tile by tile) or a mask of class ids."""
+def label_bands(raw: RawSlide, data: bytes, shape, cfg: IngestConfig, class_names):
+    """The slide's label map [H, W] as bands of ``TILE`` rows: rasterised from the QuPath
+    polygons band by band, or cut from a mask of class ids."""
     from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
 
     uri = raw.annotator_uris[0]
-    out = _memmap(tmp, "labels.npy", shape)
+    H, W = shape
     if raw.label_kind == "qupath":
         fill = unannotated_value(cfg.unannotated, class_names)
-        rasterize(parse_qupath(data, uri, class_names), *shape, fill=fill, out=out)
-        return out
+        anns = parse_qupath(data, uri, class_names)
+        for top in range(0, H, TILE):
+            yield rasterize(anns, min(TILE, H - top), W, fill=fill, origin=(top, 0))
+        return
     from foveation.data.ingest import read_annotator_map
 
-    out[:] = read_annotator_map(raw, uri, data, shape, cfg, class_names)
-    return out
+    m = read_annotator_map(raw, uri, data, shape, cfg, class_names)
+    for top in range(0, H, TILE):
+        yield m[top : top + TILE]
 
 
 def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: dict | None):
@@ -138,21 +150,32 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
                 im = im.flatten(background=255) if im.hasalpha() else im
                 im = im.colourspace("srgb") if im.bands < 3 else im
             else:
-                mm = _memmap(tmp, "image.npy", (H, W, 3))
-                for top in range(0, H, BAND_ROWS):
-                    n = min(BAND_ROWS, H - top)
-                    mm[top : top + n] = reader.read_level(0, top, 0, n, W)[..., :3]
-                mm.flush()
-                im = _raw(mm)
+                level0 = os.path.join(tmp, "level0.tif")
+                bands = (
+                    reader.read_level(0, top, 0, min(TILE, H - top), W)[..., :3]
+                    for top in range(0, H, TILE)
+                )
+                write_tiled(level0, H, W, bands, 3)
+                im = pyvips.Image.new_from_file(level0, access="sequential")
             mpp = reader.mpp
         finally:
             reader.close()
         slide_path = os.path.join(tmp, "slide.tif")
         write_pyramid(im, slide_path, cfg.tile_size, cfg.compression, cfg.quality, sqrt2=False)
-        labels = label_map(raw, maps[0], (H, W), cfg, class_names, tmp)
-        labels.flush()
+        counts = np.zeros(256, np.int64)
+
+        def counted(bands):
+            nonlocal counts
+            for b in bands:
+                counts += np.bincount(b.reshape(-1), minlength=256)
+                yield b
+
+        raw_labels = os.path.join(tmp, "labels0.tif")
+        write_tiled(
+            raw_labels, H, W, counted(label_bands(raw, maps[0], (H, W), cfg, class_names)), 1
+        )
         label_path = os.path.join(tmp, "labels.tif")
-        _raw(labels).tiffsave(
+        pyvips.Image.new_from_file(raw_labels, access="sequential").tiffsave(
             label_path,
             tile=True,
             pyramid=True,
@@ -162,9 +185,6 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
             compression="deflate",
             region_shrink="mode",
         )
-        counts = np.zeros(256, np.int64)
-        for top in range(0, H, BAND_ROWS):
-            counts += np.bincount(labels[top : top + BAND_ROWS].reshape(-1), minlength=256)
         k = len(class_names)
         fractions = counts[:k] / max(1, int(counts[:k].sum()))
         n_pages = pyvips.Image.new_from_file(slide_path).get("n-pages")
