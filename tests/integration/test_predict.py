@@ -64,3 +64,41 @@ def test_a_bucket_is_predicted_a_bad_slide_named_and_a_rerun_skips_finished(
     again = predict(CHECKPOINT, f"{base}/in", out, workers=1, device="cpu", log=lambda s: None)
     assert sorted(again.already_done) == ["core0", "core1", "wsi"] and again.predicted == []
     assert list(again.failed) == ["broken"]
+
+
+def test_a_slide_list_in_s3_ingests_whole_slides_and_predicts_from_the_manifest(
+    ray_ready, s3_bucket, tmp_path
+):
+    """Bring your own slides, end to end through the local S3: an Aperio SVS with QuPath
+    polygons listed in a CSV is ingested out of core into an S3 store, and jobs.predict runs
+    on the store's manifest."""
+    from foveation.config import IngestConfig
+    from foveation.data.ingest import ingest, read_manifest
+    from foveation.serving import geojson
+    from tests.vendor_slides import write_svs
+
+    rng = np.random.default_rng(1)
+    tissue = rng.integers(40, 200, (640, 512, 3), np.uint8)
+    lab = np.zeros((640, 512), np.uint8)
+    lab[100:400, 50:300] = 2
+    write_svs(str(tmp_path / "p1.svs"), tissue, mpp=0.5)
+    storage.upload_file(str(tmp_path / "p1.svs"), f"{s3_bucket}/raw/p1.svs")
+    names = ("benign", "grade3", "grade4", "grade5")
+    coll = geojson.feature_collection(geojson.features(lab, names))
+    storage.write_bytes(f"{s3_bucket}/raw/p1.geojson", geojson.dumps(coll))
+    storage.write_bytes(
+        f"{s3_bucket}/raw/slides.csv", b"image_uri,annotation_uri,patient\np1.svs,p1.geojson,A\n"
+    )
+    cfg = IngestConfig(crop_size=None, tile_size=128, val_fraction=0.0, test_fraction=0.0)
+    summary = ingest(f"{s3_bucket}/raw/slides.csv", f"{s3_bucket}/store", cfg, log=lambda s: None)
+    assert summary.ingested == ["p1"], summary.failed
+    (row,) = read_manifest(f"{s3_bucket}/store").to_pylist()
+    assert row["mpp"] == pytest.approx(0.5) and row["patient"] == "A"
+    assert row["class_fractions"][2] == pytest.approx((lab == 2).mean())
+    res = predict(
+        CHECKPOINT, summary.manifest_uri, f"{s3_bucket}/pred", device="cpu", log=lambda s: None
+    )
+    assert res.predicted == ["p1"]
+    done = json.loads(storage.read_bytes(f"{s3_bucket}/pred/p1/{DONE_FILE}"))
+    assert (done["summary"]["height"], done["summary"]["width"]) == (640, 512)
+    assert done["summary"]["slide_mpp"] == pytest.approx(0.5)

@@ -201,6 +201,9 @@ def test_whole_slide_images_ingest_out_of_core_with_their_mpp_and_polygons(tmp_p
     assert list(summary.failed) == ["blank"] and "no tissue" in summary.failed["blank"]
     rows = {r["slide_id"]: r for r in read_manifest(summary.manifest_uri).to_pylist()}
     assert rows["a"]["mpp"] == pytest.approx(0.25) and rows["b"]["mpp"] == pytest.approx(0.5)
+    from foveation.io.slides import SlideReader
+
+    assert SlideReader(rows["a"]["image_uri"]).mpp == pytest.approx(0.25)  # kept in the store
     assert (rows["a"]["height"], rows["a"]["width"]) == (900, 700)  # not cropped
     for sid, (h, w) in {"a": (900, 700), "b": (600, 500)}.items():
         img = pyvips.Image.new_from_file(rows[sid]["image_uri"], page=0).numpy()

@@ -160,6 +160,8 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
             mpp = reader.mpp
         finally:
             reader.close()
+        if mpp:  # the store's pyramid keeps the physical scale (libvips: pixels per mm)
+            im = im.copy(xres=1000.0 / mpp, yres=1000.0 / mpp)
         slide_path = os.path.join(tmp, "slide.tif")
         write_pyramid(im, slide_path, cfg.tile_size, cfg.compression, cfg.quality, sqrt2=False)
         counts = np.zeros(256, np.int64)
