@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if ray_logs_dir():
         print(f"Ray's logs: {ray_logs_dir()}")
     print(f"report: {res.report_uri}")
-    print(f"serve:  .venv/bin/serve run serve.app:build_app checkpoint={model}")
+    print(
+        f"serve:  .venv/bin/serve run serve.app:build_app checkpoint={model} config=serve/serve.toml"
+    )
     return 0
 
 

@@ -167,9 +167,11 @@ class AutoscalingConfig:
 
 @dataclass(frozen=True)
 class ReplicaConfig:
-    """Resources and queue bounds of one deployment's replicas."""
+    """Resources and queue bounds of one deployment's replicas. The built-in defaults fit a
+    2-core laptop (model 0.5, ingress 0.25, runner 0.5, as ``serve/serve.toml``): with 1 CPU
+    each the ingress could not be scheduled on a fresh 2-CPU Ray and the app never answered."""
 
-    num_cpus: float = 1.0
+    num_cpus: float = 0.5
     """Logical CPUs per replica (fractional on a laptop: docs/contracts.md#ray-on-2-cores)."""
     num_gpus: float = 0.0
     """GPUs per replica on a cluster (fractional shares one GPU)."""
@@ -222,7 +224,7 @@ class ServeConfig:
     """The FastAPI ingress (light: decoding, validation, routing)."""
     runner: ReplicaConfig = field(
         default_factory=lambda: ReplicaConfig(
-            num_cpus=1.0, max_ongoing_requests=64, max_queued_requests=64
+            num_cpus=0.5, max_ongoing_requests=64, max_queued_requests=64
         )
     )
     """The whole-slide job runner (one replica: it owns the jobs it runs)."""
