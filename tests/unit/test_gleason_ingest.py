@@ -264,3 +264,19 @@ def test_a_manifest_from_before_the_patient_column_reads_with_it_null(raw_set, t
     old = tmp_path / "old.parquet"
     pq.write_table(table, old)
     assert read_manifest(str(old)).column("patient").null_count == table.num_rows
+
+
+def test_a_set_regenerated_over_an_older_one_keeps_none_of_its_files(tmp_path):
+    from foveation.data.prepare import remove_generated
+
+    src = tmp_path / "raw"
+    write_synthetic_set(str(src), SYN, PC, log=lambda s: None)
+    (src / "notes.txt").write_text("the user's own file")
+    other = dataclasses.replace(SYN, seed=4)
+    remove_generated(str(src))
+    write_synthetic_set(str(src), other, PC, log=lambda s: None)
+    fresh = tmp_path / "fresh"
+    write_synthetic_set(str(fresh), other, PC, log=lambda s: None)
+    listing = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    want = sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file())
+    assert listing == sorted([*want, "notes.txt"])  # no stale annotator map; the user's file kept

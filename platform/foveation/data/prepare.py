@@ -34,6 +34,7 @@ def ensure_store(
     why = generation_needed(cfg, raw)
     if why:
         log(f"generating {cfg.data.synthetic.n_slides} synthetic slides into {raw} ({why})")
+        remove_generated(raw)  # an old set's files would otherwise stay beside the new one's
         write_synthetic_set(raw, cfg.data.synthetic, cfg.patches, log=lambda s: None)
     else:
         log(f"slides already in {raw}")
@@ -53,6 +54,30 @@ def ensure_store(
     )
     log(summary.text().splitlines()[0])
     return store
+
+
+def remove_generated(raw: str) -> None:
+    """Delete what the generator writes into ``raw`` (its folders and settings record) and
+    nothing else: a set regenerated over an older one must not keep the older one's annotator
+    maps (each slide's annotators are drawn anew, and a stale map would join the STAPLE fusion)."""
+    from foveation.data import gleason
+    from foveation.data.synthetic import SETTINGS_FILE
+
+    if not has_files(raw):
+        return
+    base = raw.rstrip("/")
+    folders = {
+        f[len(base) :].lstrip("/").split("/")[0]
+        for f in storage.list_files(raw)
+        if "/" in f[len(base) :].lstrip("/")
+    }
+    for name in sorted(folders):
+        if name in (gleason.IMAGE_DIR, gleason.TRUTH_DIR, gleason.CUE_DIR) or gleason.MAP_DIR.match(
+            name
+        ):
+            storage.remove_tree(storage.join(raw, name))
+    if storage.exists(storage.join(raw, SETTINGS_FILE)):
+        storage.remove_tree(storage.join(raw, SETTINGS_FILE))
 
 
 def generation_needed(cfg: Config, raw: str) -> str | None:

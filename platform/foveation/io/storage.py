@@ -618,6 +618,23 @@ def _copy_stream(src: Any, dst: BinaryIO) -> None:
 # ----------------------------------------------------------------------------------- writing
 
 
+def remove_tree(uri: str) -> None:
+    """Delete a file, or a folder (every object under an S3 prefix) and all it holds; nothing
+    there is not an error."""
+    import pyarrow.fs as pafs
+
+    loc = _locate(uri)
+
+    def remove() -> None:
+        kind = loc.fs.get_file_info(loc.path).type
+        if kind == pafs.FileType.File:
+            loc.fs.delete_file(loc.path)
+        elif kind != pafs.FileType.NotFound:
+            loc.fs.delete_dir(loc.path)
+
+    _run(loc, "delete", "a deletable folder or prefix", remove)
+
+
 def makedirs(uri: str) -> None:
     """Make a local directory (and its parents). On S3 prefixes need no making: check that
     the bucket exists, so that a typo fails here and not at the first write."""
