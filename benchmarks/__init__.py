@@ -140,6 +140,7 @@ SUITES: dict[str, str] = {
     "monitoring": "benchmarks.metrics_overhead:run",
     "seams": "benchmarks.seams:run",
     "wsi": "benchmarks.wsi:run",
+    "predict": "benchmarks.predict:run",
 }
 
 

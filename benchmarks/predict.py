@@ -1,0 +1,180 @@
+"""The ``predict`` suite: whole-slide prediction (``serving.outputs.predict_slide``, what
+``jobs.predict`` and Serve's slide jobs run per slide) on a trained model (default: the demo's,
+``runs/debug/runs/soft/model``; ``FOVEATION_PREDICT_MODEL`` to change it), one torch thread.
+
+- overhead: the time that is not the segmenter's forward (reading, banks, F, stitching,
+  writing the OME-TIFFs and GeoJSON) per output megapixel, against the segmenter's forward time
+  on the same number of locations (target <= 0.2x); also the wall time against the forward's;
+- memory: the peak resident memory of predicting a slide of 16x the base's area against the
+  base's, each in a fresh process (target <= 1.2x; ``--quick``: 4x);
+- throughput: slides per hour through ``jobs.predict``'s Ray Data actor pool with 2 actors
+  against 1, one thread each, on 8 slides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks import Figure
+
+_CHILD = r"""
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from foveation.checkpoint import load_checkpoint
+from foveation.serving.outputs import predict_slide
+model, cfg, _ = load_checkpoint(sys.argv[1])
+res, summary = predict_slide(model, cfg, sys.argv[2], sys.argv[3])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"peak_mb": peak, "seconds": summary["seconds"]}))
+"""
+
+
+def _model_uri() -> str:
+    uri = os.environ.get("FOVEATION_PREDICT_MODEL", "runs/debug/runs/soft/model")
+    if not uri.startswith("s3://") and not os.path.exists(uri):
+        raise SystemExit(f"predict: no model at {uri}; run `make demo` first")
+    return uri
+
+
+def _slide(path: str, side: int, cfg, seed: int) -> None:
+    import pyvips
+
+    from foveation.data.synthetic import GeneratorParams, TissueScales, generate_slide
+
+    syn = cfg.data.synthetic
+    params = GeneratorParams(
+        syn.grade5_fraction, syn.texture_contrast, syn.noise_sigma, regime=syn.regime
+    )
+    img = generate_slide(side, side, TissueScales.from_patches(cfg.patches), seed, params).image
+    pyvips.Image.new_from_array(img).tiffsave(path, tile=True, pyramid=True, compression="deflate")
+
+
+def _overhead(model, cfg, path: str) -> list[Figure]:
+    """The segmenter's forward is timed inside the real run, by hooks around the model's
+    forward (F runs through ``model.weights``, outside it, so F counts as overhead)."""
+    import torch
+
+    from foveation.serving.outputs import predict_slide
+
+    torch.set_num_threads(1)
+    spent = {"forward": 0.0}
+    started = {}
+
+    def pre(module, args):
+        started["t"] = time.perf_counter()
+
+    def post(module, args, out):
+        spent["forward"] += time.perf_counter() - started["t"]
+
+    hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            t = time.perf_counter()
+            _, summary = predict_slide(model, cfg, path, out)
+            total = time.perf_counter() - t
+    finally:
+        for h in hooks:
+            h.remove()
+    forward = spent["forward"]
+    mp = summary["width"] * summary["height"] / 1e6
+    note = (
+        f"{summary['width']} px slide, {summary['locations']} locations, 1 thread, "
+        f"overlap {cfg.inference.overlap}; forward {forward:.1f}s of {total:.1f}s"
+    )
+    return [
+        Figure(
+            "predict_overhead_s_per_output_mp",
+            (total - forward) / mp,
+            "s/MP",
+            "lower",
+            0.2,
+            forward / mp,
+            (total - forward) / forward,
+            note,
+        ),
+        Figure(
+            "predict_wall_vs_forward", total, "s", "lower", None, forward, total / forward, note
+        ),
+    ]
+
+
+def _memory(uri: str, cfg, tmp: str, base: int, factor: int) -> Figure:
+    peaks = {}
+    for side in (base, base * factor):
+        path = os.path.join(tmp, f"m{side}.tif")
+        _slide(path, side, cfg, 11)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(["platform", "."]))
+        r = subprocess.run(
+            [sys.executable, "-c", _CHILD, uri, path, os.path.join(tmp, f"o{side}")],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        peaks[side] = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
+    big = base * factor
+    return Figure(
+        "predict_peak_rss",
+        peaks[big],
+        "MB",
+        "lower",
+        1.2,
+        peaks[base],
+        peaks[big] / peaks[base],
+        f"{big} px vs {base} px ({factor**2}x the area)",
+    )
+
+
+def _throughput(uri: str, cfg, tmp: str, side: int) -> Figure:
+    from foveation.prediction import predict
+    from foveation.raycluster import init_ray
+
+    init_ray(quiet=True)
+    src = os.path.join(tmp, "bucket")
+    os.makedirs(src, exist_ok=True)
+    for i in range(8):
+        _slide(os.path.join(src, f"s{i}.tif"), side, cfg, 100 + i)
+    rate = {}
+    for workers in (1, 2):
+        t = time.perf_counter()
+        res = predict(
+            uri,
+            src,
+            os.path.join(tmp, f"out{workers}"),
+            workers=workers,
+            device="cpu",
+            log=lambda s: None,
+        )
+        if res.failed:
+            raise RuntimeError(f"predict: {res.failed}")
+        rate[workers] = len(res.predicted) / (time.perf_counter() - t) * 3600
+    return Figure(
+        "predict_slides_per_hour_2_actors",
+        rate[2],
+        "slides/h",
+        "higher",
+        None,
+        rate[1],
+        rate[2] / rate[1],
+        f"8 slides of {side} px, Ray start excluded",
+    )
+
+
+def run(config: str, quick: bool = False) -> list[Figure]:
+    from foveation.checkpoint import load_checkpoint
+
+    uri = _model_uri()
+    model, cfg, _ = load_checkpoint(uri)
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        path = os.path.join(tmp, "o.tif")
+        _slide(path, 512 if quick else 2048, cfg, 7)
+        figs = _overhead(model, cfg, path)
+        figs.append(_memory(uri, cfg, tmp, 512 if quick else 1024, 2 if quick else 4))
+        figs.append(_throughput(uri, cfg, tmp, 256 if quick else 1024))
+    return figs
