@@ -1,7 +1,9 @@
-"""Small slides that OpenSlide recognises as a vendor's, for tests: an Aperio SVS (a tiled TIFF
-pyramid whose first ImageDescription starts "Aperio", with MPP and AppMag as Aperio writes
-them; OpenSlide reads it as format "aperio"). Tiles are deflate-compressed (tifffile writes
-JPEG only with imagecodecs; OpenSlide decodes other compressions through libtiff)."""
+"""Small slides that behave like a vendor's, for tests: an Aperio SVS (a tiled TIFF pyramid
+whose first ImageDescription starts "Aperio", with MPP and AppMag as Aperio writes them;
+OpenSlide reads it as format "aperio") and an OME-TIFF pyramid (OME-XML with PhysicalSizeX,
+reduced levels in SubIFDs, as Bio-Formats' bfconvert and QuPath write it). Tiles are
+deflate-compressed (tifffile writes JPEG only with imagecodecs; OpenSlide and libvips decode
+other compressions through libtiff)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,26 @@ def write_svs(path: str, image: np.ndarray, mpp: float = 0.499, levels: int = 3)
                 description=f"{head}{w}x{h} -> {lv.shape[1]}x{lv.shape[0]}",
                 metadata=None,
             )
+
+
+def write_ome_tiff(path: str, image: np.ndarray, mpp: float = 0.25, levels: int = 3) -> None:
+    import tifffile
+
+    opts = {"tile": (256, 256), "compression": "zlib", "photometric": "rgb"}
+    per_cm = 1e4 / mpp
+    meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}
+    meta |= {"PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        tif.write(
+            image,
+            subifds=levels - 1,
+            resolution=(per_cm, per_cm),
+            resolutionunit="CENTIMETER",
+            metadata=meta,
+            **opts,
+        )
+        for k in range(1, levels):
+            tif.write(_block_mean(image, 2**k), subfiletype=1, **opts)
 
 
 def _block_mean(image: np.ndarray, f: int) -> np.ndarray:

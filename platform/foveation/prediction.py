@@ -16,7 +16,6 @@ file is itself written atomically). A slide that fails is reported with its caus
 from __future__ import annotations
 
 import json
-import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,19 +62,11 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-def _slide_id(uri: str) -> str:
-    name = posixpath.basename(uri.rstrip("/"))
-    for ext in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return posixpath.splitext(name)[0]
-
-
 def list_slides(source: str, split: str | None = None) -> list[SlideItem]:
     """The slides of a manifest (rows of ``split`` when given), a slide list, or a folder or
     prefix (files with a slide suffix; the ingest's ``.s2.tif`` companions left out)."""
     from foveation.data.gleason import DataError
-    from foveation.data.slidelist import is_slide_list, scan_list
+    from foveation.data.slidelist import is_slide_list, scan_list, slide_id_of
 
     if source.lower().endswith(".parquet"):
         import io
@@ -101,7 +92,7 @@ def list_slides(source: str, split: str | None = None) -> list[SlideItem]:
     files = [f for f in files if not f.lower().endswith(".s2.tif")]
     items: dict[str, SlideItem] = {}
     for f in files:
-        sid = _slide_id(f)
+        sid = slide_id_of(f)
         if sid in items:
             raise DataError(f"{source}: two slides are named {sid!r} ({items[sid].uri}, {f})")
         items[sid] = SlideItem(sid, f)

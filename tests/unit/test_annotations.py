@@ -170,10 +170,11 @@ def test_training_samples_locations_only_where_a_partly_annotated_slide_has_labe
 
 
 def test_whole_slide_images_ingest_out_of_core_with_their_mpp_and_polygons(tmp_path):
-    """An Aperio SVS (OpenSlide) and a pyramidal TIFF (libvips), each with QuPath polygons, go
-    the whole-slide path: level 0 and the labels come back exactly, the mpp is kept, and a
-    blank slide is reported as having no tissue."""
-    from tests.vendor_slides import write_svs
+    """An Aperio SVS (OpenSlide), a pyramidal TIFF and an OME-TIFF with SubIFD levels
+    (libvips), each with QuPath polygons, go the whole-slide path: level 0 and the labels come
+    back exactly, the mpp is kept; a blank slide is reported as having no tissue and a
+    truncated one as truncated."""
+    from tests.vendor_slides import write_ome_tiff, write_svs
 
     rng = np.random.default_rng(4)
     tissue = rng.integers(60, 200, (900, 700, 3), np.uint8)
@@ -187,29 +188,72 @@ def test_whole_slide_images_ingest_out_of_core_with_their_mpp_and_polygons(tmp_p
         xres=2000.0,
         yres=2000.0,
     )
+    write_ome_tiff(str(tmp_path / "c.ome.tif"), tissue[:520, :640], mpp=0.3)
     write_svs(str(tmp_path / "blank.svs"), np.full((300, 300, 3), 250, np.uint8))
+    whole = (tmp_path / "a.svs").read_bytes()  # a copy cut short: its last levels are missing
+    (tmp_path / "cut.svs").write_bytes(whole[: int(len(whole) * 0.8)])
     (tmp_path / "a.geojson").write_bytes(export(lab))
     (tmp_path / "b.geojson").write_bytes(export(lab[:600, :500]))
+    (tmp_path / "c.geojson").write_bytes(export(lab[:520, :640]))
     (tmp_path / "blank.geojson").write_bytes(export(lab[:300, :300]))
     (tmp_path / "wsi.csv").write_text(
-        "image_uri,annotation_uri\na.svs,a.geojson\nb.tif,b.geojson\nblank.svs,blank.geojson\n"
+        "image_uri,annotation_uri\na.svs,a.geojson\nb.tif,b.geojson\nc.ome.tif,c.geojson\n"
+        "blank.svs,blank.geojson\ncut.svs,a.geojson\n"
     )
     cfg = IngestConfig(
         crop_size=4400, tile_size=128, compression="deflate", val_fraction=0.0, test_fraction=0.0
     )
     summary = ingest(str(tmp_path / "wsi.csv"), str(tmp_path / "store"), cfg, log=lambda s: None)
-    assert list(summary.failed) == ["blank"] and "no tissue" in summary.failed["blank"]
+    assert sorted(summary.failed) == ["blank", "cut"] and "no tissue" in summary.failed["blank"]
+    assert "cut.svs: truncated TIFF" in summary.failed["cut"]
     rows = {r["slide_id"]: r for r in read_manifest(summary.manifest_uri).to_pylist()}
     assert rows["a"]["mpp"] == pytest.approx(0.25) and rows["b"]["mpp"] == pytest.approx(0.5)
+    assert rows["c"]["mpp"] == pytest.approx(0.3)
     from foveation.io.slides import SlideReader
 
     assert SlideReader(rows["a"]["image_uri"]).mpp == pytest.approx(0.25)  # kept in the store
     assert (rows["a"]["height"], rows["a"]["width"]) == (900, 700)  # not cropped
-    for sid, (h, w) in {"a": (900, 700), "b": (600, 500)}.items():
+    for sid, (h, w) in {"a": (900, 700), "b": (600, 500), "c": (520, 640)}.items():
         img = pyvips.Image.new_from_file(rows[sid]["image_uri"], page=0).numpy()
         assert np.array_equal(img, tissue[:h, :w])
         got = pyvips.Image.new_from_file(rows[sid]["label_uri"], page=0).numpy()
         assert np.array_equal(got.reshape(h, w), lab[:h, :w])
         assert rows[sid]["level_downsamples"][0] == 1.0 and len(rows[sid]["level_downsamples"]) > 1
     again = ingest(str(tmp_path / "wsi.csv"), str(tmp_path / "store"), cfg, log=lambda s: None)
-    assert sorted(again.unchanged) == ["a", "b"]
+    assert sorted(again.unchanged) == ["a", "b", "c"]
+
+
+def test_several_annotators_of_a_whole_slide_are_fused_by_staple_block_by_block(
+    tmp_path, monkeypatch
+):
+    """Three QuPath annotators of an SVS, the third off on one region: the fused labels are
+    the two who agree (STAPLE per block of 256 rows x 128 columns here), and each annotator's
+    confusion against them is recorded."""
+    from foveation.data import wsi
+    from tests.vendor_slides import write_svs
+
+    monkeypatch.setattr(wsi, "STAPLE_COLS", 128)
+    rng = np.random.default_rng(5)
+    write_svs(str(tmp_path / "s.svs"), rng.integers(60, 200, (600, 500, 3), np.uint8), mpp=0.5)
+    lab = np.zeros((600, 500), np.uint8)
+    lab[50:300, 40:260] = 1
+    lab[350:560, 300:480] = 2
+    other = lab.copy()
+    other[350:560, 300:480] = 3  # annotator 3 grades the second region higher
+    for k, m in enumerate([lab, lab, other], start=1):
+        (tmp_path / f"a{k}.geojson").write_bytes(export(m))
+    (tmp_path / "l.csv").write_text(
+        "image_uri,annotation_uri\ns.svs,a1.geojson;a2.geojson;a3.geojson\n"
+    )
+    (raw,) = scan_list(str(tmp_path / "l.csv"))
+    assert raw.annotators == (1, 2, 3) and raw.label_kind == "qupath"
+    cfg = IngestConfig(crop_size=None, tile_size=128, val_fraction=0.0, test_fraction=0.0)
+    summary = ingest(str(tmp_path / "l.csv"), str(tmp_path / "store"), cfg, log=lambda s: None)
+    assert summary.ingested == ["s"], summary.failed
+    (row,) = read_manifest(summary.manifest_uri).to_pylist()
+    got = pyvips.Image.new_from_file(row["label_uri"], page=0).numpy().reshape(600, 500)
+    assert np.array_equal(got, lab)
+    conf = json.loads((tmp_path / "store" / "rows" / "s.json").read_text())["annotator_confusion"]
+    assert sorted(conf) == ["1", "2", "3"]
+    third = np.array(conf["3"])  # rows: the fused class, columns: the annotator's
+    assert third[2, 3] == 210 * 180 and np.trace(np.array(conf["1"])) == 600 * 500

@@ -140,6 +140,26 @@ def test_an_aperio_svs_opens_through_openslide_with_its_mpp_and_levels(tmp_path)
     )
 
 
+def test_an_ome_tiff_opens_with_its_subifd_levels_and_a_truncated_tiff_is_named(tmp_path):
+    from foveation.io.slides import SlideError
+    from tests.vendor_slides import write_ome_tiff, write_svs
+
+    img = np.random.default_rng(4).integers(0, 255, (600, 520, 3), np.uint8)
+    path = str(tmp_path / "s.ome.tif")
+    write_ome_tiff(path, img, mpp=0.3)
+    r = SlideReader(path)
+    assert r.backend == "pyvips" and r.mpp == pytest.approx(0.3)
+    assert [lv.downsample for lv in r.levels] == pytest.approx([1, 2, 4], rel=0.01)
+    assert np.array_equal(r.read_level(0, 100, 50, 64, 80), img[100:164, 50:130])
+    write_svs(str(tmp_path / "whole.svs"), img)
+    whole = (tmp_path / "whole.svs").read_bytes()
+    for name, frac in [("a.svs", 0.9), ("b.tif", 0.9), ("c.tif", 0.3), ("d.ome.tif", 0.5)]:
+        src = whole if not name.endswith("ome.tif") else (tmp_path / "s.ome.tif").read_bytes()
+        (tmp_path / name).write_bytes(src[: int(len(src) * frac)])
+        with pytest.raises(SlideError, match=f"{name}: truncated TIFF.*past the end"):
+            SlideReader(str(tmp_path / name))
+
+
 def test_a_40x_and_a_20x_scan_of_the_same_tissue_read_alike_at_the_models_mpp(tmp_path):
     """ScaledSource: the 40x scan resampled to 20x matches the 20x scan within resampling error,
     and scale 1 is level 0 exactly."""

@@ -247,11 +247,14 @@ def ingest_slide(
         if raw.label_kind != "gleason" and is_whole_slide(raw.image_uri):  # out of core
             prev = _previous_row(dest, sid)
             row, extras, mp = ingest_wsi(raw, dest, cfg, class_names, prev)
+            state = "ingested" if extras is not None else "unchanged"
             if extras is None:
+                extras = {"annotator_confusion": row.get("annotator_confusion", {})}
                 row = {k: v for k, v in row.items() if k in MANIFEST_SCHEMA.names}
-                return SlideOutcome(sid, "unchanged", row, None, time.perf_counter() - t0, 0.0, {})
-            write_row(dest, row, extras)
-            return SlideOutcome(sid, "ingested", row, None, time.perf_counter() - t0, mp, {})
+            else:
+                write_row(dest, row, extras)
+            conf = {int(k): v for k, v in extras["annotator_confusion"].items()}
+            return SlideOutcome(sid, state, row, None, time.perf_counter() - t0, mp, conf)
         data = storage.read_bytes(raw.image_uri)
         checksum = hashlib.sha256(data).hexdigest()
         map_bytes = [storage.read_bytes(uri) for uri in raw.annotator_uris]

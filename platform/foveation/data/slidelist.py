@@ -4,12 +4,13 @@ URI) with one row per slide, for data that is not in the Gleason2019 layout.
     image_uri        required: the image (what ``io.images`` decodes: PNG, JPEG, TIFF)
     slide_id         optional: defaults to the image's file name without its extension
     annotation_uri   optional: QuPath GeoJSON (``.geojson``/``.json``: ``data.annotations``) or a
-                     label mask of class ids (PNG/TIFF; 255 = unlabelled)
+                     label mask of class ids (PNG/TIFF; 255 = unlabelled); several annotators'
+                     files separated by ";" are fused by STAPLE
     patient          optional: keeps a patient's slides in one split (``assign_splits``)
 
 Relative URIs are taken relative to the list's folder. Errors name the list, the line and
-what was expected. Whole-slide pyramids (SVS, NDPI, MRXS) are not ingested from a list yet:
-the image is decoded whole, as the Gleason2019 JPEGs are.
+what was expected. Whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF, OME-TIFF) are ingested
+out of core (``data.wsi``); other images are decoded whole, as the Gleason2019 JPEGs are.
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def _resolve(uri: str, base: str) -> str:
     return posixpath.join(base, uri) if base else uri
 
 
+def slide_id_of(uri: str) -> str:
+    """A slide's id from its file name: the name without its extension (``.ome.tif`` and
+    ``.ome.tiff`` count as one)."""
+    name = posixpath.basename(uri.rstrip("/"))
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return posixpath.splitext(name)[0]
+
+
 def scan_list(uri: str) -> list[RawSlide]:
     """The slides of a list, sorted by slide id."""
     base = posixpath.dirname(uri)
@@ -66,23 +77,23 @@ def scan_list(uri: str) -> list[RawSlide]:
         image = str(r.get("image_uri") or "").strip()
         if not image:
             raise DataError(f"{where}: empty image_uri")
-        sid = (
-            str(r.get("slide_id") or "").strip() or posixpath.splitext(posixpath.basename(image))[0]
-        )
+        sid = str(r.get("slide_id") or "").strip() or slide_id_of(image)
         if not _ID.match(sid):
             raise DataError(f"{where}: slide id {sid!r} must be letters, digits, '.', '_' or '-'")
         if sid in out:
             raise DataError(f"{where}: slide id {sid!r} is listed twice")
-        ann = str(r.get("annotation_uri") or "").strip()
-        kind = "qupath" if ann.lower().endswith(GEOJSON_SUFFIXES) else "mask"
+        anns = [a.strip() for a in str(r.get("annotation_uri") or "").split(";") if a.strip()]
+        kinds = {"qupath" if a.lower().endswith(GEOJSON_SUFFIXES) else "mask" for a in anns}
+        if len(kinds) > 1:
+            raise DataError(f"{where}: annotators mix QuPath GeoJSON and masks; expected one kind")
         patient = r.get("patient")
         out[sid] = RawSlide(
             sid,
             _resolve(image, base),
-            (_resolve(ann, base),) if ann else (),
-            (1,) if ann else (),
+            tuple(_resolve(a, base) for a in anns),
+            tuple(range(1, len(anns) + 1)),
             patient=str(patient) if patient not in (None, "") else None,
-            label_kind=kind,
+            label_kind=kinds.pop() if kinds else "mask",
         )
     if not out:
         raise DataError(f"{uri}: the slide list has no rows")

@@ -30,7 +30,7 @@ def staple(maps: list[np.ndarray], num_classes: int) -> np.ndarray:
     for i, m in enumerate(maps):
         if m.shape != shape:
             raise ValueError(f"staple: map {i} has shape {m.shape}, expected {shape}")
-    if len(maps) == 1:
+    if all(np.array_equal(m, maps[0]) for m in maps[1:]):  # one map, or all agree
         return maps[0].copy()
     f = sitk.MultiLabelSTAPLEImageFilter()
     f.SetLabelForUndecidedPixels(UNDECIDED)

@@ -13,6 +13,11 @@ as RGB) never is:
 - the label map is rasterised from the QuPath polygons band by band
   (``annotations.rasterize`` with a window) into the same kind of tiled TIFF, or decoded from a
   mask, then written as a pyramid shrunk by mode; class fractions are counted per band;
+- several annotators (``annotation_uri`` "a.geojson;b.geojson") are fused by STAPLE at the
+  label resolution, block by block (``TILE`` rows x ``STAPLE_COLS`` columns), so the
+  annotators' sensitivities are estimated per block rather than over the whole slide: a whole
+  slide's maps do not fit in memory, and a coarser level would blur the boundaries STAPLE is
+  asked to settle;
 - the slide's mpp (OpenSlide's ``openslide.mpp-x``, a TIFF's resolution) goes into the
   manifest; slides are not cropped (``data.ingest.crop_size`` is for the Gleason cores);
 - a slide without tissue on its coarsest level is an error naming it.
@@ -20,7 +25,7 @@ as RGB) never is:
 Resident memory is a band of rows plus libvips' tile caches, whatever the slide's size (no
 memory map: its pages would count as resident as they are written); the local disk holds the
 source copy, the raw level 0 and the outputs until they are uploaded.
-There is one annotator per slide (no STAPLE) and no 1/sqrt(2) companion pyramid.
+There is no 1/sqrt(2) companion pyramid for a whole slide.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from foveation.data.gleason import DataError, RawSlide
 from foveation.io import storage
 
 TILE = 256  # rows of a band, and the side of the temporary TIFFs' tiles
+STAPLE_COLS = 4096  # columns of a block that STAPLE fuses at once (1 MP: tens of MB in ITK)
 WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".tif", ".tiff")
 
 
@@ -93,12 +99,11 @@ def check_tissue(reader, uri: str) -> None:
         raise DataError(f"{uri}: no tissue (every pixel of level {k} is background)")
 
 
-def label_bands(raw: RawSlide, data: bytes, shape, cfg: IngestConfig, class_names):
-    """The slide's label map [H, W] as bands of ``TILE`` rows: rasterised from the QuPath
+def annotator_bands(raw: RawSlide, uri: str, data: bytes, shape, cfg: IngestConfig, class_names):
+    """One annotator's label map [H, W] as bands of ``TILE`` rows: rasterised from the QuPath
     polygons band by band, or cut from a mask of class ids."""
     from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
 
-    uri = raw.annotator_uris[0]
     H, W = shape
     if raw.label_kind == "qupath":
         fill = unannotated_value(cfg.unannotated, class_names)
@@ -111,6 +116,32 @@ def label_bands(raw: RawSlide, data: bytes, shape, cfg: IngestConfig, class_name
     m = read_annotator_map(raw, uri, data, shape, cfg, class_names)
     for top in range(0, H, TILE):
         yield m[top : top + TILE]
+
+
+def label_bands(raw: RawSlide, maps: list[bytes], shape, cfg: IngestConfig, class_names, confusion):
+    """The slide's label map [H, W] as bands of ``TILE`` rows. With several annotators, STAPLE
+    fuses them by blocks of ``TILE`` x ``STAPLE_COLS`` px (each block's own estimate of the
+    annotators' performance; blocks where they agree are taken as they are), and each
+    annotator's confusion against the fused map is added to ``confusion`` (annotator ->
+    ``ConfusionMatrix``)."""
+    from foveation.data.staple import annotator_confusions, staple
+
+    per = [
+        annotator_bands(raw, u, d, shape, cfg, class_names)
+        for u, d in zip(raw.annotator_uris, maps, strict=True)
+    ]
+    if len(per) == 1:
+        yield from per[0]
+        return
+    k = len(class_names)
+    for bands in zip(*per, strict=True):
+        fused = np.empty_like(bands[0])
+        for c in range(0, fused.shape[1], STAPLE_COLS):
+            block = [b[:, c : c + STAPLE_COLS] for b in bands]
+            fused[:, c : c + STAPLE_COLS] = staple(block, k)
+        for a, cm in zip(raw.annotators, annotator_confusions(list(bands), fused, k), strict=True):
+            confusion[a] = confusion[a].merge(cm) if a in confusion else cm
+        yield fused
 
 
 def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: dict | None):
@@ -173,9 +204,9 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
                 yield b
 
         raw_labels = os.path.join(tmp, "labels0.tif")
-        write_tiled(
-            raw_labels, H, W, counted(label_bands(raw, maps[0], (H, W), cfg, class_names)), 1
-        )
+        confusion: dict = {}
+        bands = label_bands(raw, maps, (H, W), cfg, class_names, confusion)
+        write_tiled(raw_labels, H, W, counted(bands), 1)
         label_path = os.path.join(tmp, "labels.tif")
         pyvips.Image.new_from_file(raw_labels, access="sequential").tiffsave(
             label_path,
@@ -211,7 +242,8 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
         "class_fractions": [float(f) for f in fractions],
         "checksum": checksum,
     }
-    return row, {"source_key": key, "annotator_confusion": {}}, H * W / 1e6
+    conf = {a: cm.matrix.tolist() for a, cm in confusion.items()}
+    return row, {"source_key": key, "annotator_confusion": conf}, H * W / 1e6
 
 
 def write_row(dest: str, row: dict, extras: dict) -> None:

@@ -31,6 +31,8 @@ from foveation.io import storage
 
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 PYVIPS_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
+# Formats stored as TIFF, whose structure can be checked against the file's length.
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".svslide")
 
 
 class SlideError(ValueError):
@@ -76,6 +78,8 @@ class SlideReader:
         self.counters = ReadCounters()
         self.range_file = None
         suffix = os.path.splitext(uri.lower().split("?")[0])[1]
+        if suffix in TIFF_SUFFIXES and not storage.is_remote(uri):
+            check_tiff_complete(uri.removeprefix("file://"), uri)
         if suffix in OPENSLIDE_SUFFIXES:
             self._open_openslide(
                 self._local_copy(uri, cache_dir) if storage.is_remote(uri) else uri
@@ -124,9 +128,11 @@ class SlideReader:
 
                 range_file = BlockCachedFile(uri, block_size=block_size, max_blocks=max_blocks)
 
-                def page(k: int):
+                def page(k: int, subifd: int | None = None):
                     src = vips_source(range_file)  # one per page: a source has one position
                     opts = {"page": k} if k else {}  # JPEG / PNG loaders take no page argument
+                    if subifd is not None:
+                        opts["subifd"] = subifd
                     with src.errors("open"):
                         im = pyvips.Image.new_from_source(src, "", access="random", **opts)
                     sources[id(im)] = src
@@ -136,13 +142,18 @@ class SlideReader:
                 if not os.path.isfile(path):
                     raise SlideError(f"{uri}: slide does not exist")
 
-                def page(k: int):
+                def page(k: int, subifd: int | None = None):
                     opts = {"page": k} if k else {}
+                    if subifd is not None:
+                        opts["subifd"] = subifd
                     return pyvips.Image.new_from_file(path, access="random", **opts)
 
             first = page(0)
             n = first.get("n-pages") if first.get_typeof("n-pages") else 1
-            images = [first] + [page(k) for k in range(1, n)]
+            # OME-TIFF (and other newer writers) keep the reduced levels as SubIFDs of the
+            # full-resolution page rather than as pages of their own.
+            m = first.get("n-subifds") if first.get_typeof("n-subifds") else 0
+            images = [first] + [page(0, j) for j in range(m)] + [page(k) for k in range(1, n)]
         except (pyvips.Error, ValueError) as exc:  # rangeio turns unreadable bytes into ValueError
             if isinstance(exc, SlideError):
                 raise
@@ -344,6 +355,52 @@ class ScaledSource:
 
 
 COMPANION_SUFFIX = ".s2.tif"
+
+
+def check_tiff_complete(path: str, uri: str | None = None) -> None:
+    """Raise ``SlideError`` naming ``uri`` when the TIFF at ``path`` is cut short: an IFD the
+    header chain points to lies past the file's end (libvips would open it as a slide with
+    fewer levels, OpenSlide says only "unsupported"), or a page's tiles or strips run past
+    it. Reads the IFDs only (tifffile), never the pixels. A file that is not a TIFF at all is
+    left to the reader, which names it."""
+    import logging
+
+    import tifffile
+
+    uri = uri or path
+    if not os.path.isfile(path):
+        return
+    size = os.path.getsize(path)
+    problems: list[str] = []
+
+    class Catch(logging.Handler):  # tifffile logs a broken IFD chain and stops there
+        def emit(self, record: logging.LogRecord) -> None:
+            problems.append(record.getMessage())
+
+    log = logging.getLogger("tifffile")
+    handler = Catch(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            for k, page in enumerate(pages):
+                for off in page.subifds or ():
+                    if off >= size:
+                        problems.append(f"page {k}'s reduced level at byte {off}")
+                offs, counts = page.dataoffsets, page.databytecounts
+                end = max((o + c for o, c in zip(offs, counts, strict=False)), default=0)
+                if end > size:
+                    problems.append(f"page {k}'s pixel data runs to byte {end}")
+    except Exception:  # not a TIFF, or a header too broken to parse: the reader reports it
+        return
+    finally:
+        log.removeHandler(handler)
+    bad = [p for p in problems if "offset" in p or "byte" in p]
+    if bad:
+        raise SlideError(
+            f"{uri}: truncated TIFF: {bad[0].split('> ')[-1]}, past the end of its {size} "
+            "bytes; expected a complete file (was a copy or an upload cut short?)"
+        )
 
 
 def companion_uri(uri: str) -> str | None:
