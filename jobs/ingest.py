@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = ingest(
             source,
             dest,
-            ic,
+            cfg.ingest_settings(),
             cfg.model.num_classes,
             map_fn=map_fn,
             kept_classes=cfg.evaluation.kept_classes,

@@ -321,6 +321,11 @@ class IngestConfig:
     unannotated: str = "ignore"
     """QuPath GeoJSON sources: the label of pixels no polygon covers, "ignore" (255: the loss
     and the metrics skip them) or a class name of ``evaluation.class_names``."""
+    mpp: float | None = None
+    """Microns per pixel of the store: a whole slide that declares another mpp is resampled to
+    it as it is ingested (libvips, streamed: the image by area, the labels by nearest), so a
+    20x and a 40x scan train alike. Unset: ``patches.mpp`` (``Config.ingest_settings``); both unset:
+    every slide keeps its own scale. A slide that declares no mpp is taken to be at it."""
 
     def __post_init__(self) -> None:
         w = "data.ingest"
@@ -334,6 +339,7 @@ class IngestConfig:
             self.compression in COMPRESSIONS, f"{w}.compression", f"must be one of {COMPRESSIONS}"
         )
         require(1 <= self.quality <= 100, f"{w}.quality", "must be in [1, 100]")
+        require(self.mpp is None or self.mpp > 0, f"{w}.mpp", "must be > 0 (microns per pixel)")
         require(
             0 <= self.val_fraction < 1
             and 0 <= self.test_fraction < 1
@@ -744,6 +750,11 @@ class Config:
             "'fp16' autocast gets DeepSpeed's loss scaler only with distributed.zero_stage = 0; "
             "use 'bf16' (no scaling needed) with ZeRO 1 or 2",
         )
+
+    def ingest_settings(self) -> IngestConfig:
+        """``data.ingest`` as ingest runs it: the store's mpp defaults to the model's."""
+        ic = self.data.ingest
+        return dataclasses.replace(ic, mpp=ic.mpp if ic.mpp is not None else self.patches.mpp)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested data for TOML (unset optionals absent)."""

@@ -1,6 +1,7 @@
 """QuPath GeoJSON annotations and slide lists: parsed, rasterised by tiles, ingested."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -257,3 +258,34 @@ def test_several_annotators_of_a_whole_slide_are_fused_by_staple_block_by_block(
     assert sorted(conf) == ["1", "2", "3"]
     third = np.array(conf["3"])  # rows: the fused class, columns: the annotator's
     assert third[2, 3] == 210 * 180 and np.trace(np.array(conf["1"])) == 600 * 500
+
+
+def test_a_40x_and_a_20x_scan_ingest_to_the_same_store_at_the_configured_mpp(tmp_path):
+    """data.ingest.mpp = 0.5: the 40x scan is resampled as it streams (image by area, labels
+    by nearest) to the 20x scan's pixels within rounding; the 20x scan is kept as it is."""
+    from tests.vendor_slides import write_svs
+
+    rng = np.random.default_rng(6)
+    half = rng.integers(40, 200, (300, 260, 3), np.uint8)
+    lab = blobs(300, 260, 3)
+    full = np.repeat(np.repeat(half, 2, 0), 2, 1)  # every 20x pixel as 2 x 2 at 40x
+    write_svs(str(tmp_path / "x40.svs"), full, mpp=0.25)
+    write_svs(str(tmp_path / "x20.svs"), half, mpp=0.5)
+    (tmp_path / "x40.geojson").write_bytes(export(np.repeat(np.repeat(lab, 2, 0), 2, 1)))
+    (tmp_path / "x20.geojson").write_bytes(export(lab))
+    (tmp_path / "l.csv").write_text(
+        "image_uri,annotation_uri\nx40.svs,x40.geojson\nx20.svs,x20.geojson\n"
+    )
+    cfg = IngestConfig(
+        crop_size=None, tile_size=128, compression="deflate", val_fraction=0.0, test_fraction=0.0
+    )
+    cfg = replace(cfg, mpp=0.5)
+    summary = ingest(str(tmp_path / "l.csv"), str(tmp_path / "store"), cfg, log=lambda s: None)
+    assert sorted(summary.ingested) == ["x20", "x40"], summary.failed
+    rows = {r["slide_id"]: r for r in read_manifest(summary.manifest_uri).to_pylist()}
+    for r in rows.values():
+        assert (r["height"], r["width"], r["mpp"]) == (300, 260, pytest.approx(0.5))
+        img = pyvips.Image.new_from_file(r["image_uri"], page=0).numpy()
+        assert np.abs(img.astype(int) - half).max() <= 1, r["slide_id"]
+        got = pyvips.Image.new_from_file(r["label_uri"], page=0).numpy().reshape(300, 260)
+        assert np.array_equal(got, lab)

@@ -45,7 +45,7 @@ def ensure_store(
     summary = ingest(
         raw,
         store,
-        cfg.data.ingest,
+        cfg.ingest_settings(),
         cfg.model.num_classes,
         map_fn=ray_tasks(cfg.data.ingest),
         log=lambda s: None,
