@@ -123,3 +123,33 @@ def test_grayscale_and_rgba_inputs_are_converted(model):
     assert sink.mask.shape == (64, 64)
     rgba = np.concatenate([img(64, 64), np.full((64, 64, 1), 255, np.uint8)], -1)
     segment(model, ArraySource(rgba), Config(), ArraySink())
+
+
+class RecordingSource(ArraySource):
+    def __init__(self, image):
+        super().__init__(image)
+        self.reads = []
+
+    def read_region(self, top, left, height, width):
+        self.reads.append((top, height))
+        return super().read_region(top, left, height, width)
+
+
+def test_glass_is_skipped_tissue_is_segmented_as_without_skipping(model):
+    """A slide with tissue in rows 256..512 of 1024 and glass elsewhere: with a background
+    threshold, glass far from tissue gets probabilities 0, bands of only glass are not read,
+    fewer locations run, and tissue pixels get what they get without skipping."""
+    image = np.full((1024, 256, 3), 250, np.uint8)
+    image[256:512] = img(256, 256, 5) // 2  # dark: tissue
+    full, skip = ArraySink(keep_probs=True), ArraySink(keep_probs=True)
+    a = segment(model, ArraySource(image), Config(), full)
+    src = RecordingSource(image)
+    b = segment(model, src, Config(), skip, background=225.0)
+    assert b.locations < a.locations / 2
+    probs = skip.probs.astype(np.float32)
+    np.testing.assert_allclose(probs[:, 256:512], full.probs[:, 256:512].astype(np.float32))
+    assert (probs[:, :128] == 0).all() and (probs[:, 640:] == 0).all()
+    assert np.allclose(probs[:, 256:512].sum(0), 1.0, atol=2e-3)
+    windows = src.reads[1:]  # after the one read that makes x_r
+    assert windows and max(top for top, _ in windows) < 768, windows  # nothing below is read
+    assert min(top + height for top, height in windows) > 0

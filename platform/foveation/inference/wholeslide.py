@@ -6,7 +6,8 @@ pads), patch banks are cut for the band's locations, the segmenter runs on batch
 each location's prediction (the area of its smallest patch, upsampled from stride 4) is added
 into a row accumulator with a coverage count; rows no later location can touch are normalised
 and handed to the sink. Memory is bounded by a band (about twice the largest FoV) times the
-image width, whatever the image height.
+image width, whatever the image height. The next band's window is read while the segmenter
+runs on the current one; with ``background`` set, glass is neither read nor segmented.
 
 Modes: ``tiled`` (default) puts locations every ``F1 (1 - overlap)`` pixels, so the segmenter
 sees about one input pixel per output pixel; ``dense`` is the paper's: every x_r location, a
@@ -126,16 +127,38 @@ class _RowAccumulator:
         self.acc[:, r0:r1, l0:l1] += p[:, t0 - top : t1 - top, l0 - left : l1 - left] * win
         self.cov[r0:r1, l0:l1] += win
 
-    def flush(self, until: int, sink: Sink) -> None:
+    def flush(self, until: int, sink: Sink, gaps: bool = False) -> None:
+        """Hand rows up to ``until`` to the sink. ``gaps``: pixels no prediction covered (skipped
+        background) are written with all probabilities 0; otherwise they are a bug."""
         n = min(until, self.height) - self.top
         if n <= 0:
             return
+        if n > self.cov.shape[0]:
+            if not gaps:
+                raise RuntimeError(f"rows {self.top}..{self.top + n} are not covered")
+            more = n - self.cov.shape[0]
+            self.acc = torch.cat(
+                [self.acc, torch.zeros((self.k, more, self.width), device=self.device)], 1
+            )
+            self.cov = torch.cat([self.cov, torch.zeros((more, self.width), device=self.device)])
         cov = self.cov[:n]
-        if n > cov.shape[0] or bool((cov == 0).any()):
+        if not gaps and bool((cov == 0).any()):
             raise RuntimeError(f"rows {self.top}..{self.top + n} are not covered by any prediction")
-        sink.write_rows(self.top, self.acc[:, :n] / cov)
+        sink.write_rows(self.top, self.acc[:, :n] / cov.clamp_min(1e-12))
         self.acc, self.cov = self.acc[:, n:].clone(), self.cov[n:].clone()
         self.top += n
+
+
+def tissue_locations(xr: torch.Tensor, cfg: Config, threshold: float) -> torch.Tensor:
+    """[h, w] bool: the x_r locations whose output tile may hold tissue. An x_r pixel is tissue
+    when its mean colour (0-255) is darker than ``threshold``; a location is kept when a tissue
+    pixel lies within its smallest FoV's reach (F1 / 2s x_r pixels, plus one for the blend)."""
+    mean = torch.tensor(cfg.model.mean, device=xr.device).view(3, 1, 1)
+    std = torch.tensor(cfg.model.std, device=xr.device).view(3, 1, 1)
+    tissue = ((xr * std + mean) * 255).mean(0) < threshold
+    r = math.ceil(cfg.patches.fovs[0] / (2 * cfg.patches.xr_scale)) + 1
+    near = F.max_pool2d(tissue[None, None].float(), 2 * r + 1, stride=1, padding=r)
+    return near[0, 0] > 0
 
 
 @torch.inference_mode()
@@ -146,8 +169,18 @@ def segment(
     sink: Sink,
     mode: str | None = None,
     device: torch.device | str = "cpu",
+    background: float | None = None,
 ) -> InferenceStats:
-    """Segment a whole image from ``source`` into ``sink``; returns what the segmenter computed."""
+    """Segment a whole image from ``source`` into ``sink``; returns what the segmenter computed.
+
+    ``background``: a tissue threshold (``data.pipeline.tissue_threshold``); locations with no
+    tissue near them are not segmented (whole slides are mostly glass), a band without any is
+    not even read, and their pixels reach the sink with all class probabilities 0. None (the
+    default, what evaluation uses) segments every location. The next band's window is read on
+    a thread while the segmenter runs on the current one (libvips and OpenSlide decode outside
+    the GIL), so reading and the forward overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
     mode = mode or cfg.inference.mode
     pc = cfg.patches
     s, f1, fmax, P = pc.xr_scale, pc.fovs[0], max(pc.fovs), pc.patch_size
@@ -158,9 +191,11 @@ def segment(
     device = torch.device(device)
     k = cfg.model.num_classes
 
-    w_map = model.weights(pad_xr(xr_from_source(source, cfg))[None].to(device))[0]  # [D, h, w]
+    xr = xr_from_source(source, cfg)
+    w_map = model.weights(pad_xr(xr)[None].to(device))[0]  # [D, h, w]
     sink.begin(H, W, k)
     sink.write_weights(w_map, model.apsm(w_map[None])[0])
+    keep = tissue_locations(xr, cfg, background) if background is not None else None
 
     h, w = xr_shape(H, W, s)
     rows, cols = grid_indices(h, H, cfg, mode), grid_indices(w, W, cfg, mode)
@@ -170,42 +205,60 @@ def segment(
     win_left, win_width = -lead, lead + W + right
 
     # Bands of location rows whose centres span at most the largest FoV.
-    bands, band = [], [rows[0]]
+    groups, group = [], [rows[0]]
     for i in rows[1:]:
-        if (i - band[0]) * s > fmax:
-            bands.append(band)
-            band = []
-        band.append(i)
-    bands.append(band)
-
-    acc = _RowAccumulator(H, W, k, device, blend_window(f1, cfg.inference.blend, device))
+        if (i - group[0]) * s > fmax:
+            groups.append(group)
+            group = []
+        group.append(i)
+    groups.append(group)
     cols_t = torch.tensor(cols)
-    n_locs = 0
-    ctx = MixContext(cfg.model.mix, training=False)
-    for b, band in enumerate(bands):
-        need_top = math.floor((band[0] + 0.5) * s - fmax / 2) - margin
-        need_bot = math.ceil((band[-1] + 0.5) * s + fmax / 2) + margin
+    bands = []  # (locations, window top, window height) of each band
+    for group in groups:
+        need_top = math.floor((group[0] + 0.5) * s - fmax / 2) - margin
+        need_bot = math.ceil((group[-1] + 0.5) * s + fmax / 2) + margin
         top = -lead + (need_top + lead) // align * align  # same residue as the training canvas
-        height = round_up(need_bot - top, align)
-        window = read_window(
+        locs = torch.stack(
+            [torch.tensor(group).repeat_interleave(len(cols)), cols_t.repeat(len(group))], dim=1
+        )
+        if keep is not None:
+            locs = locs[keep[locs[:, 0], locs[:, 1]]]
+        bands.append((locs, top, round_up(need_bot - top, align)))
+
+    def read(b: int):
+        locs, top, height = bands[b]
+        if not len(locs):
+            return None
+        return read_window(
             source, top, win_left, height, win_width, pc.padding, cfg.model.pad_value
         )
-        ex = PatchExtractor(window, pc, origin=(top, win_left), output_stride=r)
-        locs = torch.stack(
-            [torch.tensor(band).repeat_interleave(len(cols)), cols_t.repeat(len(band))], dim=1
-        )
-        for start in range(0, len(locs), cfg.inference.batch_size):
-            lb = locs[start : start + cfg.inference.batch_size]
-            bank = ex.bank(lb).to(device)
-            wb = w_map[:, lb[:, 0].to(device), lb[:, 1].to(device)].T
-            logits, _ = model(bank, wb, ctx)
-            probs = torch.softmax(logits.float(), dim=1)
-            probs = F.interpolate(probs, size=(f1, f1), mode="bilinear", align_corners=False)
-            for (i, j), p in zip(lb.tolist(), probs, strict=True):
-                acc.add(round((i + 0.5) * s - f1 / 2), round((j + 0.5) * s - f1 / 2), p)
-        n_locs += len(locs)
-        next_top = round((bands[b + 1][0] + 0.5) * s - f1 / 2) if b + 1 < len(bands) else H
-        acc.flush(next_top, sink)
+
+    acc = _RowAccumulator(H, W, k, device, blend_window(f1, cfg.inference.blend, device))
+    n_locs = 0
+    ctx = MixContext(cfg.model.mix, training=False)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="band-reader") as pool:
+        ahead = pool.submit(read, 0)
+        for b, (locs, top, _) in enumerate(bands):
+            window = ahead.result()
+            if b + 1 < len(bands):
+                ahead = pool.submit(read, b + 1)
+            if window is not None:
+                ex = PatchExtractor(window, pc, origin=(top, win_left), output_stride=r)
+                for start in range(0, len(locs), cfg.inference.batch_size):
+                    lb = locs[start : start + cfg.inference.batch_size]
+                    bank = ex.bank(lb).to(device)
+                    wb = w_map[:, lb[:, 0].to(device), lb[:, 1].to(device)].T
+                    logits, _ = model(bank, wb, ctx)
+                    probs = torch.softmax(logits.float(), dim=1)
+                    probs = F.interpolate(
+                        probs, size=(f1, f1), mode="bilinear", align_corners=False
+                    )
+                    for (i, j), p in zip(lb.tolist(), probs, strict=True):
+                        acc.add(round((i + 0.5) * s - f1 / 2), round((j + 0.5) * s - f1 / 2), p)
+                n_locs += len(locs)
+            nxt = groups[b + 1][0] if b + 1 < len(groups) else None
+            next_top = round((nxt + 0.5) * s - f1 / 2) if nxt is not None else H
+            acc.flush(next_top, sink, gaps=keep is not None)
     sink.close()
     return InferenceStats(n_locs, n_locs * P * P, H * W)
 

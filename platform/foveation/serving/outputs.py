@@ -127,6 +127,7 @@ class JobSink:
         probs = probs.float().cpu()
         n = probs.shape[1]
         mask = probs.argmax(0).to(torch.uint8).numpy()
+        mask[(probs.sum(0) == 0).numpy()] = NO_TISSUE  # glass that inference skipped
         self.labels[top : top + n] = mask
         self.counts += np.bincount(mask.ravel(), minlength=self.k)[: self.k]
         start = 0
@@ -162,8 +163,13 @@ class JobSink:
 
     # -- results --------------------------------------------------------------------------
     def fractions(self) -> list[float]:
+        """Each class's share of the segmented (tissue) pixels."""
         total = max(1, int(self.counts.sum()))
         return [float(c) / total for c in self.counts]
+
+    def tissue_fraction(self) -> float:
+        """The share of the slide's pixels that were segmented (the rest is skipped glass)."""
+        return float(self.counts.sum()) / max(1, self.width * self.height)
 
     def write_results(
         self,
@@ -228,6 +234,9 @@ class JobSink:
         )
 
 
+NO_TISSUE = 255  # the label of pixels that are not segmented (skipped glass), as "unlabelled"
+
+
 def mode_shrink(labels: np.ndarray, g: int, k: int, band_blocks: int = 64) -> np.ndarray:
     """The majority class of every g x g block (edge blocks partial), read in row bands."""
     h, w = labels.shape
@@ -245,7 +254,7 @@ def mode_shrink(labels: np.ndarray, g: int, k: int, band_blocks: int = 64) -> np
             blk[:, w:] = 255
         blk = blk.reshape(nb, g, ww, g)
         counts = np.stack([(blk == c).sum((1, 3)) for c in range(k)])
-        out[b0 : b0 + nb] = counts.argmax(0)
+        out[b0 : b0 + nb] = np.where(counts.sum(0) > 0, counts.argmax(0), NO_TISSUE)
     return out
 
 
@@ -285,10 +294,13 @@ def predict_slide(
     geojson_max_side: int = 4096,
     geojson_tile: int = 1024,
     geojson_simplify_px: float = 0.0,
+    skip_background: bool = True,
 ) -> tuple[dict[str, str], dict]:
     """Segment one slide read out of core from ``slide_uri`` and write its results under the
     storage ``prefix`` (``JobSink.write_results``): (name -> URI, summary). What a Serve slide
-    job and ``jobs.predict`` both run for each slide."""
+    job and ``jobs.predict`` both run for each slide. ``skip_background``: glass (no pixel
+    darker than ``data.pipeline.tissue_threshold`` near a location) is not segmented; its
+    labels are ``NO_TISSUE`` (255), its probabilities 0, and no GeoJSON covers it."""
     import tempfile
     import time
 
@@ -301,7 +313,8 @@ def predict_slide(
         try:
             source, scale, mpp = model_resolution_source(reader, cfg.patches.mpp)
             sink = JobSink(tmp, cfg.patches.xr_scale, progress, cancelled)
-            stats = segment(model, source, cfg, sink, device=device)
+            background = cfg.data.pipeline.tissue_threshold if skip_background else None
+            stats = segment(model, source, cfg, sink, device=device, background=background)
         finally:
             reader.close()
         names = cfg.evaluation.class_names
@@ -316,6 +329,7 @@ def predict_slide(
             "height": sink.height,
             "class_fractions": dict(zip(names, sink.fractions(), strict=True)),
             "locations": stats.locations,
+            "tissue_fraction": round(float(sink.tissue_fraction()), 4),
             "seconds": round(time.time() - t0, 3),
         }
     return results, summary
