@@ -8,7 +8,10 @@
 - memory: the peak resident memory of predicting a slide of 16x the base's area against the
   base's, each in a fresh process (target <= 1.2x; ``--quick``: 4x);
 - throughput: slides per hour through ``jobs.predict``'s Ray Data actor pool with 2 actors
-  against 1, one thread each, on 8 slides.
+  against 1, one thread each, on 8 slides;
+- glass: the wall time of a slide that is 70% glass (tissue in a band across its middle, as a
+  core or a biopsy lies on a slide) with glass skipped against every location segmented
+  (``predict_slide(skip_background=False)``), interleaved repetitions.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks import Figure
+from benchmarks import Figure, interleaved, median_compared
 
 _CHILD = r"""
 import json, resource, sys, torch
@@ -103,6 +106,45 @@ def _overhead(model, cfg, path: str) -> list[Figure]:
     ]
 
 
+def _glass(model, cfg, tmp: str, side: int) -> Figure:
+    import numpy as np
+    import pyvips
+    import torch
+
+    from foveation.serving.outputs import predict_slide
+
+    torch.set_num_threads(1)
+    path = os.path.join(tmp, "glass.tif")
+    _slide(path, side, cfg, 13)
+    img = pyvips.Image.new_from_file(path).numpy()
+    band = slice(int(side * 0.35), int(side * 0.65))
+    glass = np.full_like(img, 242)
+    glass[band] = img[band]
+    pyvips.Image.new_from_array(glass).tiffsave(
+        path, tile=True, pyramid=True, compression="deflate"
+    )
+
+    def timed(skip: bool):
+        def go() -> float:
+            with tempfile.TemporaryDirectory() as out:
+                t = time.perf_counter()
+                predict_slide(model, cfg, path, out, skip_background=skip)
+                return time.perf_counter() - t
+
+        return go
+
+    runs = interleaved({"all": timed(False), "skip": timed(True)})
+    return median_compared(
+        "predict_glass_skipped_s",
+        runs["skip"],
+        runs["all"],
+        "s",
+        "lower",
+        None,
+        f"{side} px slide, 30% of its rows tissue, 1 thread; baseline: every location segmented",
+    )
+
+
 def _memory(uri: str, cfg, tmp: str, base: int, factor: int) -> Figure:
     peaks = {}
     for side in (base, base * factor):
@@ -177,4 +219,5 @@ def run(config: str, quick: bool = False) -> list[Figure]:
         figs = _overhead(model, cfg, path)
         figs.append(_memory(uri, cfg, tmp, 512 if quick else 1024, 2 if quick else 4))
         figs.append(_throughput(uri, cfg, tmp, 256 if quick else 1024))
+        figs.append(_glass(model, cfg, tmp, 512 if quick else 1536))
     return figs
