@@ -101,7 +101,13 @@ def ray_cluster(tmp_path_factory) -> Iterator[str]:
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
     ]
-    subprocess.run([*start, *dashboard], check=True, env=env, capture_output=True, timeout=180)
+    done = subprocess.run(
+        [*start, *dashboard], env=env, capture_output=True, text=True, timeout=180
+    )
+    if done.returncode:  # say why: the exit status alone cannot be acted on
+        raise RuntimeError(
+            f"`ray start --head` exited {done.returncode}:\n{done.stderr[-3000:]}\n{done.stdout[-2000:]}"
+        )
     address = f"127.0.0.1:{port}"
     DASHBOARD["url"] = f"http://127.0.0.1:{dash}"
     DASHBOARD["temp_dir"] = temp_dir
