@@ -1,7 +1,8 @@
 """The paper's experiment on a data set (its Table 1): the D one-hot baselines, Random, Average
 and foveation, each trained with the same budget, then evaluated together on whole slides.
 
-Each run lives in ``<out>/runs/<label>[-seed<k>]`` (``<label>/model`` its best checkpoint); a run
+Each run lives in ``<out>/runs/<label>[-seed<k>]`` (``-seed<k>`` whenever seeds are given;
+``<label>/model`` its best checkpoint); a run
 whose exported model was trained from the same config is reused, so a re-run only trains what
 is missing. ``trainer="ray"`` trains through Ray Train + DeepSpeed (``training.trainer.fit``),
 ``"single"`` on one device over the slides decoded into memory (the science check: it tests the
@@ -106,11 +107,14 @@ def reproduce(
     t0 = time.perf_counter()
     manifest = storage.absolute(manifest or cfg.data.ingest.dest)
     out = storage.absolute(out)
+    named = seeds is not None  # seeds asked for by name: run names carry them, even one
     seeds = seeds or (cfg.training.seed,)
     runs, histories = {}, {}
 
     def one(mix: MixConfig, seed: int) -> None:
-        name = mix.label if len(seeds) == 1 else f"{mix.label}-seed{seed}"
+        # "--seeds 0" then "--seeds 0 1" into one out: the second reuses the first's runs, and
+        # seeds run in parallel processes meet in one report.
+        name = f"{mix.label}-seed{seed}" if named or len(seeds) > 1 else mix.label
         rcfg = run_config(cfg, mix, seed)
         run_out = storage.join(out, "runs", name)
         model_uri = storage.join(run_out, "model")
