@@ -30,7 +30,9 @@ cfg = IngestConfig(crop_size=None, tile_size=256, compression="jpeg")
 t = time.perf_counter()
 out = ingest_slide(RawSlide("s", src, (ann,), (1,), label_kind="qupath"), dest, cfg)
 sec = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child forked from a large
+# parent would report the parent's peak (17.5 GB once, after the parent made a 4096 px slide).
+peak = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")) / 1024
 print(json.dumps({"status": out.status, "error": out.error, "seconds": sec, "peak_mb": peak}))
 """
 
