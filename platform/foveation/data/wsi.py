@@ -7,9 +7,9 @@ as RGB) never is:
 - the source is copied to local disk when it lives in object storage (OpenSlide reads only
   files) and its checksum is computed in 8 MB chunks;
 - the image pyramid is written by libvips streaming from the source: a TIFF directly (libvips'
-  sequential access), a vendor format read through OpenSlide a band of ``TILE`` rows at a time
-  into an uncompressed tiled TIFF on local disk (tifffile, from a generator of tiles) that
-  libvips then streams;
+  sequential access), a vendor format read through OpenSlide a ``TILE`` x ``TILE`` tile at a
+  time into an uncompressed tiled TIFF on local disk (tifffile, from a generator of tiles)
+  that libvips then streams;
 - the label map is rasterised from the QuPath polygons band by band
   (``annotations.rasterize`` with a window) into the same kind of tiled TIFF, or decoded from a
   mask, then written as a pyramid shrunk by mode; class fractions are counted per band;
@@ -71,25 +71,40 @@ def _local(uri: str, tmp: str) -> str:
     return path
 
 
-def write_tiled(path: str, height: int, width: int, bands, channels: int) -> None:
-    """An uncompressed tiled TIFF [height, width(, channels)] from ``bands``: an iterable of
-    arrays of ``TILE`` rows each (fewer for the last), written tile by tile (tifffile), so only
-    one band is ever in memory."""
+def write_tiled(path: str, height: int, width: int, tiles, channels: int) -> None:
+    """An uncompressed tiled TIFF [height, width(, channels)] from ``tiles``: arrays of at most
+    ``TILE`` x ``TILE`` px in row-major tile order, written one at a time (tifffile), so only a
+    tile is ever in memory, whatever the slide's width."""
     import tifffile
 
     shape = (height, width, channels) if channels > 1 else (height, width)
 
-    def tiles():
-        for band in bands:
-            for c in range(0, width, TILE):
-                t = np.zeros((TILE, TILE, *shape[2:]), np.uint8)
-                part = band[:, c : c + TILE]
-                t[: part.shape[0], : part.shape[1]] = part
-                yield t
+    def padded():
+        for part in tiles:
+            t = np.zeros((TILE, TILE, *shape[2:]), np.uint8)
+            t[: part.shape[0], : part.shape[1]] = part
+            yield t
 
     photometric = "rgb" if channels == 3 else "minisblack"
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(tiles(), shape=shape, dtype=np.uint8, tile=(TILE, TILE), photometric=photometric)
+        tw.write(padded(), shape=shape, dtype=np.uint8, tile=(TILE, TILE), photometric=photometric)
+
+
+def tiles_of(bands, width: int):
+    """The ``TILE``-wide tiles of bands of ``TILE`` rows, in row-major order."""
+    for band in bands:
+        for c in range(0, width, TILE):
+            yield band[:, c : c + TILE]
+
+
+def slide_tiles(reader, height: int, width: int):
+    """Level 0 of an OpenSlide slide as RGB tiles in row-major order, read a tile at a time (a
+    band across a 100,000 px slide would be 100 MB of RGBA, several times over in OpenSlide's
+    and PIL's buffers)."""
+    for top in range(0, height, TILE):
+        for c in range(0, width, TILE):
+            tile = reader.read_level(0, top, c, min(TILE, height - top), min(TILE, width - c))
+            yield tile[..., :3]
 
 
 def area_resize(im, scale: float):
@@ -169,6 +184,9 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
     from foveation.data.ingest import SCHEMA_VERSION, _source_key
     from foveation.io.slides import SlideError, SlideReader, write_pyramid
 
+    # libvips' operation cache keeps finished images and their buffers (100 MB by default):
+    # nothing here is read twice, so it would only grow the peak with the slide.
+    pyvips.cache_set_max(0)
     sid = raw.slide_id
     if not raw.annotator_uris:
         raise DataError(f"{raw.image_uri}: no annotation for {sid} (annotation_uri)")
@@ -198,11 +216,7 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
                 im = im.colourspace("srgb") if im.bands < 3 else im
             else:
                 level0 = os.path.join(tmp, "level0.tif")
-                bands = (
-                    reader.read_level(0, top, 0, min(TILE, H - top), W)[..., :3]
-                    for top in range(0, H, TILE)
-                )
-                write_tiled(level0, H, W, bands, 3)
+                write_tiled(level0, H, W, slide_tiles(reader, H, W), 3)
                 im = pyvips.Image.new_from_file(level0, access="sequential")
             mpp = reader.mpp
         finally:
@@ -227,7 +241,7 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
         raw_labels = os.path.join(tmp, "labels0.tif")
         confusion: dict = {}
         bands = label_bands(raw, maps, (H, W), cfg, class_names, confusion)
-        write_tiled(raw_labels, H, W, counted(bands), 1)
+        write_tiled(raw_labels, H, W, counted(tiles_of(bands, W)), 1)  # bincount per tile
         label_path = os.path.join(tmp, "labels.tif")
         labels = pyvips.Image.new_from_file(raw_labels, access="sequential")
         if abs(scale - 1.0) > 0.005:  # class ids: nearest, never a blend of two ids
