@@ -372,6 +372,7 @@ def check_tiff_complete(path: str, uri: str | None = None) -> None:
         return
     size = os.path.getsize(path)
     problems: list[str] = []
+    pages: list = []
 
     class Catch(logging.Handler):  # tifffile logs a broken IFD chain and stops there
         def emit(self, record: logging.LogRecord) -> None:
@@ -400,10 +401,13 @@ def check_tiff_complete(path: str, uri: str | None = None) -> None:
     bad = [p for p in problems if "invalid page offset" in p or "offset to first page" in p]
     bad += [p for p in problems if p.startswith("page ")]
     if bad:
-        raise SlideError(
-            f"{uri}: truncated TIFF: {bad[0].split('> ')[-1]}, past the end of its {size} "
-            "bytes; expected a complete file (was a copy or an upload cut short?)"
+        what = (
+            f"truncated TIFF: {bad[0].split('> ')[-1]}, past the end of its {size} bytes; "
+            "expected a complete file (was a copy or an upload cut short?)"
         )
+        if not pages:  # not one page to show for it: as likely garbage as a cut-short file
+            raise SlideError(f"{uri}: not a readable slide ({what})")
+        raise SlideError(f"{uri}: {what}")
 
 
 def companion_uri(uri: str) -> str | None:
