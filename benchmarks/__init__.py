@@ -69,6 +69,39 @@ class Figure:
         return d
 
 
+_CHILD_PRELUDE = r"""
+import json as _json
+
+
+def report(**fields):
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child forked from a large
+    # parent would report the parent's peak (17.5 GB once, after the parent made a 4096 px slide).
+    with open("/proc/self/status") as f:
+        peak = next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
+    print(_json.dumps(fields | {"peak_mb": peak}))
+"""
+
+
+def run_child(code: str, *args: str) -> dict:
+    """Run ``code`` in a fresh Python (``platform`` and the repository root on its path) with
+    ``args`` as ``sys.argv[1:]``; ``code`` ends by calling ``report(**fields)``, and the fields
+    come back with ``peak_mb``, the child's own peak resident memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(["platform", "."]))
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD_PRELUDE + code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def ratio_of(value: float, baseline: float, direction: str) -> float:
     """How many times better than the baseline, in the figure's direction."""
     return value / baseline if direction == "higher" else baseline / value

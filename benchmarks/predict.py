@@ -16,26 +16,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
-from benchmarks import Figure, interleaved, median_compared
+from benchmarks import Figure, interleaved, median_compared, run_child
 
 _CHILD = r"""
-import json, resource, sys, torch
+import sys, torch
 torch.set_num_threads(1)
 from foveation.checkpoint import load_checkpoint
 from foveation.serving.outputs import predict_slide
 model, cfg, _ = load_checkpoint(sys.argv[1])
 res, summary = predict_slide(model, cfg, sys.argv[2], sys.argv[3])
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child forked from a large
-# parent would report the parent's peak (17.5 GB once, after the parent made a 4096 px slide).
-peak = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")) / 1024
-print(json.dumps({"peak_mb": peak, "seconds": summary["seconds"]}))
+report(seconds=summary["seconds"])
 """
 
 
@@ -152,15 +146,7 @@ def _memory(uri: str, cfg, tmp: str, base: int, factor: int) -> Figure:
     for side in (base, base * factor):
         path = os.path.join(tmp, f"m{side}.tif")
         _slide(path, side, cfg, 11)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(["platform", "."]))
-        r = subprocess.run(
-            [sys.executable, "-c", _CHILD, uri, path, os.path.join(tmp, f"o{side}")],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        )
-        peaks[side] = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
+        peaks[side] = run_child(_CHILD, uri, path, os.path.join(tmp, f"o{side}"))["peak_mb"]
     big = base * factor
     return Figure(
         "predict_peak_rss",

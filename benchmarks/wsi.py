@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-from benchmarks import Figure
+from benchmarks import Figure, run_child
 
 _CHILD = r"""
-import json, resource, sys, time
+import sys, time
 from foveation.config import IngestConfig
 from foveation.data.gleason import RawSlide
 from foveation.data.ingest import ingest_slide
@@ -29,11 +27,7 @@ src, ann, dest = sys.argv[1:4]
 cfg = IngestConfig(crop_size=None, tile_size=256, compression="jpeg")
 t = time.perf_counter()
 out = ingest_slide(RawSlide("s", src, (ann,), (1,), label_kind="qupath"), dest, cfg)
-sec = time.perf_counter() - t
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child forked from a large
-# parent would report the parent's peak (17.5 GB once, after the parent made a 4096 px slide).
-peak = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")) / 1024
-print(json.dumps({"status": out.status, "error": out.error, "seconds": sec, "peak_mb": peak}))
+report(status=out.status, error=out.error, seconds=time.perf_counter() - t)
 """
 
 
@@ -88,15 +82,7 @@ def _measure(tmp: str, side: int, block: np.ndarray) -> dict:
     _write_svs(src, side, block)
     with open(ann, "wb") as f:
         f.write(_geojson(side))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(["platform", "."]))
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, src, ann, os.path.join(tmp, f"store{side}")],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_child(_CHILD, src, ann, os.path.join(tmp, f"store{side}"))
     if res["status"] != "ingested":
         raise RuntimeError(f"wsi: ingest of {side} px failed: {res['error']}")
     return res
