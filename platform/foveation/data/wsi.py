@@ -222,10 +222,10 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
         finally:
             reader.close()
         scale = mpp / cfg.mpp if mpp and cfg.mpp else 1.0
-        if abs(scale - 1.0) > 0.005:  # to the store's mpp; a slide without one is taken as at it
+        resample = abs(scale - 1.0) > 0.005  # to the store's mpp
+        if resample:
             im = area_resize(im, scale)
-            mpp = cfg.mpp
-        mpp = mpp or cfg.mpp
+        mpp = cfg.mpp if resample or not mpp else mpp  # a slide without one is taken as at it
         if mpp:  # the store's pyramid keeps the physical scale (libvips: pixels per mm)
             im = im.copy(xres=1000.0 / mpp, yres=1000.0 / mpp)
         slide_path = os.path.join(tmp, "slide.tif")
@@ -244,7 +244,7 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
         write_tiled(raw_labels, H, W, counted(tiles_of(bands, W)), 1)  # bincount per tile
         label_path = os.path.join(tmp, "labels.tif")
         labels = pyvips.Image.new_from_file(raw_labels, access="sequential")
-        if abs(scale - 1.0) > 0.005:  # class ids: nearest, never a blend of two ids
+        if resample:  # class ids: nearest, never a blend of two ids
             labels = labels.resize(scale, kernel="nearest")
         H, W = im.height, im.width
         labels.tiffsave(

@@ -149,8 +149,10 @@ class _RowAccumulator:
         self.top += n
 
 
-def tissue_locations(xr: torch.Tensor, cfg: Config, threshold: float) -> torch.Tensor:
-    """[h, w] bool: the x_r locations whose output tile may hold tissue. An x_r pixel is tissue
+def locations_near_tissue(xr: torch.Tensor, cfg: Config, threshold: float) -> torch.Tensor:
+    """[h, w] bool: the x_r locations whose output tile may hold tissue, judged on the x_r the
+    model already made (``data.batches.tissue_locations`` reads a slide's level for the same
+    test when sampling training locations; here no read is added). An x_r pixel is tissue
     when its mean colour (0-255) is darker than ``threshold``; a location is kept when a tissue
     pixel lies within its smallest FoV's reach (F1 / 2s x_r pixels, plus one for the blend)."""
     mean = torch.tensor(cfg.model.mean, device=xr.device).view(3, 1, 1)
@@ -195,7 +197,7 @@ def segment(
     w_map = model.weights(pad_xr(xr)[None].to(device))[0]  # [D, h, w]
     sink.begin(H, W, k)
     sink.write_weights(w_map, model.apsm(w_map[None])[0])
-    keep = tissue_locations(xr, cfg, background) if background is not None else None
+    keep = locations_near_tissue(xr, cfg, background) if background is not None else None
 
     h, w = xr_shape(H, W, s)
     rows, cols = grid_indices(h, H, cfg, mode), grid_indices(w, W, cfg, mode)
