@@ -6,13 +6,13 @@ as RGB) never is:
 
 - the source is copied to local disk when it lives in object storage (OpenSlide reads only
   files) and its checksum is computed in 8 MB chunks;
-- the image pyramid is written by libvips streaming from the source: a TIFF directly (libvips'
-  sequential access), a vendor format read through OpenSlide a ``TILE`` x ``TILE`` tile at a
-  time into an uncompressed tiled TIFF on local disk (tifffile, from a generator of tiles)
-  that libvips then streams;
-- the label map is rasterised from the QuPath polygons band by band
-  (``annotations.rasterize`` with a window) into the same kind of tiled TIFF, or decoded from a
-  mask, then written as a pyramid shrunk by mode; class fractions are counted per band;
+- the store's pyramids are written a tile at a time (``io.tilepyramid``), from tiles read a
+  tile at a time: OpenSlide's level 0 directly, a TIFF through a libvips crop (random
+  access); when the slide is resampled to the store's mpp, libvips does it (a vendor slide's
+  level 0 first copied into an uncompressed tiled TIFF it can read);
+- the label map is rasterised from the QuPath polygons band by band (``annotations.rasterize``
+  with a window), or cut from a mask, and written as a pyramid shrunk by mode; class
+  fractions are counted per tile;
 - several annotators (``annotation_uri`` "a.geojson;b.geojson") are fused by STAPLE at the
   label resolution, block by block (``TILE`` rows x ``STAPLE_COLS`` columns), so the
   annotators' sensitivities are estimated per block rather than over the whole slide: a whole
@@ -24,9 +24,10 @@ as RGB) never is:
   recorded; a slide that declares none is taken to be at it; slides are not cropped (``data.ingest.crop_size`` is for the Gleason cores);
 - a slide without tissue on its coarsest level is an error naming it.
 
-Resident memory is a band of rows plus libvips' tile caches, whatever the slide's size (no
-memory map: its pages would count as resident as they are written); the local disk holds the
-source copy, the raw level 0 and the outputs until they are uploaded.
+Resident memory is a few tiles plus one label band of ``cfg.tile_size`` rows, whatever the
+slide's size (no memory map: its pages would count as resident as they are written); the
+local disk holds the source copy, the pyramids' scratch levels and the outputs until they are
+uploaded.
 There is no 1/sqrt(2) companion pyramid for a whole slide.
 """
 
@@ -90,21 +91,29 @@ def write_tiled(path: str, height: int, width: int, tiles, channels: int) -> Non
         tw.write(padded(), shape=shape, dtype=np.uint8, tile=(TILE, TILE), photometric=photometric)
 
 
-def tiles_of(bands, width: int):
-    """The ``TILE``-wide tiles of bands of ``TILE`` rows, in row-major order."""
+def tiles_of(bands, width: int, side: int = TILE):
+    """The ``side``-wide tiles of bands of ``side`` rows, in row-major order."""
     for band in bands:
-        for c in range(0, width, TILE):
-            yield band[:, c : c + TILE]
+        for c in range(0, width, side):
+            yield band[:, c : c + side]
 
 
-def slide_tiles(reader, height: int, width: int):
-    """Level 0 of an OpenSlide slide as RGB tiles in row-major order, read a tile at a time (a
-    band across a 100,000 px slide would be 100 MB of RGBA, several times over in OpenSlide's
-    and PIL's buffers)."""
-    for top in range(0, height, TILE):
-        for c in range(0, width, TILE):
-            tile = reader.read_level(0, top, c, min(TILE, height - top), min(TILE, width - c))
+def slide_tiles(reader, height: int, width: int, side: int = TILE):
+    """Level 0 of an OpenSlide slide as RGB tiles of ``side`` px in row-major order, read a
+    tile at a time (a band across a 100,000 px slide would be 100 MB of RGBA, several times
+    over in OpenSlide's and PIL's buffers)."""
+    for top in range(0, height, side):
+        for c in range(0, width, side):
+            tile = reader.read_level(0, top, c, min(side, height - top), min(side, width - c))
             yield tile[..., :3]
+
+
+def vips_tiles(im, side: int):
+    """A pyvips image as tiles of ``side`` px in row-major order, each computed on its own
+    (random access: libvips reads only the source tiles under it)."""
+    for top in range(0, im.height, side):
+        for c in range(0, im.width, side):
+            yield im.crop(c, top, min(side, im.width - c), min(side, im.height - top)).numpy()
 
 
 def area_resize(im, scale: float):
@@ -122,16 +131,23 @@ def area_resize(im, scale: float):
 
 
 def check_tissue(reader, uri: str) -> None:
-    """A slide whose coarsest level has no pixel darker than the tissue threshold is an error."""
+    """A slide whose coarsest level has no pixel darker than the tissue threshold is an error.
+    The level is read by bands of ``TILE`` rows (a slide with few levels has a large coarsest
+    one), stopping at the first tissue."""
     k = len(reader.levels) - 1
     lv = reader.levels[k]
-    img = reader.read_level(k, 0, 0, lv.height, lv.width)
-    if not (img[..., :3].mean(-1) < PipelineConfig().tissue_threshold).any():
-        raise DataError(f"{uri}: no tissue (every pixel of level {k} is background)")
+    threshold = PipelineConfig().tissue_threshold
+    for top in range(0, lv.height, TILE):
+        band = reader.read_level(k, top, 0, min(TILE, lv.height - top), lv.width)[..., :3]
+        if (band.mean(-1, dtype=np.float32) < threshold).any():
+            return
+    raise DataError(f"{uri}: no tissue (every pixel of level {k} is background)")
 
 
-def annotator_bands(raw: RawSlide, uri: str, data: bytes, shape, cfg: IngestConfig, class_names):
-    """One annotator's label map [H, W] as bands of ``TILE`` rows: rasterised from the QuPath
+def annotator_bands(
+    raw: RawSlide, uri: str, data: bytes, shape, cfg: IngestConfig, class_names, rows: int = TILE
+):
+    """One annotator's label map [H, W] as bands of ``rows`` rows: rasterised from the QuPath
     polygons band by band, or cut from a mask of class ids."""
     from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
 
@@ -139,26 +155,28 @@ def annotator_bands(raw: RawSlide, uri: str, data: bytes, shape, cfg: IngestConf
     if raw.label_kind == "qupath":
         fill = unannotated_value(cfg.unannotated, class_names)
         anns = parse_qupath(data, uri, class_names)
-        for top in range(0, H, TILE):
-            yield rasterize(anns, min(TILE, H - top), W, fill=fill, origin=(top, 0))
+        for top in range(0, H, rows):
+            yield rasterize(anns, min(rows, H - top), W, fill=fill, origin=(top, 0))
         return
     from foveation.data.ingest import read_annotator_map
 
     m = read_annotator_map(raw, uri, data, shape, cfg, class_names)
-    for top in range(0, H, TILE):
-        yield m[top : top + TILE]
+    for top in range(0, H, rows):
+        yield m[top : top + rows]
 
 
-def label_bands(raw: RawSlide, maps: list[bytes], shape, cfg: IngestConfig, class_names, confusion):
-    """The slide's label map [H, W] as bands of ``TILE`` rows. With several annotators, STAPLE
-    fuses them by blocks of ``TILE`` x ``STAPLE_COLS`` px (each block's own estimate of the
+def label_bands(
+    raw: RawSlide, maps: list[bytes], shape, cfg, class_names, confusion, rows: int = TILE
+):
+    """The slide's label map [H, W] as bands of ``rows`` rows. With several annotators, STAPLE
+    fuses them by blocks of ``rows`` x ``STAPLE_COLS`` px (each block's own estimate of the
     annotators' performance; blocks where they agree are taken as they are), and each
     annotator's confusion against the fused map is added to ``confusion`` (annotator ->
     ``ConfusionMatrix``)."""
     from foveation.data.staple import annotator_confusions, staple
 
     per = [
-        annotator_bands(raw, u, d, shape, cfg, class_names)
+        annotator_bands(raw, u, d, shape, cfg, class_names, rows)
         for u, d in zip(raw.annotator_uris, maps, strict=True)
     ]
     if len(per) == 1:
@@ -182,7 +200,8 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
     import pyvips
 
     from foveation.data.ingest import SCHEMA_VERSION, _source_key
-    from foveation.io.slides import SlideError, SlideReader, write_pyramid
+    from foveation.io.slides import SlideError, SlideReader
+    from foveation.io.tilepyramid import write_tile_pyramid
 
     # libvips' operation cache keeps finished images and their buffers (100 MB by default):
     # nothing here is read twice, so it would only grow the peak with the slide.
@@ -207,56 +226,60 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
             reader = SlideReader(local)
         except SlideError as exc:
             raise DataError(str(exc).replace(local, raw.image_uri)) from None
+        side = cfg.tile_size
         try:
             check_tissue(reader, raw.image_uri)
-            H, W = reader.height, reader.width
-            if reader.backend == "pyvips":
-                im = pyvips.Image.new_from_file(local, access="sequential")
+            H, W, mpp, backend = reader.height, reader.width, reader.mpp, reader.backend
+            scale = mpp / cfg.mpp if mpp and cfg.mpp else 1.0
+            resample = abs(scale - 1.0) > 0.005  # to the store's mpp
+            out_mpp = cfg.mpp if resample or not mpp else mpp  # none declared: taken as at it
+            if backend == "openslide" and not resample:
+                # Straight from OpenSlide into the store, a tile at a time.
+                slide_path = os.path.join(tmp, "slide.tif")
+                write_tile_pyramid(
+                    slide_path, H, W, 3, slide_tiles(reader, H, W, side), **_store(cfg, out_mpp)
+                )
+            elif backend == "openslide":  # libvips resamples: level 0 as a TIFF it can read
+                level0 = os.path.join(tmp, "level0.tif")
+                write_tiled(level0, H, W, slide_tiles(reader, H, W), 3)
+        finally:
+            reader.close()
+        if backend == "pyvips" or resample:
+            if backend == "pyvips":
+                im = pyvips.Image.new_from_file(local, access="random")
                 im = im.flatten(background=255) if im.hasalpha() else im
                 im = im.colourspace("srgb") if im.bands < 3 else im
             else:
-                level0 = os.path.join(tmp, "level0.tif")
-                write_tiled(level0, H, W, slide_tiles(reader, H, W), 3)
-                im = pyvips.Image.new_from_file(level0, access="sequential")
-            mpp = reader.mpp
-        finally:
-            reader.close()
-        scale = mpp / cfg.mpp if mpp and cfg.mpp else 1.0
-        resample = abs(scale - 1.0) > 0.005  # to the store's mpp
-        if resample:
-            im = area_resize(im, scale)
-        mpp = cfg.mpp if resample or not mpp else mpp  # a slide without one is taken as at it
-        if mpp:  # the store's pyramid keeps the physical scale (libvips: pixels per mm)
-            im = im.copy(xres=1000.0 / mpp, yres=1000.0 / mpp)
-        slide_path = os.path.join(tmp, "slide.tif")
-        write_pyramid(im, slide_path, cfg.tile_size, cfg.compression, cfg.quality, sqrt2=False)
+                im = pyvips.Image.new_from_file(level0, access="random")
+            if resample:
+                im = area_resize(im, scale)
+            slide_path = os.path.join(tmp, "slide.tif")
+            write_tile_pyramid(
+                slide_path, im.height, im.width, 3, vips_tiles(im, side), **_store(cfg, out_mpp)
+            )
         counts = np.zeros(256, np.int64)
 
-        def counted(bands):
-            nonlocal counts
-            for b in bands:
-                counts += np.bincount(b.reshape(-1), minlength=256)
-                yield b
+        def count(t: np.ndarray) -> None:
+            counts[:] += np.bincount(t.reshape(-1), minlength=256)
 
-        raw_labels = os.path.join(tmp, "labels0.tif")
         confusion: dict = {}
-        bands = label_bands(raw, maps, (H, W), cfg, class_names, confusion)
-        write_tiled(raw_labels, H, W, counted(tiles_of(bands, W)), 1)  # bincount per tile
         label_path = os.path.join(tmp, "labels.tif")
-        labels = pyvips.Image.new_from_file(raw_labels, access="sequential")
-        if resample:  # class ids: nearest, never a blend of two ids
-            labels = labels.resize(scale, kernel="nearest")
-        H, W = im.height, im.width
-        labels.tiffsave(
-            label_path,
-            tile=True,
-            pyramid=True,
-            tile_width=cfg.tile_size,
-            tile_height=cfg.tile_size,
-            bigtiff=True,
-            compression="deflate",
-            region_shrink="mode",
-        )
+        labels = dict(tile=side, compression="deflate", mpp=out_mpp, reduce="mode")
+        if not resample:  # rasterised band by band, counted and written tile by tile
+            bands = label_bands(raw, maps, (H, W), cfg, class_names, confusion, rows=side)
+            tiles = tiles_of(bands, W, side)
+            write_tile_pyramid(label_path, H, W, 1, tiles, on_tile=count, **labels)
+        else:  # class ids resampled by nearest (never a blend of two ids) through libvips
+            raw_labels = os.path.join(tmp, "labels0.tif")
+            bands = label_bands(raw, maps, (H, W), cfg, class_names, confusion)
+            write_tiled(raw_labels, H, W, tiles_of(bands, W), 1)
+            lab = pyvips.Image.new_from_file(raw_labels, access="random")
+            lab = lab.resize(scale, kernel="nearest")
+            write_tile_pyramid(
+                label_path, lab.height, lab.width, 1, vips_tiles(lab, side), on_tile=count, **labels
+            )
+        mpp = out_mpp
+        H, W = (im.height, im.width) if resample else (H, W)
         k = len(class_names)
         fractions = counts[:k] / max(1, int(counts[:k].sum()))
         n_pages = pyvips.Image.new_from_file(slide_path).get("n-pages")
@@ -283,6 +306,16 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
     }
     conf = {a: cm.matrix.tolist() for a, cm in confusion.items()}
     return row, {"source_key": key, "annotator_confusion": conf}, H * W / 1e6
+
+
+def _store(cfg: IngestConfig, mpp: float | None) -> dict:
+    """The store's image pyramid options: its tile, compression and physical scale."""
+    return {
+        "tile": cfg.tile_size,
+        "compression": cfg.compression,
+        "quality": cfg.quality,
+        "mpp": mpp,
+    }
 
 
 def write_row(dest: str, row: dict, extras: dict) -> None:
