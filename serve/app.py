@@ -13,6 +13,7 @@ Endpoints (JSON errors everywhere, OpenAPI at /docs):
 Metrics: ``foveation.monitoring`` (ray.util.metrics, exported by Ray's metrics agent).
 """
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -28,9 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from foveation import monitoring
 from foveation.serving.errors import RequestError
+from foveation.serving.guard import RequestGuard, request_id_of
 from foveation.serving.jobstore import JobStore, check_job_id
 from foveation.serving.settings import ServeConfig, load_serve_config, serve_config_from_dict
 from foveation.serving.uploads import check_content_type, decode_upload
@@ -44,43 +47,63 @@ api = FastAPI(
     version="1",
     description="Foveated segmentation of histology images (Jin et al., MICCAI 2020): "
     "synchronous region requests and whole-slide jobs. Errors are "
-    '`{"error": {"code", "message", "status"}}`.',
+    '`{"error": {"code", "message", "status", "request_id"}}`; the request id is also the '
+    "`X-Request-ID` header of every answer.",
 )
+api.add_middleware(RequestGuard)  # idle-body timeout and in-flight cap (foveation.serving.guard)
+
+CLIENT_CLOSED = 499
+"""Status recorded for a request whose client hung up (nginx's convention): not a server
+error, so the 5xx alert does not count it."""
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(
-        RequestError(status, code, message).to_dict(), status_code=status, headers=headers
-    )
+def _error(
+    request: Request, status: int, code: str, message: str, headers: dict | None = None
+) -> JSONResponse:
+    body = RequestError(status, code, message).to_dict()
+    body["error"]["request_id"] = request_id_of(request.headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 @api.exception_handler(RequestError)
-async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
     if exc.status == 503:
         headers = {"Retry-After": "1"}
-    return _error(exc.status, exc.code, exc.message, headers)
+    if exc.status in (401, 408, 413):
+        # The body may be unread (refused before reading it, or stalled): close the
+        # connection rather than parse what follows as the next request.
+        headers["Connection"] = "close"
+    return _error(request, exc.status, exc.code, exc.message, headers or None)
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     parts = []
     for e in exc.errors():
         where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
         parts.append(f"{where}: {e.get('msg', 'invalid')}")
-    return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+    return _error(request, 422, "invalid_request", "; ".join(parts) or "invalid request")
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error(exc.status_code, code, str(exc.detail))
+    return _error(request, exc.status_code, code, str(exc.detail))
+
+
+@api.exception_handler(ClientDisconnect)
+async def _client_gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+    # Nobody reads this answer; it exists so that the request ends as a 499, not a 500.
+    log.info("client closed the connection [%s]", request_id_of(request.headers))
+    return _error(request, CLIENT_CLOSED, "client_closed", "the client closed the connection")
 
 
 @api.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.error("unexpected error: %s: %s", type(exc).__name__, exc)
-    return _error(500, "internal_error", "internal error; see the server log")
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    rid = request_id_of(request.headers)
+    log.error("unexpected error [%s]: %s: %s", rid, type(exc).__name__, exc)
+    return _error(request, 500, "internal_error", f"internal error; see the server log ({rid})")
 
 
 class JobRequest(BaseModel):
@@ -90,6 +113,20 @@ class JobRequest(BaseModel):
 
 # Helpers the routes call are defined before the class: serve.ingress pickles the routes
 # when the class is decorated.
+
+
+def _job_request(body: bytes) -> JobRequest:
+    """The job request in a JSON body, or a 422 naming what is wrong with it."""
+    from pydantic import ValidationError
+
+    try:
+        return JobRequest.model_validate_json(body)
+    except ValidationError as exc:
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ())) or "body"
+            parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        raise RequestError(422, "invalid_request", "; ".join(parts)) from None
 
 
 def _unwrap(result: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +148,9 @@ def _observed(route: str, ok: int):
     except RequestError as exc:
         status, reason = exc.status, exc.code
         raise
+    except (ClientDisconnect, asyncio.CancelledError):  # Serve cancels when the client goes
+        status = CLIENT_CLOSED
+        raise
     except Exception:
         status = 500
         raise
@@ -121,6 +161,12 @@ def _observed(route: str, ok: int):
         )
         if reason is not None and (400 <= status < 500 or status == 503):
             monitoring.record("foveation_serve_rejected_total", route=route, reason=reason)
+
+
+def _refused(status: int, reason: str) -> None:
+    """A request the guard answered itself (the in-flight cap)."""
+    monitoring.record("foveation_serve_requests_total", route="*", status=status)
+    monitoring.record("foveation_serve_rejected_total", route="*", reason=reason)
 
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
@@ -173,6 +219,8 @@ class Ingress:
         self.store = JobStore(self.settings.jobs.store)
         # The token never leaves this process: not in the config, not in a log line.
         self._token = self.settings.auth.read_token().encode()
+        limits = self.settings.limits
+        RequestGuard.configure(limits.max_in_flight, limits.body_idle_timeout_s, _refused)
         Image.MAX_IMAGE_PIXELS = self.settings.limits.max_pixels  # decompression-bomb guard
         log.info("ingress ready (auth %s)", "on" if self._token else "off")
 
@@ -185,16 +233,18 @@ class Ingress:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), self._token):
             raise RequestError(401, "unauthorized", "missing or wrong bearer token")
 
-    async def _body(self, request: Request) -> bytes:
-        limit = self.settings.limits.max_body_bytes
+    async def _body(self, request: Request, limit: int) -> bytes:
+        """The body, read after the route has checked the token, at most ``limit`` bytes
+        (the declared length is checked before a byte is read)."""
+        too_large = f"request body over the limit of {limit} bytes for {request.url.path}"
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, "body_too_large", f"body of {declared} bytes; limit {limit}")
+            raise RequestError(413, "body_too_large", f"{too_large} (declared {declared})")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise RequestError(413, "body_too_large", f"body over the limit of {limit} bytes")
+                raise RequestError(413, "body_too_large", too_large)
             chunks.append(chunk)
         body = b"".join(chunks)
         request._body = body  # Starlette reads the form from here
@@ -202,7 +252,9 @@ class Ingress:
 
     async def _upload(self, request: Request) -> bytes:
         ctype = request.headers.get("content-type", "")
-        body = await self._body(request)
+        body = await self._body(request, self.settings.limits.max_body_bytes)
+        if not body:
+            raise RequestError(400, "empty_body", "the request body is empty; expected an image")
         if ctype.lower().startswith("multipart/form-data"):
             try:
                 form = await request.form()
@@ -214,7 +266,10 @@ class Ingress:
                     422, "missing_field", "multipart form: expected a file field 'image'"
                 )
             check_content_type(part.content_type)
-            return await part.read()
+            data = await part.read()
+            if not data:
+                raise RequestError(400, "empty_body", "the form's 'image' field is empty")
+            return data
         check_content_type(ctype)
         return body
 
@@ -268,10 +323,21 @@ class Ingress:
             )
             return response
 
-    @api.post("/v1/jobs", status_code=202, summary="Segment a whole slide as a job")
-    async def submit_job(self, request: Request, job: JobRequest) -> JSONResponse:
+    @api.post(
+        "/v1/jobs",
+        status_code=202,
+        summary="Segment a whole slide as a job",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": JobRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def submit_job(self, request: Request) -> JSONResponse:
         with _observed("/v1/jobs", 202):
-            self._authorize(request)
+            self._authorize(request)  # before a byte of the body is read
+            job = _job_request(await self._body(request, self.settings.limits.max_job_body_bytes))
             check_slide_uri(job.slide_uri, self.settings.jobs.allowed_prefixes)
             rec = _unwrap(await self._call(self.runner.submit.remote(job.slide_uri)))
             return JSONResponse(

@@ -9,6 +9,8 @@ import itertools
 import json
 import os
 import signal
+import socket
+import time
 
 import httpx
 import numpy as np
@@ -55,13 +57,14 @@ def served(ray_cluster, s3_endpoint, serve_port, root, tmp_path_factory):
     token_file = tmp / "token"
     token_file.write_text(TOKEN + "\n")
     settings = {
-        "limits": {"max_body_bytes": 1 << 20, "max_pixels": 2_000_000},
+        "limits": {"max_body_bytes": 1 << 20, "max_pixels": 2_000_000, "body_idle_timeout_s": 8},
         "auth": {"token_file": str(token_file)},
         "jobs": {
             "store": "s3://serving/jobs",
             "allowed_prefixes": [str(slides), "s3://serving/slides/"],
             "progress_interval_s": 0.2,
             "geojson_max_side": 4096,
+            "max_queued": 1,
         },
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "model": {"num_cpus": 0.5, "max_ongoing_requests": 4, "max_queued_requests": 16},
@@ -230,6 +233,136 @@ def _wait_final(c: httpx.Client, job_id: str, timeout: float = 90) -> dict:
     return wait_for(final, timeout, 0.3, f"job {job_id}")
 
 
+def _raw_request(port: int, head: str, body: bytes = b"") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(head.encode() + b"\r\n" + body)
+    return s
+
+
+def _read_all(s: socket.socket, deadline: float) -> bytes:
+    """What the server sends until it closes the connection (or the deadline passes)."""
+    chunks = []
+    while True:  # at least one read, however late
+        s.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = s.recv(65536)
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                break
+            continue
+        except OSError:  # reset by the server: closed
+            return b"".join(chunks) + b"<closed>"
+        if not data:
+            return b"".join(chunks) + b"<closed>"
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def test_stalled_and_oversized_clients_cannot_starve_the_server(served):
+    """200 clients send the headers and 110 bytes of a 1 MB upload (with the token), then
+    nothing; 50 more send no token, and 20 hang up mid-body. Meanwhile /healthz and a 1 MP
+    /v1/segment answer within 2x their unloaded latency (medians, measured here); the stalled
+    ones get a JSON 408 and their connections are closed within the idle timeout (8 s here),
+    the tokenless ones a 401 before their body is read."""
+    import io
+    import statistics
+
+    from PIL import Image
+
+    c, port = served["client"], served["port"]
+    buf = io.BytesIO()
+    Image.fromarray(tissue(1000, 1000, seed=3)).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+
+    def median_s(fn, n: int) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            r = fn()
+            times.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.text
+        return statistics.median(times)
+
+    def health():
+        return c.get("/healthz")
+
+    def segment():
+        return c.post("/v1/segment", content=jpeg, headers={"Content-Type": "image/jpeg"})
+
+    segment()  # warm
+    health0, segment0 = median_s(health, 7), median_s(segment, 3)
+
+    def head(auth: bool, path: str = "/v1/segment") -> str:
+        lines = [
+            f"POST {path} HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            "Content-Type: image/png",
+            "Content-Length: 1000000",
+        ]
+        if auth:
+            lines.append(f"Authorization: Bearer {TOKEN}")
+        return "\r\n".join(lines) + "\r\n"
+
+    t_stall = time.monotonic()
+    stalled = [_raw_request(port, head(True), b"\x89PNG" + b"\0" * 106) for _ in range(200)]
+    tokenless = [_raw_request(port, head(False, "/v1/jobs"), b"{" * 110) for _ in range(50)]
+    for _ in range(20):  # a client that hangs up half-way: a 499, not a 500
+        _raw_request(port, head(True), b"\0" * 110).close()
+    try:
+        time.sleep(0.5)
+        health1, segment1 = median_s(health, 7), median_s(segment, 3)
+        loaded = time.monotonic() - t_stall
+        # 2x the unloaded median; 20 ms of slack for a 2-core machine's timer noise on /healthz
+        assert health1 <= 2 * health0 + 0.02, (health0, health1)
+        assert segment1 <= 2 * segment0, (segment0, segment1)
+        assert loaded < 8, f"measuring took {loaded:.1f} s: past the idle timeout, not a test"
+        refused = [_read_all(s, time.monotonic() + 2) for s in tokenless]
+        assert all(a.startswith(b"HTTP/1.1 401") for a in refused), refused[0][:300]
+        assert all(a.endswith(b"<closed>") for a in refused), refused[0][-300:]
+        deadline = t_stall + 8 + 4  # the idle timeout, and 4 s for 200 answers on 2 cores
+        answers = [_read_all(s, deadline) for s in stalled]
+    finally:
+        for s in stalled + tokenless:
+            s.close()
+    closed = sum(a.endswith(b"<closed>") for a in answers)
+    timeouts = sum(a.startswith(b"HTTP/1.1 408") for a in answers)
+    assert closed == 200 and timeouts == 200, (closed, timeouts, answers[0][:300])
+    body = json.loads(answers[0].split(b"\r\n\r\n", 1)[1].removesuffix(b"<closed>"))
+    assert body["error"]["code"] == "body_timeout" and body["error"]["request_id"] != "-"
+    print(
+        f"healthz {health0 * 1e3:.1f} -> {health1 * 1e3:.1f} ms, 1 MP segment "
+        f"{segment0:.2f} -> {segment1:.2f} s with 200 stalled connections"
+    )
+    assert c.get("/healthz").status_code == 200
+
+
+def test_the_token_is_checked_before_the_body_is_read(served):
+    """A /v1/jobs body without a token is never read (401 at once, even for 50 MB of it or
+    for malformed JSON), and a job body has a small limit of its own."""
+    c, port = served["client"], served["port"]
+    head = (
+        "\r\n".join(
+            [
+                "POST /v1/jobs HTTP/1.1",
+                f"Host: 127.0.0.1:{port}",
+                "Content-Type: application/json",
+                "Content-Length: 50000000",
+            ]
+        )
+        + "\r\n"
+    )
+    s = _raw_request(port, head, b"{not json")
+    t = time.monotonic()
+    got = _read_all(s, t + 10)
+    s.close()
+    assert got.startswith(b"HTTP/1.1 401") and time.monotonic() - t < 5, got[:300]
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", content=b"{not json", timeout=30)
+    assert r.status_code == 401, r.text
+    assert r.headers["x-request-id"] == r.json()["error"]["request_id"]
+    err = _error_of(c.post("/v1/jobs", content=b" " * 20000), 413, "body_too_large")
+    assert "16384" in err["message"]
+
+
 def test_whole_slide_job_from_s3(served, reference):
     import pyvips
 
@@ -297,12 +430,17 @@ def test_cancel_a_running_and_a_queued_job(served):
     wait_for(
         lambda: c.get(f"/v1/jobs/{first['id']}").json()["state"] == "running", 60, 0.1, "running"
     )
+    # one job waits already (serve.jobs.max_queued = 1): a third is refused, not queued
+    err = _error_of(c.post("/v1/jobs", json={"slide_uri": big}), 503, "jobs_full")
+    assert "max_queued" in err["message"]
     r = c.delete(f"/v1/jobs/{second['id']}")
     assert r.status_code == 202 and r.json()["state"] == "cancelled", r.text
     r = c.delete(f"/v1/jobs/{first['id']}")
     assert r.status_code == 202 and r.json()["cancel_requested"], r.text
     assert _wait_final(c, first["id"])["state"] == "cancelled"
     assert c.get(f"/v1/jobs/{second['id']}").json()["state"] == "cancelled"
+    err = _error_of(c.delete(f"/v1/jobs/{second['id']}"), 409, "job_finished")
+    assert "cancelled" in err["message"]
 
 
 def test_a_job_survives_a_restart_of_the_job_runner(served):
@@ -361,9 +499,9 @@ def test_metrics_reach_rays_prometheus_endpoint(served):
         return all(name in text for name in wanted) and text
 
     text = wait_for(exported, 60, 2, f"{wanted} at {url}")
-    line = next(
-        ln
-        for ln in text.splitlines()
-        if ln.startswith("ray_foveation_serve_requests_total") and 'route="/v1/segment"' in ln
-    )
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_foveation_serve_requests_total")]
+    line = next(ln for ln in lines if 'route="/v1/segment"' in ln and 'status="200"' in ln)
     assert float(line.rsplit(" ", 1)[1]) >= 1
+    # the clients that hung up mid-body (the stalled-clients test) are 499s, never 500s
+    assert any('status="499"' in ln for ln in lines), lines
+    assert not any('status="500"' in ln for ln in lines), lines

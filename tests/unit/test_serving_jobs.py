@@ -316,7 +316,9 @@ def test_cancel_and_resume_after_a_crash(tiny_model, tmp_path):
         done = runner.wait(crashed.id, 60)
         assert done.state == "succeeded" and done.attempts == 2
         assert store.get(cancelled.id).state == "cancelled"
-        assert runner.cancel(crashed.id).state == "succeeded"  # final: unchanged
+        with pytest.raises(RequestError, match="already ended"):  # final: 409, unchanged
+            runner.cancel(crashed.id)
+        assert store.get(crashed.id).state == "succeeded"
     finally:
         runner.shutdown()
 

@@ -151,15 +151,25 @@ class JobRunner:
             raise RequestError(
                 413, "slide_too_large", f"slide {uri!r}: {w} x {h} pixels exceeds {limit}"
             )
+        with self._lock:
+            queued = sum(r.state == QUEUED for r in self._records.values())
+        if queued >= self.settings.jobs.max_queued:
+            raise RequestError(
+                503,
+                "jobs_full",
+                f"{queued} jobs are already waiting (serve.jobs.max_queued); retry later",
+            )
         rec = self.store.create(uri, {"width": w, "height": h, "checkpoint": self.checkpoint})
         self._schedule(rec)
         return rec
 
     def cancel(self, job_id: str) -> JobRecord:
-        """Cancel a queued or running job (a finished one is returned unchanged)."""
+        """Cancel a queued or running job; a finished one is a 409 saying how it ended."""
         rec = self._latest(job_id)
         if rec.final:
-            return rec
+            raise RequestError(
+                409, "job_finished", f"job {job_id} already ended ({rec.state}); nothing to cancel"
+            )
         with self._lock:
             event = self._cancel.get(job_id)
         if event is None:  # not ours (another runner's, or lost): record the request only

@@ -28,10 +28,23 @@ class LimitsConfig:
     """Largest uploaded image, width x height, checked from the header before decoding."""
     max_slide_pixels: int = 20_000_000_000
     """Largest slide (level 0, width x height) a whole-slide job accepts."""
+    max_job_body_bytes: int = 16384
+    """Largest body of ``POST /v1/jobs`` (a small JSON document), checked while it is read."""
+    body_idle_timeout_s: float = 10.0
+    """Longest wait for the next chunk of a request body; beyond it the request gets 408 and
+    its connection is closed (a slow or stalled client cannot hold the ingress). Not an
+    end-to-end limit: a 40 MP upload that keeps arriving takes as long as it takes."""
+    max_in_flight: int = 512
+    """Requests one ingress replica holds at once (being received, waiting or answered);
+    beyond it 503 at once. Below ``serve.ingress.max_ongoing_requests`` so that the answer is
+    this JSON 503, not Ray's queue."""
 
     def __post_init__(self) -> None:
         w = "serve.limits"
         require(self.max_body_bytes >= 1024, f"{w}.max_body_bytes", "must be >= 1024")
+        require(self.max_job_body_bytes >= 256, f"{w}.max_job_body_bytes", "must be >= 256")
+        require(self.body_idle_timeout_s > 0, f"{w}.body_idle_timeout_s", "must be > 0")
+        require(self.max_in_flight >= 1, f"{w}.max_in_flight", "must be >= 1")
         require(self.max_pixels >= 1, f"{w}.max_pixels", "must be >= 1")
         require(self.max_slide_pixels >= 1, f"{w}.max_slide_pixels", "must be >= 1")
 
@@ -76,6 +89,8 @@ class JobsConfig:
     prefixes compared by bucket and key). Anything else is refused with 403."""
     max_concurrent: int = 1
     """Jobs the job runner segments at once; the others wait queued."""
+    max_queued: int = 16
+    """Jobs waiting to run; a submission beyond it gets 503 (retry later)."""
     progress_interval_s: float = 1.0
     """Least time between two writes of a running job's progress to the store."""
     heatmap: str = "probabilities"
@@ -97,6 +112,7 @@ class JobsConfig:
         w = "serve.jobs"
         require(bool(self.store), f"{w}.store", "must be a path or s3:// prefix")
         require(self.max_concurrent >= 1, f"{w}.max_concurrent", "must be >= 1")
+        require(self.max_queued >= 0, f"{w}.max_queued", "must be >= 0")
         require(self.progress_interval_s >= 0, f"{w}.progress_interval_s", "must be >= 0")
         require(self.heatmap in HEATMAPS, f"{w}.heatmap", f"must be one of {HEATMAPS}")
         require(self.geojson_max_side >= 16, f"{w}.geojson_max_side", "must be >= 16")
@@ -218,10 +234,12 @@ class ServeConfig:
     """The model deployment (autoscaled; synchronous /v1/segment requests)."""
     ingress: ReplicaConfig = field(
         default_factory=lambda: ReplicaConfig(
-            num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=256
+            num_cpus=0.25, max_ongoing_requests=1024, max_queued_requests=256
         )
     )
-    """The FastAPI ingress (light: decoding, validation, routing)."""
+    """The FastAPI ingress (light: decoding, validation, routing). Its requests mostly wait
+    (on a client's body, on the model), so it takes many at once; ``limits.max_in_flight``
+    bounds them with a JSON 503."""
     runner: ReplicaConfig = field(
         default_factory=lambda: ReplicaConfig(
             num_cpus=0.5, max_ongoing_requests=64, max_queued_requests=64
@@ -230,6 +248,11 @@ class ServeConfig:
     """The whole-slide job runner (one replica: it owns the jobs it runs)."""
 
     def __post_init__(self) -> None:
+        require(
+            self.limits.max_in_flight < self.ingress.max_ongoing_requests,
+            "serve.limits.max_in_flight",
+            f"must be below serve.ingress.max_ongoing_requests ({self.ingress.max_ongoing_requests})",
+        )
         require(
             self.device == "cpu" or self.device.startswith("cuda"),
             "serve.device",
