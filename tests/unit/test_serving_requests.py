@@ -158,3 +158,59 @@ def test_job_ids_are_32_hex_digits_or_404(job_id):
         check_job_id(job_id)
     assert info.value.status == 404
     assert check_job_id("0123456789abcdef" * 2)
+
+
+def test_exif_orientation_is_applied():
+    """A photo stored sideways with orientation 6 (display = stored turned 90 degrees
+    clockwise) is segmented as displayed."""
+    img = rgb(20, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", exif=exif)
+    out = decode_upload(buf.getvalue(), 10_000)
+    assert out.shape == (30, 20, 3)
+    assert np.array_equal(out, np.rot90(img, k=-1))
+
+
+def test_a_pyramidal_tiff_is_read_at_level_0_and_several_full_images_are_refused(tmp_path):
+    import tifffile
+
+    img = rgb(48, 64)
+    path = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img[::2, ::2].copy(), photometric="rgb")  # a reduced page first
+        tw.write(img, photometric="rgb")
+        tw.write(img[::4, ::4].copy(), photometric="rgb")
+    assert np.array_equal(decode_upload(path.read_bytes(), 10_000), img)
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tw:
+        tw.write(img, photometric="rgb")
+        tw.write(img[::-1].copy(), photometric="rgb")
+    with pytest.raises(RequestError) as err:
+        decode_upload((tmp_path / "two.tif").read_bytes(), 10_000)
+    assert err.value.status == 400 and err.value.code == "multi_image_tiff"
+    assert "2 full-size images" in err.value.message
+
+
+def test_a_corrupt_tile_of_a_slide_says_so(tmp_path):
+    """libvips reports a tile it cannot decode as 'unable to write to memory'; the slide
+    reader names the slide, the region and the decoder's reason."""
+    import tifffile
+
+    from foveation.io.slides import SlideError, SlideReader
+
+    img = np.random.default_rng(1).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), compression="jpeg", photometric="rgb")
+    page = tifffile.TiffFile(path).pages[0]
+    off, n = page.dataoffsets[1], page.databytecounts[1]
+    with open(path, "r+b") as f:  # tile 1: its JPEG stream replaced by garbage
+        f.seek(off)
+        f.write(os.urandom(n))
+    reader = SlideReader(str(path))
+    assert reader.read_level(0, 0, 0, 256, 256).shape == (256, 256, 3)  # tile 0 is fine
+    with pytest.raises(SlideError) as err:
+        reader.read_level(0, 0, 256, 256, 256)
+    msg = str(err.value)
+    assert str(path) in msg and "cols 256..512" in msg
+    assert "corrupt or unreadable image data" in msg and "unable to write" not in msg

@@ -479,6 +479,14 @@ def _decoded(lv: Level, t0: int, l0: int, t1: int, l1: int) -> int:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The cause in one line. libvips' own first line is what failed at the end of the
+    pipeline ("unable to write to memory"); the decoder's reason is in its ``detail``, so a
+    corrupt tile reads as one ("corrupt image data: tiff2vips: decompress error tile ...")."""
+    detail = getattr(exc, "detail", None)
+    if detail:
+        lines = [ln.strip() for ln in str(detail).splitlines() if ln.strip()]
+        if lines:
+            return "corrupt or unreadable image data: " + "; ".join(lines[-2:])[:300]
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 

@@ -56,6 +56,8 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "image") -> np.ndarr
         ) from None
     if w < 1 or h < 1:
         raise RequestError(400, "empty_image", f"{name}: image is {w} x {h} pixels; expected >= 1")
+    if im.format == "TIFF":
+        im, w, h = _tiff_level0(im, name)
     if w * h > max_pixels:
         raise RequestError(
             413,
@@ -64,6 +66,7 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "image") -> np.ndarr
         )
     try:
         im.load()
+        im = _oriented(im)
         if im.mode not in ("L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L"):
             im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
         return as_rgb_uint8(np.asarray(im), name)
@@ -73,6 +76,48 @@ def decode_upload(data: bytes, max_pixels: int, name: str = "image") -> np.ndarr
         raise RequestError(
             400, "corrupt_image", f"{name}: truncated or corrupt image ({_first_line(exc)})"
         ) from None
+
+
+MAX_TIFF_PAGES = 64
+
+
+def _tiff_level0(im, name: str):
+    """A multi-page TIFF upload: a pyramid (each further page smaller, as pyramidal TIFF and
+    OME-TIFF writers leave them) is read at its largest page, level 0; several full-size
+    images are refused rather than segmenting the first without a word."""
+    n = getattr(im, "n_frames", 1)
+    if n <= 1:
+        return im, im.size[0], im.size[1]
+    if n > MAX_TIFF_PAGES:
+        raise RequestError(
+            400, "multi_image_tiff", f"{name}: a TIFF of {n} pages; expected one image or a pyramid"
+        )
+    sizes = []
+    for k in range(n):
+        im.seek(k)  # reads the page's header only
+        sizes.append(im.size)
+    largest = max(sizes, key=lambda s: s[0] * s[1])
+    full = [k for k, s in enumerate(sizes) if s == largest]
+    if len(full) > 1:
+        raise RequestError(
+            400,
+            "multi_image_tiff",
+            f"{name}: a TIFF with {len(full)} full-size images ({largest[0]} x {largest[1]}, "
+            f"pages {full[:8]}); send one image per request",
+        )
+    im.seek(full[0])
+    return im, largest[0], largest[1]
+
+
+def _oriented(im):
+    """The image as it is meant to be seen: the EXIF orientation (a phone or camera photo of a
+    slide) applied, so the mask lines up with what the client displays."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # an unreadable EXIF block: the pixels as stored
+        return im
 
 
 def _first_line(exc: BaseException) -> str:
