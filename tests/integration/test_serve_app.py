@@ -65,6 +65,7 @@ def served(ray_cluster, s3_endpoint, serve_port, root, tmp_path_factory):
             "progress_interval_s": 0.2,
             "geojson_max_side": 4096,
             "max_queued": 1,
+            "checkpoint_interval_s": 0,
         },
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "model": {"num_cpus": 0.5, "max_ongoing_requests": 4, "max_queued_requests": 16},
@@ -447,15 +448,23 @@ def test_a_job_survives_a_restart_of_the_job_runner(served):
     from ray import serve
 
     c = served["client"]
-    job = c.post("/v1/jobs", json={"slide_uri": str(served["slides"] / "big.tif")}).json()
-    wait_for(lambda: c.get(f"/v1/jobs/{job['id']}").json()["progress"] > 0, 60, 0.1, "progress")
+    big = str(served["slides"] / "big.tif")
+    job = c.post("/v1/jobs", json={"slide_uri": big}).json()
     runner = serve.get_deployment_handle("SlideJobRunner", app_name=APP)
     pid = runner.pid.remote().result(timeout_s=30)
+    # progress is 0.95 x the rows done: kill the replica at 60% of the rows
+    wait_for(lambda: c.get(f"/v1/jobs/{job['id']}").json()["progress"] >= 0.57, 90, 0.05, "60%")
     os.kill(pid, signal.SIGKILL)  # the replica dies mid-job; Serve starts a new one
     done = _wait_final(c, job["id"], timeout=120)
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 2, done
     assert runner.pid.remote().result(timeout_s=60) != pid
+    # it continued from the rows saved in the store, not from the start
+    again = _wait_final(c, c.post("/v1/jobs", json={"slide_uri": big}).json()["id"])
+    resumed, whole = done["summary"], again["summary"]
+    assert resumed["resumed_from_row"] >= 0.5 * whole["height"], (resumed, whole)
+    assert resumed["locations"] < 0.5 * whole["locations"], (resumed, whole)
+    assert resumed["class_fractions"] == whole["class_fractions"]
 
 
 def test_the_token_never_reaches_a_log(served):

@@ -338,3 +338,72 @@ def test_batched_forward_gives_the_same_mask(tiny_model):
     b = segment_image(model, cfg, img, forward)
     assert calls and (a.mask == b.mask).all() and a.counts == b.counts
     assert a.apsm.shape == (9, 12)  # ceil(130 / 16), ceil(190 / 16)
+
+
+def test_a_slide_interrupted_at_60_percent_resumes_from_its_checkpoint(tiny_model, tmp_path):
+    """predict_slide saves its finished rows under <prefix>/partial/; killed at 60% and run
+    again, it restores them, segments fewer than half of the locations, and writes exactly
+    what an uninterrupted run writes. A checkpoint of another model is not reused."""
+    import pyvips
+
+    from foveation.serving.outputs import predict_slide
+
+    model, cfg = tiny_model
+    path, _ = _slide(tmp_path, "s.tif", 768, 320)
+    whole, whole_summary = predict_slide(
+        model, cfg, path, str(tmp_path / "whole"), skip_background=False
+    )
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_60(done, total):
+        if done >= 0.6 * total:
+            raise Killed()
+
+    prefix = str(tmp_path / "job")
+    with pytest.raises(Killed):
+        predict_slide(
+            model,
+            cfg,
+            path,
+            prefix,
+            progress=kill_at_60,
+            checkpoint_interval_s=0,
+            resume_key="m1",
+            skip_background=False,
+        )
+    assert (tmp_path / "job" / "partial" / "state.json").exists()
+    results, summary = predict_slide(
+        model,
+        cfg,
+        path,
+        prefix,
+        checkpoint_interval_s=0,
+        resume_key="m1",
+        skip_background=False,
+    )
+    assert summary["resumed_from_row"] >= 0.5 * 768, summary
+    assert summary["locations"] < 0.5 * whole_summary["locations"], (summary, whole_summary)
+    for name in ("labels", "probabilities"):
+        a = pyvips.Image.new_from_file(whole[name]).numpy()
+        b = pyvips.Image.new_from_file(results[name]).numpy()
+        assert np.array_equal(a, b), name
+    assert not (tmp_path / "job" / "partial").exists()  # removed once the results are written
+
+    # a checkpoint left by another model is ignored: the run starts over
+    with pytest.raises(Killed):
+        predict_slide(
+            model,
+            cfg,
+            path,
+            prefix,
+            progress=kill_at_60,
+            checkpoint_interval_s=0,
+            resume_key="m1",
+            skip_background=False,
+        )
+    _, other = predict_slide(
+        model, cfg, path, prefix, checkpoint_interval_s=0, resume_key="m2", skip_background=False
+    )
+    assert other["resumed_from_row"] == 0 and other["locations"] == whole_summary["locations"]

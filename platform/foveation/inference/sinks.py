@@ -13,7 +13,11 @@ import torch
 
 
 class Sink(Protocol):
-    def begin(self, height: int, width: int, num_classes: int) -> None: ...
+    def begin(self, height: int, width: int, num_classes: int) -> None:
+        """Called once before anything else. A sink that restored a previous attempt's rows
+        sets ``resume_row`` here (an optional attribute; 0 when absent): ``segment`` then
+        writes rows from it on and computes only the bands those rows need."""
+        ...
 
     def write_weights(self, weights: torch.Tensor, apsm: torch.Tensor) -> None:
         """F's weights [D, h, w] and the APSM [h, w] on the x_r grid, once per image."""

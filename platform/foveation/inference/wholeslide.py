@@ -99,16 +99,20 @@ def blend_window(size: int, kind: str, device=None) -> torch.Tensor:
 class _RowAccumulator:
     """Weighted overlap-add of per-location predictions, over the rows still open."""
 
-    def __init__(self, height: int, width: int, k: int, device, window: torch.Tensor) -> None:
+    def __init__(
+        self, height: int, width: int, k: int, device, window: torch.Tensor, start: int = 0
+    ) -> None:
+        """``start``: rows above it are already in the sink (a resumed job): predictions for
+        them are dropped, and the first rows written are from ``start``."""
         self.height, self.width, self.k, self.device = height, width, k, device
         self.window = window
-        self.top = 0
+        self.top = self.floor = start
         self.acc = torch.zeros((k, 0, width), device=device)
         self.cov = torch.zeros((0, width), device=device)
 
     def add(self, top: int, left: int, p: torch.Tensor) -> None:
         f = p.shape[-1]
-        t0, l0 = max(top, 0), max(left, 0)
+        t0, l0 = max(top, 0, self.floor), max(left, 0)
         t1, l1 = min(top + f, self.height), min(left + f, self.width)
         if t1 <= t0 or l1 <= l0:
             return
@@ -196,6 +200,8 @@ def segment(
     xr = xr_from_source(source, cfg)
     w_map = model.weights(pad_xr(xr)[None].to(device))[0]  # [D, h, w]
     sink.begin(H, W, k)
+    # A sink restored from a previous attempt's checkpoint already holds its first rows.
+    start_row = int(getattr(sink, "resume_row", 0))
     sink.write_weights(w_map, model.apsm(w_map[None])[0])
     keep = locations_near_tissue(xr, cfg, background) if background is not None else None
 
@@ -235,12 +241,27 @@ def segment(
             source, top, win_left, height, win_width, pc.padding, cfg.model.pad_value
         )
 
-    acc = _RowAccumulator(H, W, k, device, blend_window(f1, cfg.inference.blend, device))
+    # Where each band's rows are complete: the first row of the next band's patches. A
+    # band's patches end before the band after next begins, so rows from a resumed start_row
+    # need only the last band complete at or above it, and those after (b0).
+    next_tops = [
+        round((groups[b + 1][0] + 0.5) * s - f1 / 2) if b + 1 < len(groups) else H
+        for b in range(len(groups))
+    ]
+    b0 = max([b for b, t in enumerate(next_tops) if t <= start_row], default=0)
+    acc = _RowAccumulator(
+        H, W, k, device, blend_window(f1, cfg.inference.blend, device), start=start_row
+    )
     n_locs = 0
     ctx = MixContext(cfg.model.mix, training=False)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="band-reader") as pool:
-        ahead = pool.submit(read, 0)
+        ahead = pool.submit(read, b0)
         for b, (locs, top, _) in enumerate(bands):
+            if b < b0 or start_row >= H:
+                continue
+            if b == b0 and start_row:  # only the locations whose patches reach start_row
+                bottoms = torch.round((locs[:, 0] + 0.5) * s - f1 / 2) + f1
+                locs = locs[bottoms > start_row]
             window = ahead.result()
             if b + 1 < len(bands):
                 ahead = pool.submit(read, b + 1)
@@ -258,9 +279,7 @@ def segment(
                     for (i, j), p in zip(lb.tolist(), probs, strict=True):
                         acc.add(round((i + 0.5) * s - f1 / 2), round((j + 0.5) * s - f1 / 2), p)
                 n_locs += len(locs)
-            nxt = groups[b + 1][0] if b + 1 < len(groups) else None
-            next_top = round((nxt + 0.5) * s - f1 / 2) if nxt is not None else H
-            acc.flush(next_top, sink, gaps=keep is not None)
+            acc.flush(next_tops[b], sink, gaps=keep is not None)
     sink.close()
     return InferenceStats(n_locs, n_locs * P * P, H * W)
 

@@ -10,8 +10,12 @@ label map shrunk by mode to at most ``geojson_max_side`` px a side, then merged 
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from xml.sax.saxutils import escape
 
@@ -20,6 +24,8 @@ import torch
 
 from foveation.io import storage
 from foveation.serving import geojson
+
+log = logging.getLogger(__name__)
 
 
 class JobCancelled(Exception):
@@ -87,10 +93,22 @@ class JobSink:
         heat_scale: int,
         progress: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        checkpoint: str | None = None,
+        checkpoint_interval_s: float = 30.0,
+        resume_key: str = "",
     ) -> None:
+        """``checkpoint``: a storage prefix where the rows written so far are saved, every
+        ``checkpoint_interval_s`` (0: after every block of rows), as compressed chunks of
+        labels and heat-map rows plus a ``state.json`` naming them; ``begin`` restores them
+        when the saved state has the same ``resume_key`` and shape, and sets ``resume_row``
+        (inference then continues from there). The partial state lives in the store, so a
+        job killed with its replica resumes on any other."""
         self.workdir, self.s = workdir, heat_scale
         self.progress, self.cancelled = progress, cancelled
+        self.checkpoint, self.interval = checkpoint, checkpoint_interval_s
+        self.resume_key = resume_key
         self.rows_written = 0
+        self.resume_row = 0
         self.apsm: np.ndarray | None = None
         self.counts: np.ndarray | None = None
 
@@ -115,6 +133,67 @@ class JobSink:
         self._acc_rows = 0
         self._heat_row = 0
         self.counts = np.zeros(num_classes, np.int64)
+        self._chunks: list[dict] = []
+        self._saved_rows = self._saved_heat = 0
+        self._last_save = time.monotonic()
+        if self.checkpoint:
+            self._restore()
+
+    # -- checkpoints of the rows written (resumable jobs) --------------------------------
+    def _shape(self) -> list[int]:
+        return [self.height, self.width, self.k, self.s]
+
+    def _restore(self) -> None:
+        state_uri = storage.join(self.checkpoint, "state.json")
+        if not storage.exists(state_uri):
+            return
+        state = json.loads(storage.read_bytes(state_uri))
+        if state.get("key") != self.resume_key or state.get("shape") != self._shape():
+            log.info("%s: a checkpoint of another model or shape; starting over", state_uri)
+            return
+        for c in state["chunks"]:
+            data = storage.read_bytes(storage.join(self.checkpoint, c["file"]))
+            with np.load(io.BytesIO(data)) as z:
+                self.labels[c["rows"][0] : c["rows"][1]] = z["labels"]
+                self.heat[c["heat"][0] : c["heat"][1]] = z["heat"]
+                acc = z["acc"]  # the heat block still accumulating (the last chunk's counts)
+        self._acc = torch.from_numpy(acc.copy())
+        self._acc_rows = int(state["acc_rows"])
+        self._chunks = list(state["chunks"])
+        self.rows_written = self.resume_row = self._saved_rows = int(state["rows"])
+        self._heat_row = self._saved_heat = int(state["heat_rows"])
+        self.counts[:] = state["counts"]
+        log.info("%s: resuming at row %d of %d", self.checkpoint, self.rows_written, self.height)
+
+    def _maybe_save(self) -> None:
+        """Save the rows written since the last save when the interval has passed, with the
+        heat map's half-accumulated block of ``s`` rows (its sums: K x width floats)."""
+        if (
+            not self.checkpoint
+            or self.rows_written in (self._saved_rows, self.height)
+            or time.monotonic() - self._last_save < self.interval
+        ):
+            return
+        a, b, ha, hb = self._saved_rows, self.rows_written, self._saved_heat, self._heat_row
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf, labels=self.labels[a:b], heat=self.heat[ha:hb], acc=self._acc.numpy()
+        )
+        name = f"rows-{a:09d}-{b:09d}.npz"
+        storage.write_bytes(storage.join(self.checkpoint, name), buf.getvalue())
+        self._chunks.append({"file": name, "rows": [a, b], "heat": [ha, hb]})
+        state = {
+            "key": self.resume_key,
+            "shape": self._shape(),
+            "rows": b,
+            "heat_rows": hb,
+            "acc_rows": self._acc_rows,
+            "counts": self.counts.tolist(),
+            "chunks": self._chunks,
+        }
+        # The chunk first, then the state naming it: a kill in between loses one chunk.
+        storage.write_bytes(storage.join(self.checkpoint, "state.json"), json.dumps(state).encode())
+        self._saved_rows, self._saved_heat, self._last_save = b, hb, time.monotonic()
 
     def write_weights(self, weights: torch.Tensor, apsm: torch.Tensor) -> None:
         self.apsm = apsm.float().cpu().numpy()
@@ -139,6 +218,7 @@ class JobSink:
             if self._acc_rows == self.s:
                 self._emit_heat_row()
         self.rows_written += n
+        self._maybe_save()
         if self.progress is not None:
             self.progress(self.rows_written, self.height)
 
@@ -295,12 +375,17 @@ def predict_slide(
     geojson_tile: int = 1024,
     geojson_simplify_px: float = 0.0,
     skip_background: bool = True,
+    checkpoint_interval_s: float | None = None,
+    resume_key: str = "",
 ) -> tuple[dict[str, str], dict]:
     """Segment one slide read out of core from ``slide_uri`` and write its results under the
     storage ``prefix`` (``JobSink.write_results``): (name -> URI, summary). What a Serve slide
     job and ``jobs.predict`` both run for each slide. ``skip_background``: glass (no pixel
     darker than ``data.pipeline.tissue_threshold`` near a location) is not segmented; its
-    labels are ``NO_TISSUE`` (255), its probabilities 0, and no GeoJSON covers it."""
+    labels are ``NO_TISSUE`` (255), its probabilities 0, and no GeoJSON covers it.
+    ``checkpoint_interval_s``: the rows done are saved under ``<prefix>/partial/`` this often
+    and a rerun with the same ``resume_key`` (the model) continues from them (``JobSink``);
+    the partial state is removed once the results are written. None: no checkpoints."""
     import tempfile
     import time
 
@@ -312,7 +397,16 @@ def predict_slide(
         reader = SlideReader(slide_uri)
         try:
             source, scale, mpp = model_resolution_source(reader, cfg.patches.mpp)
-            sink = JobSink(tmp, cfg.patches.xr_scale, progress, cancelled)
+            partial = storage.join(prefix, "partial") if checkpoint_interval_s is not None else None
+            sink = JobSink(
+                tmp,
+                cfg.patches.xr_scale,
+                progress,
+                cancelled,
+                checkpoint=partial,
+                checkpoint_interval_s=checkpoint_interval_s or 0.0,
+                resume_key=f"{resume_key}|{slide_uri}|{cfg.patches}",
+            )
             background = cfg.data.pipeline.tissue_threshold if skip_background else None
             stats = segment(model, source, cfg, sink, device=device, background=background)
         finally:
@@ -321,6 +415,8 @@ def predict_slide(
         results = sink.write_results(
             prefix, names, geojson_max_side, geojson_tile, geojson_simplify_px, 1.0 / scale
         )
+        if partial is not None:
+            storage.remove_tree(partial)
         summary = {
             "slide_mpp": reader.mpp,
             "model_mpp": mpp,
@@ -328,7 +424,8 @@ def predict_slide(
             "width": sink.width,
             "height": sink.height,
             "class_fractions": dict(zip(names, sink.fractions(), strict=True)),
-            "locations": stats.locations,
+            "locations": stats.locations,  # segmented in this attempt
+            "resumed_from_row": int(sink.resume_row),
             "tissue_fraction": round(float(sink.tissue_fraction()), 4),
             "seconds": round(time.time() - t0, 3),
         }

@@ -280,6 +280,8 @@ class JobRunner:
                 geojson_max_side=jc.geojson_max_side,
                 geojson_tile=jc.geojson_tile,
                 geojson_simplify_px=jc.geojson_simplify_px,
+                checkpoint_interval_s=jc.checkpoint_interval_s,
+                resume_key=str(rec.options.get("checkpoint", self.checkpoint)),
             )
             results["heatmap"] = results.get(jc.heatmap, results["probabilities"])
             self._save(

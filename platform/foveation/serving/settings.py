@@ -92,6 +92,9 @@ class JobsConfig:
     """Jobs the job runner segments at once; the others wait queued."""
     max_queued: int = 16
     """Jobs waiting to run; a submission beyond it gets 503 (retry later)."""
+    checkpoint_interval_s: float = 30.0
+    """A running job saves the rows it has finished to ``<store>/<job id>/partial/`` this
+    often (0: after every band); a job resumed after its replica died continues from there."""
     progress_interval_s: float = 1.0
     """Least time between two writes of a running job's progress to the store."""
     heatmap: str = "probabilities"
@@ -114,6 +117,7 @@ class JobsConfig:
         require(bool(self.store), f"{w}.store", "must be a path or s3:// prefix")
         require(self.max_concurrent >= 1, f"{w}.max_concurrent", "must be >= 1")
         require(self.max_queued >= 0, f"{w}.max_queued", "must be >= 0")
+        require(self.checkpoint_interval_s >= 0, f"{w}.checkpoint_interval_s", "must be >= 0")
         require(self.progress_interval_s >= 0, f"{w}.progress_interval_s", "must be >= 0")
         require(self.heatmap in HEATMAPS, f"{w}.heatmap", f"must be one of {HEATMAPS}")
         require(self.geojson_max_side >= 16, f"{w}.geojson_max_side", "must be >= 16")
