@@ -76,7 +76,7 @@ def read_config(uri: str) -> Config:
     import tomllib
 
     try:
-        text = storage.read_bytes(storage.join(uri, CONFIG)).decode()
+        text = storage.read_bytes(storage.join(storage.committed(uri), CONFIG)).decode()
     except storage.StorageError as exc:
         raise CheckpointError(
             f"checkpoint {uri!r}: incomplete or missing ({exc}); expected {CONFIG}"
@@ -91,8 +91,9 @@ def load_checkpoint(
     uri: str, device: str | torch.device = "cpu"
 ) -> tuple[FoveatedSegmenter, Config, dict]:
     """(model in eval mode, its config, its metadata) from a checkpoint directory (local or S3)."""
+    base = storage.committed(uri)  # the whole checkpoint last written there (S3: versioned)
     try:
-        weights = storage.read_bytes(storage.join(uri, WEIGHTS))
+        weights = storage.read_bytes(storage.join(base, WEIGHTS))
     except storage.StorageError as exc:
         raise CheckpointError(
             f"checkpoint {uri!r}: incomplete or missing ({exc}); expected {WEIGHTS} and {CONFIG}"
@@ -100,7 +101,7 @@ def load_checkpoint(
     cfg = read_config(uri)
     # Pretrained weights are already inside the checkpoint; never require the file again.
     cfg = _without_pretrained(cfg)
-    meta_uri = storage.join(uri, META)
+    meta_uri = storage.join(base, META)
     meta = json.loads(storage.read_bytes(meta_uri)) if storage.exists(meta_uri) else {}
     model = FoveatedSegmenter(cfg)
     with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:

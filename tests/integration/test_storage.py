@@ -127,12 +127,97 @@ def test_staging_dir_appears_only_on_success(base: str) -> None:
         for name in ("model.safetensors", "meta.json", "deepspeed/state.pt"):
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(name.encode())
-    assert storage.list_files(uri) == [
-        storage.join(uri, "deepspeed", "state.pt"),
-        storage.join(uri, "meta.json"),
-        storage.join(uri, "model.safetensors"),
+    files = storage.committed(uri)  # S3: the version its COMMITTED pointer names
+    assert storage.list_files(files) == [
+        storage.join(files, "deepspeed", "state.pt"),
+        storage.join(files, "meta.json"),
+        storage.join(files, "model.safetensors"),
     ]
-    assert storage.read_bytes(storage.join(uri, "meta.json")) == b"meta.json"
+    assert storage.read_bytes(storage.join(files, "meta.json")) == b"meta.json"
+
+
+def test_a_staged_write_failing_half_way_leaves_the_previous_one_whole(
+    base: str, monkeypatch
+) -> None:
+    """A disk that fills (ENOSPC) while the second file of a new checkpoint is written, or
+    its upload: the checkpoint already there stays whole and readable, nothing half-new."""
+    import errno
+
+    uri = storage.join(base, "checkpoint")
+
+    def save(tag: str, fail_after: int | None = None) -> None:
+        calls = {"n": 0}
+        real_upload = storage.upload_file
+
+        def upload(local, target):  # S3: the storage layer's upload runs out of space
+            calls["n"] += 1
+            if fail_after is not None and calls["n"] > fail_after:
+                raise OSError(errno.ENOSPC, "No space left on device", target)
+            return real_upload(local, target)
+
+        monkeypatch.setattr(storage, "upload_file", upload)
+        try:
+            with storage.local_staging_dir(uri) as tmp:
+                for i, name in enumerate(("a.bin", "b.bin", "meta.json")):
+                    if fail_after is not None and not storage.is_remote(uri) and i == fail_after:
+                        raise OSError(errno.ENOSPC, "No space left on device", name)
+                    with open(os.path.join(tmp, name), "w") as f:
+                        f.write(f"{tag}:{name}")
+        finally:
+            monkeypatch.setattr(storage, "upload_file", real_upload)
+
+    def contents() -> dict[str, str]:
+        files = storage.committed(uri)
+        return {
+            u.rsplit("/", 1)[1]: storage.read_bytes(u).decode() for u in storage.list_files(files)
+        }
+
+    save("old")
+    with pytest.raises(OSError) as err:
+        save("new", fail_after=1)
+    assert err.value.errno == errno.ENOSPC
+    assert contents() == {n: f"old:{n}" for n in ("a.bin", "b.bin", "meta.json")}
+    save("newer")
+    assert contents() == {n: f"newer:{n}" for n in ("a.bin", "b.bin", "meta.json")}
+    if storage.is_remote(uri):  # the replaced version is gone; the failed one's files may stay
+        versions = {u.split("/checkpoint/")[1].split("/")[0] for u in storage.list_files(uri)}
+        assert storage.committed(uri).rsplit("/", 1)[1] in versions and "COMMITTED" in versions
+
+
+def test_a_model_checkpoint_survives_a_save_that_runs_out_of_space(s3_bucket, root, monkeypatch):
+    """save_checkpoint over an existing S3 checkpoint, its second upload failing with ENOSPC:
+    load_checkpoint still returns the first model, weights equal."""
+    import errno
+
+    import torch
+
+    from foveation.checkpoint import load_checkpoint, save_checkpoint
+    from foveation.config import load_config
+    from foveation.models.foveated import build_model
+
+    cfg = load_config(root / "jobs/configs/tiny.toml")
+    uri = f"{s3_bucket}/models/m"
+    torch.manual_seed(0)
+    first = build_model(cfg)
+    save_checkpoint(uri, first, cfg, {"step": 1})
+    torch.manual_seed(1)
+    second = build_model(cfg)
+    real_upload, calls = storage.upload_file, {"n": 0}
+
+    def upload(local, target):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", target)
+        return real_upload(local, target)
+
+    monkeypatch.setattr(storage, "upload_file", upload)
+    with pytest.raises(OSError):
+        save_checkpoint(uri, second, cfg, {"step": 2})
+    monkeypatch.setattr(storage, "upload_file", real_upload)
+    model, _, meta = load_checkpoint(uri)
+    assert meta["step"] == 1
+    for k, v in first.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
 
 
 # -------------------------------------------------------------------------------- atomicity

@@ -29,6 +29,7 @@ import contextlib
 import enum
 import errno
 import io
+import json
 import logging
 import os
 import random
@@ -775,12 +776,22 @@ def delete(uri: str, *, missing_ok: bool = False) -> None:
     _run(loc, "delete", "an existing file or directory", remove)
 
 
+COMMITTED = "COMMITTED"
+"""The pointer file of a staged directory in object storage (see ``local_staging_dir``)."""
+
+
 @contextmanager
 def local_staging_dir(uri: str) -> Iterator[str]:
     """A local directory whose files appear at ``uri`` when the block exits without error,
-    and nothing at all when it raises. Local disk: one rename, so the directory appears at
-    once. S3: every file is uploaded afterwards, each one whole. Used for checkpoints, so a
-    crash never leaves a half-written one."""
+    and nothing at all when it raises; a directory already at ``uri`` stays whole and
+    readable until the new one is complete. Used for checkpoints.
+
+    Local disk: one rename, so the new directory replaces the old at once. S3 has no rename
+    and a set of PUTs is not atomic (an upload failing half-way, a full disk or an outage,
+    would leave new files beside old ones), so the files go to a fresh version prefix
+    ``<uri>/<version>/`` and then one PUT of ``<uri>/COMMITTED`` names it: readers resolve
+    the directory with :func:`committed`. The previous version is deleted afterwards (best
+    effort: a leftover costs space, never a wrong read)."""
     loc = _locate(uri)
     if not loc.remote:
         with _local_staging(loc.path) as tmp:
@@ -788,12 +799,42 @@ def local_staging_dir(uri: str) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory() as tmp:
         yield tmp
+        version = f"v{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         for root, dirs, files in os.walk(tmp):
             dirs.sort()
             for name in sorted(files):
                 local = os.path.join(root, name)
                 rel = os.path.relpath(local, tmp).replace(os.sep, "/")
-                upload_file(local, join(uri, rel))
+                upload_file(local, join(uri, version, rel))
+        pointer = join(uri, COMMITTED)
+        previous = _committed_version(pointer)
+        write_bytes(pointer, json.dumps({"version": version}).encode())  # the commit
+        if previous and previous != version:
+            try:
+                delete(join(uri, previous), missing_ok=True)
+            except StorageError as exc:
+                log.warning("%s: old version %s not deleted (%s)", uri, previous, exc)
+
+
+def _committed_version(pointer: str) -> str | None:
+    if not exists(pointer):
+        return None
+    try:
+        version = json.loads(read_bytes(pointer))["version"]
+    except (ValueError, KeyError, TypeError):
+        raise StorageError(f"{pointer}: not a commit pointer of this platform") from None
+    if not isinstance(version, str) or "/" in version or version in ("", ".", ".."):
+        raise StorageError(f"{pointer}: names no version ({version!r})")
+    return version
+
+
+def committed(uri: str) -> str:
+    """Where the files of a directory written by ``local_staging_dir`` are: ``uri`` itself on
+    local disk (and for directories written before versions), its committed version in S3."""
+    if not is_remote(uri):
+        return uri
+    version = _committed_version(join(uri, COMMITTED))
+    return join(uri, version) if version else uri
 
 
 @contextmanager
