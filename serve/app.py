@@ -274,12 +274,29 @@ class Ingress:
         return body
 
     async def _call(self, call) -> Any:
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, WorkerCrashedError
+        from ray.serve.exceptions import (
+            BackPressureError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+        )
 
         try:
             return await call
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "overloaded", "server busy; retry shortly") from None
+        except (
+            ActorDiedError,
+            ActorUnavailableError,
+            WorkerCrashedError,
+            ReplicaUnavailableError,
+        ) as exc:
+            # The replica died under this request (a crash, an OOM kill, a lost node); Serve
+            # starts another. Nothing is wrong with the request: say so and let it retry.
+            log.warning("replica lost during a request: %s", type(exc).__name__)
+            raise RequestError(
+                503, "replica_lost", "the model replica restarted during the request; retry"
+            ) from None
 
     # -- endpoints -----------------------------------------------------------------------
     @api.get("/healthz", summary="Liveness and readiness: the model deployment answers")

@@ -64,6 +64,9 @@ class ModelServer:
         self._forwards = ThreadPoolExecutor(1, thread_name_prefix="forward")
         log.info("model %s loaded (%s)", checkpoint, self.cfg.model.backbone)
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def info(self) -> dict[str, Any]:
         return {
             "checkpoint": self.checkpoint,

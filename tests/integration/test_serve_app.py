@@ -81,6 +81,7 @@ def served(ray_cluster, s3_endpoint, serve_port, root, tmp_path_factory):
     try:
         yield {
             "client": client,
+            "settings": settings,
             "checkpoint": ckpt,
             "slides": slides,
             "small": small,
@@ -465,6 +466,116 @@ def test_a_job_survives_a_restart_of_the_job_runner(served):
     assert resumed["resumed_from_row"] >= 0.5 * whole["height"], (resumed, whole)
     assert resumed["locations"] < 0.5 * whole["locations"], (resumed, whole)
     assert resumed["class_fractions"] == whole["class_fractions"]
+
+
+def test_a_model_replica_killed_under_load_loses_no_request(served):
+    """8 clients send requests while the model replica is killed (SIGKILL) and Serve starts
+    another: every request gets 200 or 503 (retry), none hangs, none gets a 500."""
+    import threading
+
+    from ray import serve
+
+    port = served["port"]
+    body = png_bytes(tissue(64, 64))
+    stop = threading.Event()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def client():
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "image/png"},
+            timeout=60,
+        ) as c:
+            while not stop.is_set():
+                try:
+                    got = str(c.post("/v1/segment", content=body).status_code)
+                except httpx.HTTPError as exc:  # a hang ends as a timeout here
+                    got = type(exc).__name__
+                with lock:
+                    outcomes.append(got)
+
+    model = serve.get_deployment_handle("ModelServer", app_name=APP)
+    pid = model.pid.remote().result(timeout_s=30)
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = len(outcomes)
+        wait_for(lambda: model.pid.remote().result(timeout_s=60) != pid, 120, 1, "a new replica")
+        wait_for(lambda: outcomes[killed_at:].count("200") >= 8, 60, 0.5, "answers again")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    counts = {k: outcomes.count(k) for k in set(outcomes)}
+    served_or_retry = counts.get("200", 0) + counts.get("503", 0)
+    assert "500" not in counts and served_or_retry >= 0.99 * len(outcomes), counts
+    print(f"replica killed under 8 clients: {counts}")
+
+
+def test_deploying_a_new_checkpoint_under_load_fails_no_request(served, root):
+    """`serve deploy` of another checkpoint (here serve.run of the same app with it) while 8
+    clients send requests: Serve's rolling update starts the new model replica before it
+    drains the old one, so every request gets a 200."""
+    import threading
+
+    import torch
+    from ray import serve
+
+    from foveation.checkpoint import save_checkpoint
+    from foveation.config import load_config
+    from foveation.models.foveated import build_model
+    from serve.app import AppArgs, build_app
+
+    cfg = load_config(root / "jobs/configs/tiny.toml")
+    torch.manual_seed(7)
+    new = save_checkpoint("s3://serving/models/tiny-v2", build_model(cfg), cfg, {"step": 1})
+    port = served["port"]
+    body = png_bytes(tissue(64, 64))
+    stop = threading.Event()
+    outcomes: list[str] = []
+
+    def client():
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "image/png"},
+            timeout=60,
+        ) as c:
+            while not stop.is_set():
+                try:
+                    outcomes.append(str(c.post("/v1/segment", content=body).status_code))
+                except httpx.HTTPError as exc:
+                    outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        serve.run(
+            build_app(AppArgs(checkpoint=new, settings=served["settings"])),
+            name=APP,
+            route_prefix="/",
+        )
+        model = serve.get_deployment_handle("ModelServer", app_name=APP)
+        wait_for(
+            lambda: model.info.remote().result(timeout_s=30)["checkpoint"] == new,
+            120,
+            1,
+            "the new checkpoint served",
+        )
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+    counts = {k: outcomes.count(k) for k in set(outcomes)}
+    assert counts.get("200", 0) == len(outcomes) and len(outcomes) >= 16, counts
+    print(f"rolling update under 8 clients: {counts}")
 
 
 def test_the_token_never_reaches_a_log(served):

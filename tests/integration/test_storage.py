@@ -574,3 +574,67 @@ def test_a_read_while_the_object_is_replaced_sees_one_whole_version(s3_bucket):
     torn = [s for s in seen if s not in versions]
     assert not torn, f"{len(torn)} of {len(seen)} reads were torn, e.g. {torn[0][:80]!r}"
     assert len(set(seen)) > 1, "the writer never replaced the object during the reads"
+
+
+# ---------------------------------------------------------------------------------- chaos
+
+
+def test_an_s3_outage_of_20_s_during_an_ingest_fails_clearly_and_a_rerun_finishes(
+    s3_bucket: str,
+) -> None:
+    """The object store goes away for 20 s after the second of six slides is ingested (the
+    endpoint refuses connections, as a crashed MinIO would): the slides it hits fail with the
+    endpoint named, the ingest ends without a manifest, and no half-written object is left.
+    Once the endpoint is back, a rerun reuses the two finished slides and finishes."""
+    from moto.server import ThreadedMotoServer
+
+    from foveation.config import IngestConfig, PatchSetConfig, SyntheticConfig
+    from foveation.data.ingest import IngestError, ingest, read_manifest
+    from foveation.data.synthetic import write_synthetic_set
+    from foveation.io.slides import SlideReader
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()  # shares the session endpoint's in-process state (the bucket)
+    storage.configure(endpoint_url=f"http://127.0.0.1:{port}")
+    src, dest = f"{s3_bucket}/raw", f"{s3_bucket}/out"
+    write_synthetic_set(
+        src, SyntheticConfig(n_slides=6, size=256, seed=5), PatchSetConfig(), log=lambda s: None
+    )
+    cfg = IngestConfig(crop_size=None, tile_size=128, compression="deflate")
+    back = threading.Event()
+
+    def outage_after_two(fn, items):
+        for i, item in enumerate(items):
+            if i == 2:  # the endpoint dies; it comes back 20 s later
+                server.stop()
+                timer = threading.Timer(20.0, lambda: (server.start(), back.set()))
+                timer.start()
+            yield fn(item)
+
+    lines: list[str] = []
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(IngestError) as err:
+            ingest(src, dest, cfg, map_fn=outage_after_two, log=lines.append)
+        assert "4 of 6 slides failed" in str(err.value), str(err.value)
+        failed = [ln for ln in lines if "FAILED" in ln]
+        assert len(failed) == 4 and all(f"127.0.0.1:{port}" in ln for ln in failed), failed
+        assert back.wait(40), "the endpoint did not come back"
+        assert time.monotonic() - t0 >= 20
+        # nothing half-written: every object there is whole (rows parse, slides open)
+        objects = storage.list_files(dest)
+        assert not any(u.rsplit("/", 1)[1].startswith(".") for u in objects), objects
+        for u in objects:
+            if u.endswith(".json"):
+                json.loads(storage.read_bytes(u))
+            elif "/slides/" in u:
+                SlideReader(u).close()
+        assert not storage.exists(storage.join(dest, "manifest.parquet"))
+
+        again = ingest(src, dest, cfg, log=lambda s: None)
+        assert len(again.unchanged) == 2 and len(again.ingested) == 4, again
+        assert read_manifest(dest).num_rows == 6
+    finally:
+        back.wait(40)
+        server.stop()
