@@ -264,7 +264,8 @@ def fit(
         "steps_per_epoch": steps_per_epoch,
         "clock": clock,
         "history": _history_target(history, splits["val"][0]) if splits["val"] else None,
-        "fail_at_step": int(fail_at) if fail_at else None,
+        "fail_at_steps": [int(x) for x in fail_at.split(",")] if fail_at else None,
+        "faults": storage.join(out, "faults") if fail_at else None,
         "has_val": bool(splits["val"]),
         "progress": progress,
         # The pipeline's rows: their URIs are made absolute once, there, for workers elsewhere.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ import torch
 from foveation.checkpoint import META, write_files
 from foveation.config import Config, config_from_dict
 from foveation.evaluation.metrics import ConfusionMatrix
+from foveation.io import storage
 from foveation.models.foveated import FoveatedSegmenter, build_model
 from foveation.models.mixing import MixContext
 from foveation.training import distributed
@@ -37,8 +39,9 @@ MAX_HISTORY_PIXELS = 64 << 20
 """The per-epoch APSM (Fig. 4) is drawn for validation slides up to this size (a TMA core or
 a synthetic slide); bigger ones are skipped."""
 FAULT_ENV = "FOVEATION_FAIL_AT_STEP"
-"""Fault injection for the tests: rank 0 dies at this step once (only in an attempt that did
-not resume), so Ray Train must restart the group and resume from the last checkpoint."""
+"""Fault injection for the tests: "7" or "3,7,11": rank 0 kills itself with SIGKILL at each of
+these steps, once each (a marker under ``<out>/faults/`` remembers), so Ray Train must restart
+the group and resume from the last checkpoint every time."""
 FAULT_GRACE_S = 8.0
 """The injected fault waits this long before exiting: Ray Train's controller collects workers'
 reports every 2 s, so a crash right after a report would lose that checkpoint by chance, and
@@ -225,13 +228,19 @@ def train_worker(config: dict) -> None:
     # Ray Train 2.60 raises KeyError for a dataset it was not given (a set without val slides).
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     rows = tc.batch_size * tc.locations_per_image
-    fail_at = config.get("fail_at_step")
+    fail_at = set(config.get("fail_at_steps") or ())
+    faults = config.get("faults")
 
     def before_step(step: int, i: int, _: float) -> None:
-        if fail_at is not None and step == fail_at and pos.resumed_from is None and rank == 0:
-            print(f"injected fault: rank 0 exits at step {step}", flush=True)
-            time.sleep(FAULT_GRACE_S)
-            os._exit(17)
+        if rank or step not in fail_at or faults is None:
+            return
+        marker = storage.join(faults, f"step-{step}")
+        if storage.exists(marker):  # this fault happened before the restart
+            return
+        storage.write_bytes(marker, b"killed")
+        print(f"injected fault: rank 0 is killed (SIGKILL) at step {step}", flush=True)
+        time.sleep(FAULT_GRACE_S)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def after_step(step: int, i: int, seconds: float) -> None:
         recorder.step(seconds)
