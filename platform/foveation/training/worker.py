@@ -42,10 +42,11 @@ FAULT_ENV = "FOVEATION_FAIL_AT_STEP"
 """Fault injection for the tests: "7" or "3,7,11": rank 0 kills itself with SIGKILL at each of
 these steps, once each (a marker under ``<out>/faults/`` remembers), so Ray Train must restart
 the group and resume from the last checkpoint every time."""
-FAULT_GRACE_S = 8.0
-"""The injected fault waits this long before exiting: Ray Train's controller collects workers'
-reports every 2 s, so a crash right after a report would lose that checkpoint by chance, and
-the test would not know which checkpoint the run resumed from."""
+FAULT_GRACE_S = 5.0
+"""The injected fault waits this long before exiting (2.5x the report interval): Ray Train's
+controller collects workers' reports every 2 s, so a crash right after a report would lose
+that checkpoint by chance, and the test would not know which checkpoint the run resumed
+from."""
 
 
 @torch.no_grad()
