@@ -4,7 +4,10 @@
   images with the tiled whole-image inference; the tiles' segmenter forwards of concurrent requests
   are batched with ``@serve.batch``.
 - ``SlideJobRunner`` (one replica): whole-slide jobs, out of core, state in the job store; on
-  start it resumes the jobs a previous replica left unfinished.
+  start it resumes the jobs a previous replica left unfinished. Each job's slide runs as a Ray
+  task (``predict_slide_task``) wherever the cluster has room, ``jobs.max_concurrent`` at
+  once, so the work scales past this one replica; ``jobs.run_as = "runner"`` keeps it in
+  the replica.
 - ``Ingress`` (FastAPI, in ``serve.app``): HTTP, auth, limits, JSON errors.
 """
 
@@ -17,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
 import torch
 from ray import serve
 
@@ -126,6 +130,91 @@ class ModelServer:
         return list(torch.split(logits, sizes))
 
 
+PROGRESS_FILE = "progress.json"
+"""A running slide task's rows done and total, under its job's prefix (read by the runner)."""
+
+_TASK_MODELS: dict[tuple[str, str], tuple] = {}
+"""Models loaded by slide tasks, per worker process (Ray reuses a task's worker)."""
+
+
+@ray.remote(max_retries=0)
+def predict_slide_task(
+    checkpoint: str, settings: dict[str, Any], slide_uri: str, prefix: str, kwargs: dict
+) -> tuple[dict, dict]:
+    """One job's slide, segmented wherever Ray placed this task: ``outputs.predict_slide``
+    with the checkpoint's model; progress goes to ``<prefix>/progress.json`` (throttled)
+    for the runner to read, since the task cannot call back into it."""
+    import json
+
+    from foveation.io import storage
+    from foveation.serving.outputs import predict_slide
+
+    cfg_s = serve_config_from_dict(settings)
+    key = (checkpoint, cfg_s.device)
+    if key not in _TASK_MODELS:
+        threads = max(1, int(cfg_s.jobs.task_cpus))
+        _TASK_MODELS.clear()
+        _TASK_MODELS[key] = _load(checkpoint, cfg_s, threads)
+    model, cfg, _ = _TASK_MODELS[key]
+    target, last = storage.join(prefix, PROGRESS_FILE), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= cfg_s.jobs.progress_interval_s or done == total:
+            last[0] = now
+            storage.write_bytes(target, json.dumps({"done": done, "total": total}).encode())
+
+    results, summary = predict_slide(
+        model, cfg, slide_uri, prefix, device=cfg_s.device, progress=progress, **kwargs
+    )
+    summary["worker"] = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+    return results, summary
+
+
+class TaskPredictor:
+    """A ``runtime.SlidePredictor`` that runs each slide as a Ray task (``serve.jobs``
+    ``task_cpus``, ``task_gpus``) and waits on it from the runner's job thread: progress is
+    read back from the store, a cancelled job cancels its task, a task's error is raised as
+    its cause."""
+
+    def __init__(self, checkpoint: str, settings: dict[str, Any], parsed: ServeConfig) -> None:
+        self.checkpoint, self.settings, self.jobs = checkpoint, settings, parsed.jobs
+
+    def __call__(self, slide_uri: str, prefix: str, progress=None, cancelled=None, **kwargs):
+        import json
+
+        from ray.exceptions import RayTaskError, TaskCancelledError
+
+        from foveation.io import storage
+        from foveation.serving.outputs import JobCancelled
+
+        task = predict_slide_task.options(
+            num_cpus=self.jobs.task_cpus, num_gpus=self.jobs.task_gpus or None
+        )
+        ref = task.remote(self.checkpoint, self.settings, slide_uri, prefix, kwargs)
+        source = storage.join(prefix, PROGRESS_FILE)
+        try:
+            while True:
+                ready, _ = ray.wait([ref], timeout=max(0.2, self.jobs.progress_interval_s))
+                if ready:
+                    return ray.get(ref)
+                if cancelled is not None and cancelled():
+                    ray.cancel(ref, force=True)
+                    raise JobCancelled()
+                if progress is not None and storage.exists(source):
+                    p = json.loads(storage.read_bytes(source))
+                    progress(int(p["done"]), int(p["total"]))
+        except TaskCancelledError:
+            raise JobCancelled() from None
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, BaseException):
+                raise cause from None
+            raise
+        finally:
+            storage.delete(source, missing_ok=True)
+
+
 @serve.deployment(num_replicas=1)
 class SlideJobRunner:
     def __init__(self, checkpoint: str, settings: dict[str, Any]) -> None:
@@ -133,7 +222,14 @@ class SlideJobRunner:
 
         self.settings = serve_config_from_dict(settings)
         model, cfg, _ = _load(checkpoint, self.settings, self.settings.runner.torch_threads)
-        self.runner = JobRunner(model, cfg, self.settings, checkpoint, _record_job)
+        predictor = (
+            TaskPredictor(checkpoint, settings, self.settings)
+            if self.settings.jobs.run_as == "tasks"
+            else None
+        )
+        self.runner = JobRunner(
+            model, cfg, self.settings, checkpoint, _record_job, predictor=predictor
+        )
         resumed = self.runner.resume()
         if resumed:
             log.info("resumed %d unfinished job(s)", len(resumed))

@@ -463,6 +463,8 @@ def test_a_job_survives_a_restart_of_the_job_runner(served):
     # it continued from the rows saved in the store, not from the start
     again = _wait_final(c, c.post("/v1/jobs", json={"slide_uri": big}).json()["id"])
     resumed, whole = done["summary"], again["summary"]
+    # the slide ran as a Ray task, not in the runner replica that was killed
+    assert resumed["worker"]["pid"] != pid, resumed["worker"]
     assert resumed["resumed_from_row"] >= 0.5 * whole["height"], (resumed, whole)
     assert resumed["locations"] < 0.5 * whole["locations"], (resumed, whole)
     assert resumed["class_fractions"] == whole["class_fractions"]

@@ -8,8 +8,9 @@ tiles of concurrent requests share one forward); F and everything else run in pl
 
 ``JobRunner`` owns whole-slide jobs: it validates a slide, records the job in the store,
 segments the slide out of core (the slide reader as the region source, ``JobSink`` as the
-sink) on a bounded pool of threads, writes progress and results, honours cancellation, and
-on start resumes the jobs a previous runner left queued or running.
+sink) with up to ``jobs.max_concurrent`` at once (each on a thread here, or as a Ray task the
+thread waits on: ``SlidePredictor``), writes progress and results, honours cancellation, and
+on start resumes the jobs a previous runner left queued or running (from their saved rows).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ from foveation.serving.settings import ServeConfig
 from foveation.serving.uris import check_slide_uri
 
 log = logging.getLogger(__name__)
+
+SlidePredictor = Callable[..., tuple[dict, dict]]
+"""``predict(slide_uri, prefix, progress=, cancelled=, **outputs) -> (results, summary)``:
+where a job's slide is segmented (``outputs.predict_slide``'s keywords). ``JobRunner``'s
+default runs it in the runner's own thread with its model; the Serve deployment passes one
+that runs it as a Ray task anywhere in the cluster (``serve.deployments``)."""
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(bank [N, D, 3, P, P] uint8, F's weights [N, D]) -> logits [N, K, P/4, P/4]."""
@@ -112,12 +119,15 @@ class JobRunner:
         settings: ServeConfig,
         checkpoint: str = "",
         on_state: Callable[[JobRecord, int, int], None] | None = None,
+        predictor: SlidePredictor | None = None,
     ) -> None:
         """``on_state(record, running, queued)``: called after every change of a job's state
-        or progress (metrics), with the numbers of jobs running and queued."""
+        or progress (metrics), with the numbers of jobs running and queued. ``predictor``:
+        where slides are segmented (default: here, with ``model``)."""
         self.model, self.cfg, self.settings = model, cfg, settings
         self.checkpoint = checkpoint
         self.on_state = on_state
+        self.predict: SlidePredictor = predictor or self._predict_here
         self.store = JobStore(settings.jobs.store)
         self.pool = ThreadPoolExecutor(settings.jobs.max_concurrent, thread_name_prefix="job")
         self._lock = threading.Lock()
@@ -213,6 +223,11 @@ class JobRunner:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # -- internals -----------------------------------------------------------------------
+    def _predict_here(self, slide_uri: str, prefix: str, **kw) -> tuple[dict, dict]:
+        return predict_slide(
+            self.model, self.cfg, slide_uri, prefix, device=self.settings.device, **kw
+        )
+
     def _latest(self, job_id: str) -> JobRecord:
         with self._lock:
             rec = self._records.get(job_id)
@@ -269,12 +284,9 @@ class JobRunner:
 
         try:
             jc = self.settings.jobs
-            results, summary = predict_slide(
-                self.model,
-                self.cfg,
+            results, summary = self.predict(
                 rec.slide_uri,
                 self.store.uri(job_id),
-                device=self.settings.device,
                 progress=progress,
                 cancelled=cancelled,
                 geojson_max_side=jc.geojson_max_side,

@@ -92,6 +92,14 @@ class JobsConfig:
     """Jobs the job runner segments at once; the others wait queued."""
     max_queued: int = 16
     """Jobs waiting to run; a submission beyond it gets 503 (retry later)."""
+    run_as: str = "tasks"
+    """"tasks": each job's slide is segmented by a Ray task (``task_cpus``, ``task_gpus``)
+    wherever the cluster has room, so whole-slide work scales past the runner's one replica
+    (``max_concurrent`` at once); "runner": in the runner replica's own threads."""
+    task_cpus: float = 0.5
+    """CPUs of a slide task (its torch threads); raise it on a cluster (e.g. 4)."""
+    task_gpus: float = 0.0
+    """GPUs of a slide task (``device`` "cuda" needs > 0)."""
     checkpoint_interval_s: float = 30.0
     """A running job saves the rows it has finished to ``<store>/<job id>/partial/`` this
     often (0: after every band); a job resumed after its replica died continues from there."""
@@ -118,6 +126,9 @@ class JobsConfig:
         require(self.max_concurrent >= 1, f"{w}.max_concurrent", "must be >= 1")
         require(self.max_queued >= 0, f"{w}.max_queued", "must be >= 0")
         require(self.checkpoint_interval_s >= 0, f"{w}.checkpoint_interval_s", "must be >= 0")
+        require(self.run_as in ("tasks", "runner"), f"{w}.run_as", "must be 'tasks' or 'runner'")
+        require(self.task_cpus > 0, f"{w}.task_cpus", "must be > 0")
+        require(self.task_gpus >= 0, f"{w}.task_gpus", "must be >= 0")
         require(self.progress_interval_s >= 0, f"{w}.progress_interval_s", "must be >= 0")
         require(self.heatmap in HEATMAPS, f"{w}.heatmap", f"must be one of {HEATMAPS}")
         require(self.geojson_max_side >= 16, f"{w}.geojson_max_side", "must be >= 16")
@@ -259,10 +270,14 @@ class ServeConfig:
             f"must be 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
         if self.device.startswith("cuda"):
+            slide_gpus = (
+                self.jobs.task_gpus if self.jobs.run_as == "tasks" else self.runner.num_gpus
+            )
             require(
-                self.model.num_gpus > 0 and self.runner.num_gpus > 0,
+                self.model.num_gpus > 0 and slide_gpus > 0,
                 "serve.device",
-                "'cuda' needs serve.model.num_gpus and serve.runner.num_gpus > 0",
+                "'cuda' needs serve.model.num_gpus > 0, and serve.jobs.task_gpus > 0 (or "
+                "serve.runner.num_gpus > 0 with jobs.run_as = 'runner')",
             )
 
 
