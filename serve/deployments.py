@@ -212,7 +212,10 @@ class TaskPredictor:
                 raise cause from None
             raise
         finally:
-            storage.delete(source, missing_ok=True)
+            try:
+                storage.delete(source, missing_ok=True)
+            except storage.StorageError as exc:  # never hide the job's own outcome
+                log.warning("%s: not deleted (%s)", source, exc)
 
 
 @serve.deployment(num_replicas=1)

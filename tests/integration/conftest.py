@@ -34,6 +34,7 @@ def s3_endpoint() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    _S3_SERVER.update(server=server, host=host, port=port)
     endpoint = f"http://{host}:{port}"
     env = {**_S3_ENV, "AWS_ENDPOINT_URL": endpoint}
     saved = {name: os.environ.get(name) for name in [*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"]}
@@ -43,12 +44,49 @@ def s3_endpoint() -> Iterator[str]:
     try:
         yield endpoint
     finally:
-        server.stop()
+        _S3_SERVER["server"].stop()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+_S3_SERVER: dict = {}
+
+
+@pytest.fixture
+def s3_outage(s3_endpoint: str):
+    """``outage(seconds) -> threading.Event``: the session's S3 endpoint stops (connections
+    refused, as a crashed MinIO) and a new server starts on the same port ``seconds`` later,
+    with the same in-process state; the event is set once it is back."""
+    import threading
+
+    from moto.server import ThreadedMotoServer
+
+    timers = []
+
+    def outage(seconds: float) -> threading.Event:
+        back = threading.Event()
+        _S3_SERVER["server"].stop()
+
+        def restart() -> None:
+            server = ThreadedMotoServer(
+                ip_address=_S3_SERVER["host"], port=_S3_SERVER["port"], verbose=False
+            )
+            server.start()
+            _S3_SERVER["server"] = server
+            back.set()
+
+        timer = threading.Timer(seconds, restart)
+        timer.start()
+        timers.append((timer, back))
+        return back
+
+    yield outage
+    for timer, back in timers:  # never leave the session without its endpoint
+        timer.join()
+        back.wait(30)
 
 
 @pytest.fixture

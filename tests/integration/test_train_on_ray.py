@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,51 @@ def test_a_worker_killed_three_times_finishes_from_checkpoints_like_an_unkilled_
     killed, unkilled = res.history[-1]["val_miou"], clean.history[-1]["val_miou"]
     assert abs(killed - unkilled) <= 0.02, (killed, unkilled)
     print(f"val mIoU after 3 SIGKILLs {killed:.4f}, unkilled {unkilled:.4f}")
+
+
+def test_an_s3_outage_of_20_s_mid_epoch_fails_clearly_and_resume_finishes(store, root, s3_outage):
+    """Training from and to the local S3: once the first checkpoint is there (mid-epoch 1),
+    the endpoint goes away for 20 s. The run either rides it out or ends with an error that
+    names the storage; then `--resume` finishes from the last checkpoint and the model loads."""
+    import threading
+
+    cfg = tiny(root, epochs=2)
+    cfg = dataclasses.replace(
+        cfg, distributed=dataclasses.replace(cfg.distributed, checkpoint_every_steps=2)
+    )
+    out = "s3://training/runs/outage"
+    state: dict = {}
+
+    def cut_when_a_checkpoint_lands():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and "back" not in state:
+            try:
+                files = storage.list_files(storage.join(out, "train"))
+            except storage.StorageError:
+                files = []
+            if any(f.endswith("/meta.json") for f in files):
+                state["back"] = s3_outage(20.0)
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=cut_when_a_checkpoint_lands)
+    watcher.start()
+    try:
+        res = fit(cfg, out, store["s3"], log=lambda s: None)
+        state["outcome"] = "rode it out"
+    except Exception as exc:  # a clear error: it says storage failed, where
+        state["outcome"] = f"{type(exc).__name__}: {exc}"
+        msg = str(exc).lower()
+        assert any(w in msg for w in ("s3", "storage", "127.0.0.1", "connect")), str(exc)[:2000]
+        watcher.join()
+        assert state["back"].wait(60)
+        res = fit(cfg, out, store["s3"], resume=True, log=lambda s: None)
+    watcher.join()
+    assert "back" in state, "the outage never started: the run ended before a checkpoint"
+    assert state["back"].wait(60)
+    load_checkpoint(res.model_uri)
+    assert [h["step"] for h in res.history] == [4, 8], res.history
+    print(f"S3 outage of 20 s mid-epoch: {state['outcome'][:300]}")
 
 
 def test_resume_continues_and_a_fresh_run_over_an_old_one_is_refused(store, root, tmp_path):
