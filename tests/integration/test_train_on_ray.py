@@ -221,7 +221,7 @@ def test_an_s3_outage_of_20_s_mid_epoch_fails_clearly_and_resume_finishes(store,
     names the storage; then `--resume` finishes from the last checkpoint and the model loads."""
     import threading
 
-    cfg = tiny(root, epochs=2)
+    cfg = tiny(root, epochs=1)
     cfg = dataclasses.replace(
         cfg, distributed=dataclasses.replace(cfg.distributed, checkpoint_every_steps=2)
     )
@@ -256,7 +256,7 @@ def test_an_s3_outage_of_20_s_mid_epoch_fails_clearly_and_resume_finishes(store,
     assert "back" in state, "the outage never started: the run ended before a checkpoint"
     assert state["back"].wait(60)
     load_checkpoint(res.model_uri)
-    assert [h["step"] for h in res.history] == [4, 8], res.history
+    assert [h["step"] for h in res.history] == [4], res.history
     print(f"S3 outage of 20 s mid-epoch: {state['outcome'][:300]}")
 
 
