@@ -224,12 +224,13 @@ class SlideJobRunner:
         from foveation.serving.runtime import JobRunner
 
         self.settings = serve_config_from_dict(settings)
-        model, cfg, _ = _load(checkpoint, self.settings, self.settings.runner.torch_threads)
-        predictor = (
-            TaskPredictor(checkpoint, settings, self.settings)
-            if self.settings.jobs.run_as == "tasks"
-            else None
-        )
+        if self.settings.jobs.run_as == "tasks":
+            # The tasks load the model where they run; this replica only coordinates (and
+            # may have no GPU where serve.device is "cuda").
+            model, cfg, predictor = None, None, TaskPredictor(checkpoint, settings, self.settings)
+        else:
+            model, cfg, _ = _load(checkpoint, self.settings, self.settings.runner.torch_threads)
+            predictor = None
         self.runner = JobRunner(
             model, cfg, self.settings, checkpoint, _record_job, predictor=predictor
         )

@@ -73,10 +73,15 @@ def write_files(
 
 def read_config(uri: str) -> Config:
     """The config a checkpoint directory was built from, without loading its weights."""
+    return _config_at(storage.committed(uri), uri)
+
+
+def _config_at(base: str, uri: str) -> Config:
+    """The config in the checkpoint files at ``base`` (``uri`` resolved), named by ``uri``."""
     import tomllib
 
     try:
-        text = storage.read_bytes(storage.join(storage.committed(uri), CONFIG)).decode()
+        text = storage.read_bytes(storage.join(base, CONFIG)).decode()
     except storage.StorageError as exc:
         raise CheckpointError(
             f"checkpoint {uri!r}: incomplete or missing ({exc}); expected {CONFIG}"
@@ -98,7 +103,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {uri!r}: incomplete or missing ({exc}); expected {WEIGHTS} and {CONFIG}"
         ) from None
-    cfg = read_config(uri)
+    # The same version as the weights: resolving the pointer again could see a newer commit.
+    cfg = _config_at(base, uri)
     # Pretrained weights are already inside the checkpoint; never require the file again.
     cfg = _without_pretrained(cfg)
     meta_uri = storage.join(base, META)

@@ -114,8 +114,8 @@ class JobRunner:
 
     def __init__(
         self,
-        model: FoveatedSegmenter,
-        cfg: Config,
+        model: FoveatedSegmenter | None,
+        cfg: Config | None,
         settings: ServeConfig,
         checkpoint: str = "",
         on_state: Callable[[JobRecord, int, int], None] | None = None,
@@ -123,7 +123,10 @@ class JobRunner:
     ) -> None:
         """``on_state(record, running, queued)``: called after every change of a job's state
         or progress (metrics), with the numbers of jobs running and queued. ``predictor``:
-        where slides are segmented (default: here, with ``model``)."""
+        where slides are segmented (default: here, with ``model`` and ``cfg``, which a
+        runner with a predictor does not need)."""
+        if predictor is None and (model is None or cfg is None):
+            raise ValueError("JobRunner needs a model and its config, or a predictor")
         self.model, self.cfg, self.settings = model, cfg, settings
         self.checkpoint = checkpoint
         self.on_state = on_state
