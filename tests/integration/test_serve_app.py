@@ -5,6 +5,7 @@ GeoJSON), cancelling, and a job that survives the job runner's replica being kil
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -472,14 +473,13 @@ def test_a_job_survives_a_restart_of_the_job_runner(served):
     assert resumed["class_fractions"] == whole["class_fractions"]
 
 
-def test_a_model_replica_killed_under_load_loses_no_request(served):
-    """8 clients send requests while the model replica is killed (SIGKILL) and Serve starts
-    another: every request gets 200 or 503 (retry), none hangs, none gets a 500."""
+@contextlib.contextmanager
+def _segment_load(port: int, clients: int = 8):
+    """``clients`` threads posting a small PNG to /v1/segment until the block ends; yields
+    the list of outcomes (status codes, or the httpx error's name: a hang ends as a
+    timeout). On exit every client must have stopped: none hung."""
     import threading
 
-    from ray import serve
-
-    port = served["port"]
     body = png_bytes(tissue(64, 64))
     stop = threading.Event()
     outcomes: list[str] = []
@@ -494,27 +494,36 @@ def test_a_model_replica_killed_under_load_loses_no_request(served):
             while not stop.is_set():
                 try:
                     got = str(c.post("/v1/segment", content=body).status_code)
-                except httpx.HTTPError as exc:  # a hang ends as a timeout here
+                except httpx.HTTPError as exc:
                     got = type(exc).__name__
                 with lock:
                     outcomes.append(got)
 
-    model = serve.get_deployment_handle("ModelServer", app_name=APP)
-    pid = model.pid.remote().result(timeout_s=30)
-    threads = [threading.Thread(target=client) for _ in range(8)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
     try:
-        time.sleep(2)
-        os.kill(pid, signal.SIGKILL)
-        killed_at = len(outcomes)
-        wait_for(lambda: model.pid.remote().result(timeout_s=60) != pid, 120, 1, "a new replica")
-        wait_for(lambda: outcomes[killed_at:].count("200") >= 8, 60, 0.5, "answers again")
+        yield outcomes
     finally:
         stop.set()
         for t in threads:
             t.join(90)
     assert not any(t.is_alive() for t in threads), "a client hung"
+
+
+def test_a_model_replica_killed_under_load_loses_no_request(served):
+    """8 clients send requests while the model replica is killed (SIGKILL) and Serve starts
+    another: every request gets 200 or 503 (retry), none hangs, none gets a 500."""
+    from ray import serve
+
+    model = serve.get_deployment_handle("ModelServer", app_name=APP)
+    pid = model.pid.remote().result(timeout_s=30)
+    with _segment_load(served["port"]) as outcomes:
+        time.sleep(2)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = len(outcomes)
+        wait_for(lambda: model.pid.remote().result(timeout_s=60) != pid, 120, 1, "a new replica")
+        wait_for(lambda: outcomes[killed_at:].count("200") >= 8, 60, 0.5, "answers again")
     counts = {k: outcomes.count(k) for k in set(outcomes)}
     served_or_retry = counts.get("200", 0) + counts.get("503", 0)
     assert "500" not in counts and served_or_retry >= 0.99 * len(outcomes), counts
@@ -525,8 +534,6 @@ def test_deploying_a_new_checkpoint_under_load_fails_no_request(served, root):
     """`serve deploy` of another checkpoint (here serve.run of the same app with it) while 8
     clients send requests: Serve's rolling update starts the new model replica before it
     drains the old one, so every request gets a 200."""
-    import threading
-
     import torch
     from ray import serve
 
@@ -538,27 +545,7 @@ def test_deploying_a_new_checkpoint_under_load_fails_no_request(served, root):
     cfg = load_config(root / "jobs/configs/tiny.toml")
     torch.manual_seed(7)
     new = save_checkpoint("s3://serving/models/tiny-v2", build_model(cfg), cfg, {"step": 1})
-    port = served["port"]
-    body = png_bytes(tissue(64, 64))
-    stop = threading.Event()
-    outcomes: list[str] = []
-
-    def client():
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}",
-            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "image/png"},
-            timeout=60,
-        ) as c:
-            while not stop.is_set():
-                try:
-                    outcomes.append(str(c.post("/v1/segment", content=body).status_code))
-                except httpx.HTTPError as exc:
-                    outcomes.append(type(exc).__name__)
-
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    for t in threads:
-        t.start()
-    try:
+    with _segment_load(served["port"]) as outcomes:
         time.sleep(1)
         serve.run(
             build_app(AppArgs(checkpoint=new, settings=served["settings"])),
@@ -573,10 +560,6 @@ def test_deploying_a_new_checkpoint_under_load_fails_no_request(served, root):
             "the new checkpoint served",
         )
         time.sleep(1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(90)
     counts = {k: outcomes.count(k) for k in set(outcomes)}
     assert counts.get("200", 0) == len(outcomes) and len(outcomes) >= 16, counts
     print(f"rolling update under 8 clients: {counts}")

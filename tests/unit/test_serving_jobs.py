@@ -362,27 +362,23 @@ def test_a_slide_interrupted_at_60_percent_resumes_from_its_checkpoint(tiny_mode
             raise Killed()
 
     prefix = str(tmp_path / "job")
-    with pytest.raises(Killed):
-        predict_slide(
+
+    def run(model_key: str, progress=None):
+        return predict_slide(
             model,
             cfg,
             path,
             prefix,
-            progress=kill_at_60,
+            progress=progress,
             checkpoint_interval_s=0,
-            resume_key="m1",
+            resume_key=model_key,
             skip_background=False,
         )
+
+    with pytest.raises(Killed):
+        run("m1", kill_at_60)
     assert (tmp_path / "job" / "partial" / "state.json").exists()
-    results, summary = predict_slide(
-        model,
-        cfg,
-        path,
-        prefix,
-        checkpoint_interval_s=0,
-        resume_key="m1",
-        skip_background=False,
-    )
+    results, summary = run("m1")
     assert summary["resumed_from_row"] >= 0.5 * 768, summary
     assert summary["locations"] < 0.5 * whole_summary["locations"], (summary, whole_summary)
     for name in ("labels", "probabilities"):
@@ -393,17 +389,6 @@ def test_a_slide_interrupted_at_60_percent_resumes_from_its_checkpoint(tiny_mode
 
     # a checkpoint left by another model is ignored: the run starts over
     with pytest.raises(Killed):
-        predict_slide(
-            model,
-            cfg,
-            path,
-            prefix,
-            progress=kill_at_60,
-            checkpoint_interval_s=0,
-            resume_key="m1",
-            skip_background=False,
-        )
-    _, other = predict_slide(
-        model, cfg, path, prefix, checkpoint_interval_s=0, resume_key="m2", skip_background=False
-    )
+        run("m1", kill_at_60)
+    _, other = run("m2")
     assert other["resumed_from_row"] == 0 and other["locations"] == whole_summary["locations"]
