@@ -35,12 +35,13 @@ def load_rows(rows: list[dict], split: str) -> list[Sample]:
 
 
 def load_shard(
-    rows: list[dict], split: str, max_error_fraction: float
+    rows: list[dict], split: str, max_error_fraction: float, refill: bool = True
 ) -> tuple[list[Sample], dict[str, str]]:
     """Decode a worker's shard as the streamed pipeline treats slides: an unreadable one is
     skipped (slide id -> error), unless more than ``max_error_fraction`` of them are, which
-    raises naming them. The shard keeps its length (good slides fill the gaps, in turn), so every
-    rank still takes the same number of steps."""
+    raises naming them. With ``refill`` the shard keeps its length (good slides fill the gaps,
+    in turn), so every rank still takes the same number of training steps; a validation shard
+    is not refilled (a slide scored twice would weigh twice)."""
     from foveation.io.slides import SlideError
 
     good, failed = [], {}
@@ -54,6 +55,8 @@ def load_shard(
             f"{len(failed)} of {len(rows)} slides unreadable (more than data.pipeline."
             f"max_error_fraction = {max_error_fraction}): {failed}"
         )
+    if not refill:
+        return good, failed
     return [good[i % len(good)] for i in range(len(rows))], failed
 
 

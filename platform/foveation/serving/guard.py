@@ -95,7 +95,11 @@ def _idle_limited(receive, idle_s: float):
         # Not asyncio.wait_for: it waits for the cancelled read to finish, and Serve's read (a
         # call back to the proxy) does not end until the client sends or hangs up.
         task = asyncio.ensure_future(receive())
-        finished, _ = await asyncio.wait({task}, timeout=idle_s)
+        try:
+            finished, _ = await asyncio.wait({task}, timeout=idle_s)
+        except asyncio.CancelledError:  # the request was cancelled (its client went): no orphan
+            task.cancel()
+            raise
         if not finished:
             task.cancel()
             raise RequestError(

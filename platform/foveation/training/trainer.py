@@ -246,12 +246,17 @@ def fit(
     train_pipe = Pipeline(manifest, "train", cfg)
     loader = choose_loader(cfg, splits["train"], dc.num_workers)
     datasets = {"train": train_pipe.epoch(clock)} if loader == "stream" else {}
+    val_rows = None
     if splits["val"]:
         # The same locations every epoch, read once: a few MB, and no reader actors to start
-        # again for every validation pass.
+        # again for every validation pass. Cut in the workers when their share fits in memory
+        # (materialising it with Ray Data costs seconds of actor start-up for a few MB).
         val_pipe = Pipeline(manifest, "val", cfg)
-        datasets["val"] = val_pipe.epoch(0).materialize()
-        val_pipe.check()  # unreadable val slides fail here, not as a silently smaller val set
+        if choose_loader(cfg, splits["val"], dc.num_workers) == "memory":
+            val_rows = val_pipe.rows
+        else:
+            datasets["val"] = val_pipe.epoch(0).materialize()
+            val_pipe.check()  # unreadable val slides fail here, not as a silently smaller set
     rows = len(splits["train"]) * tc.locations_per_image
     steps_per_epoch = max(
         1, math.ceil(rows / dc.num_workers / (tc.batch_size * tc.locations_per_image))
@@ -270,6 +275,7 @@ def fit(
         "progress": progress,
         # The pipeline's rows: their URIs are made absolute once, there, for workers elsewhere.
         "train_rows": train_pipe.rows if loader == "memory" else None,
+        "val_rows": val_rows,
         "run": run_label(out),
     }
     resources = {"CPU": dc.cpus_per_worker} | ({"GPU": dc.gpus_per_worker} if dc.use_gpu else {})

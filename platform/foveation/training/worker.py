@@ -193,10 +193,27 @@ def memory_batches(cfg: Config, rows: list[dict], rank: int) -> Callable[[int], 
     return lambda epoch: in_memory_batches(extractors, cfg, epoch)
 
 
+def memory_val_batches(cfg: Config, rows: list[dict], rank: int) -> list[dict]:
+    """This rank's validation batches, cut once from its val slides decoded in memory: the
+    locations the streamed val dataset holds (``sample_locations`` at epoch 0, the run's seed),
+    without starting Ray Data's reader actors to materialise a few MB. Every ``world``-th slide
+    from ``rank`` on, none twice: the scores are summed over ranks."""
+    from foveation.data.batches import BatchExtractor
+    from foveation.data.samples import load_shard
+
+    mine = rows[rank :: distributed.world_size()]
+    samples, failed = load_shard(mine, "val", cfg.data.pipeline.max_error_fraction, refill=False)
+    for sid, error in failed.items():
+        print(f"skipped unreadable validation slide {sid}: {error}", flush=True)
+    extractors = {s.slide_id: BatchExtractor.from_arrays(cfg, s.image, s.label) for s in samples}
+    return list(in_memory_batches(extractors, cfg, 0))
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``. ``config``: ``cfg`` (Config as a dict),
     ``steps_per_epoch``, ``clock`` (the pipeline's epoch clock), ``train_rows`` (the training
     slides' manifest rows for the memory loader; None: stream this rank's dataset shard),
+    ``val_rows`` (the same for validation; None: this rank's shard of the "val" dataset),
     ``progress`` (where rank 0 writes each epoch's console line), ``history`` (where rank 0
     writes the per-epoch APSM of one validation slide, or None), ``has_val``, ``run`` (the
     metrics label) and ``fail_at_step``."""
@@ -226,9 +243,21 @@ def train_worker(config: dict) -> None:
         def batches_of(epoch: int):
             return torch_batches(train_shard, rows)
 
-    # Ray Train 2.60 raises KeyError for a dataset it was not given (a set without val slides).
-    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     rows = tc.batch_size * tc.locations_per_image
+    val_batches = None
+    if config.get("val_rows") is not None:
+        held = memory_val_batches(cfg, config["val_rows"], rank)
+
+        def val_batches():
+            return iter(held)
+
+    elif config.get("has_val"):
+        # Ray Train 2.60 raises KeyError for a dataset it was not given: only asked when given.
+        val_shard = ray.train.get_dataset_shard("val")
+
+        def val_batches():
+            return torch_batches(val_shard, rows)
+
     fail_at = set(config.get("fail_at_steps") or ())
     faults = config.get("faults")
 
@@ -278,10 +307,8 @@ def train_worker(config: dict) -> None:
         pos.skip = 0
         distributed.broadcast_buffers(engine.module)  # one model on every rank
         val = None
-        if val_shard is not None:
-            val = validate(
-                engine.module, torch_batches(val_shard, rows), cfg, device, recorder.keep_alive
-            )
+        if val_batches is not None:
+            val = validate(engine.module, val_batches(), cfg, device, recorder.keep_alive)
         pos.epoch += 1
         m = epoch_metrics(engine, cfg, pos, stats, val, device)
         if rank == 0 and config.get("history"):
