@@ -118,6 +118,13 @@ def ray_cluster(tmp_path_factory) -> Iterator[str]:
 
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     port, dash, client = _free_port(), _free_port(), _free_port()
+    # `ray start --head` with RAY_AUTH_MODE=token needs a token and never makes one (only a
+    # local ray.init() writes ~/.ray/auth_token): on a fresh machine the session brings its
+    # own, in the environment every process of the session inherits, not in the home dir.
+    if not _token_available():
+        import secrets
+
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     env = dict(os.environ)
     # A temp dir of its own (short: Unix socket paths are limited to 107 bytes) and its own
     # client-server port, so that the teardown stops this head only and two test sessions on
@@ -214,6 +221,15 @@ def _stop_head(temp_dir: str, port: int) -> None:
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+
+
+def _token_available() -> bool:
+    """Whether Ray finds a token as it looks for one: the variable, the file it names, or
+    ``~/.ray/auth_token``."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
 def _free_port() -> int:
