@@ -217,7 +217,9 @@ def _stop_head(temp_dir: str, port: int) -> None:
     for proc in procs.values():
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    # Ray's processes exit within a second of SIGTERM or not at all: waiting longer only
+    # stretched every session's end by the full wait.
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()

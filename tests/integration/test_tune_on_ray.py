@@ -1,5 +1,5 @@
 """Ray Tune sweeps for real at tiny size on the session's head node: trials are Ray Train +
-DeepSpeed runs, ASHA stops the weak, the best config trains with jobs.train, and a sweep
+DeepSpeed runs, ASHA stops the weak, the best config is a valid config file, and a sweep
 interrupted with Ctrl-C continues with --resume without rerunning finished trials."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def store(ray_cluster, root, tmp_path_factory):
     return local
 
 
-def test_a_sweep_stops_the_weak_early_and_its_best_config_trains(store, root, tmp_path):
+def test_a_sweep_stops_the_weak_early_and_writes_its_best_config(store, root, tmp_path):
     # Two patch sets that learn (lr 1e-3) and the same two that cannot (lr 0), in this order:
     # the learning pair sets ASHA's first rung, where the frozen pair trails. Two epochs are
     # the fewest with a rung (epoch 1) below the full budget, so "stopped early" means
@@ -83,11 +83,12 @@ def test_a_sweep_stops_the_weak_early_and_its_best_config_trains(store, root, tm
     best = load_config(res.best_config_uri)
     assert best.name == "tiny-best" and best.training.epochs == 1  # the base's full budget
     assert list(best.patches.fovs) == [int(f) for f in res.best["fovs"].split(",")]
-    from jobs.train import main as train_main
+    # It passes the checks jobs.train makes before any worker starts. (Training it would be one
+    # more tiny.toml-sized run through jobs.train, as test_train_on_ray's `ray job submit` is:
+    # 25 s of CI for no new code path.)
+    from foveation.models.foveated import check_config
 
-    assert train_main(["--config", res.best_config_uri, "--out", str(tmp_path / "best"),
-                       "--manifest", store]) == 0  # fmt: skip
-    assert (tmp_path / "best" / "model" / "model.safetensors").exists()
+    check_config(best)
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(

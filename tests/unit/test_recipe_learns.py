@@ -1,12 +1,13 @@
 """The shipped recipe learns where to look, quickly enough for every CI run: on a tiny
-informative synthetic set (docs/method.md#synthetic-regimes), 240 steps of the demo's recipe
+informative synthetic set (docs/method.md#synthetic-regimes), 128 steps of the demo's recipe
 (per-FoV segmenters, own loss, soft mix) segment about as well as the best fixed FoV measured
 offline, and F's chosen FoV is larger on context-decided tissue than on texture-decided tissue.
 
 The set: 16 train and 4 test slides of 384 px at the demo's geometry, with the fine texture at
-4x its default contrast so that it is learned within the budget (at the default contrast
-nothing is learned in 240 steps, by any mode). The reference numbers were measured offline
-with the same code and set, seeds 0-2 (``OFFLINE`` below)."""
+6x its default contrast so that it is learned within the budget (at the default contrast
+nothing is learned in a CI-sized budget, by any mode). The reference numbers were measured
+offline with the same code and set, seeds 0-2 (``OFFLINE`` below). About 80 s on 2 cores (the
+issue's bound is 2 minutes); the earlier 240 steps at 4x contrast took 145 s."""
 
 import dataclasses
 
@@ -19,21 +20,22 @@ from foveation.evaluation.inmemory import evaluate
 from foveation.evaluation.slides import CUE_NAMES, apsm_cue_sums
 from foveation.training.loop import train
 
-STEPS, N_TRAIN, N_TEST, SIZE = 240, 16, 4, 384
+STEPS, N_TRAIN, N_TEST, SIZE, CONTRAST = 128, 16, 4, 384, 6.0
 
-# mIoU over benign, G3, G4 on the 4 test slides, seeds 0, 1, 2 (measured 2026-11-30, one thread;
-# the 64 px one-hot was not measured). The recipe's mean chosen FoV on context / texture tissue
-# was 77 / 35, 71 / 37 and 89 / 37 px.
+# mIoU over benign, G3, G4 on the 4 test slides, seeds 0, 1, 2 (measured 2026-12-01, one thread,
+# this test's code with the mix set to each one-hot). The recipe's mean chosen FoV on context /
+# texture tissue was 85 / 39, 84 / 42 and 94 / 42 px.
 OFFLINE = {
-    "onehot-0": (0.532, 0.502, 0.508),
-    "onehot-2": (0.318, 0.315, 0.281),
-    "recipe": (0.625, 0.557, 0.615),
+    "onehot-0": (0.511, 0.466, 0.504),
+    "onehot-1": (0.297, 0.364, 0.287),
+    "onehot-2": (0.424, 0.397, 0.377),
+    "recipe": (0.622, 0.561, 0.585),
 }
 
 
 def _slides(cfg):
     scales = TissueScales.from_patches(cfg.patches)
-    params = GeneratorParams(regime="informative", texture_contrast=4.0)
+    params = GeneratorParams(regime="informative", texture_contrast=CONTRAST)
     slides = [generate_slide(SIZE, SIZE, scales, 1000 + i, params) for i in range(N_TRAIN + N_TEST)]
     train_set = [Sample(f"t{i}", "train", s.image, s.truth) for i, s in enumerate(slides[:N_TRAIN])]
     test_set = [Sample(f"e{i}", "test", s.image, s.truth) for i, s in enumerate(slides[N_TRAIN:])]
@@ -59,8 +61,9 @@ def test_the_demos_recipe_matches_the_best_fixed_fov_and_looks_where_the_cue_say
         a, b = apsm_cue_sums(out["apsm"], cue, cfg.patches.xr_scale)
         sums, counts = sums + a, counts + b
     apsm = dict(zip(CUE_NAMES, sums / np.maximum(counts, 1), strict=True))
-    # Within 0.05 of the best fixed FoV's mean: the recipe's seeds spread by 0.03 (and all three
-    # beat it by 0.04-0.11), a run that learned nothing scores about 0.2.
+    # Within 0.05 of the best fixed FoV's mean (0.494, the 32 px one-hot): the recipe's seeds
+    # spread by 0.03 (and all three beat it by 0.07-0.13); a run that learned nothing scores
+    # about 0.2.
     best_fixed = max(np.mean(v) for k, v in OFFLINE.items() if k.startswith("onehot"))
     assert m["miou_kept"] >= best_fixed - 0.05, (m["miou_kept"], best_fixed)
     # The chosen FoV follows the cue by a clear margin (a quarter of the FoV range).
