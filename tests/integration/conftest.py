@@ -106,10 +106,11 @@ def s3_bucket(s3_client) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory) -> Iterator[str]:
+def ray_cluster(tmp_path_factory, s3_endpoint) -> Iterator[str]:
     """One local Ray head node for the whole session (``ray start --head``, as a user's cluster
     would be), with 4 logical CPUs on this 2-core machine (docs/contracts.md#ray-on-2-cores);
-    this process joins it."""
+    this process joins it. After the S3 endpoint: whichever test first joins the cluster, the
+    endpoint's settings reach every worker (a driver's runtime env is fixed when it joins)."""
     import shutil
     import subprocess
     import sys
