@@ -85,7 +85,7 @@ def test_a_sweep_stops_the_weak_early_and_writes_its_best_config(store, root, tm
     assert list(best.patches.fovs) == [int(f) for f in res.best["fovs"].split(",")]
     # It passes the checks jobs.train makes before any worker starts. (Training it would be one
     # more tiny.toml-sized run through jobs.train, as test_train_on_ray's `ray job submit` is:
-    # 25 s of CI for no new code path.)
+    # about 20 s of CI, as a tiny fit measures, for no new code path.)
     from foveation.models.foveated import check_config
 
     check_config(best)
