@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -55,6 +56,12 @@ api.add_middleware(RequestGuard)  # idle-body timeout and in-flight cap (foveati
 CLIENT_CLOSED = 499
 """Status recorded for a request whose client hung up (nginx's convention): not a server
 error, so the 5xx alert does not count it."""
+
+CLIENT_GONE = (ClientDisconnect, asyncio.CancelledError, TaskCancelledError)
+"""How a hang-up reaches the routes: Starlette's ``ClientDisconnect`` when the body read sees
+it; ``asyncio.CancelledError`` when Serve cancels the request's coroutine; Ray's
+``TaskCancelledError`` (``RequestCancelledError`` is one) when the proxy cancels the request
+while the ingress waits on a call back to it (reading the body) or on the model."""
 
 
 def _error(
@@ -93,7 +100,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 @api.exception_handler(ClientDisconnect)
-async def _client_gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+@api.exception_handler(TaskCancelledError)
+async def _client_gone(request: Request, _: Exception) -> JSONResponse:
     # Nobody reads this answer; it exists so that the request ends as a 499, not a 500.
     log.info("client closed the connection [%s]", request_id_of(request.headers))
     return _error(request, CLIENT_CLOSED, "client_closed", "the client closed the connection")
@@ -148,7 +156,7 @@ def _observed(route: str, ok: int):
     except RequestError as exc:
         status, reason = exc.status, exc.code
         raise
-    except (ClientDisconnect, asyncio.CancelledError):  # Serve cancels when the client goes
+    except CLIENT_GONE:
         status = CLIENT_CLOSED
         raise
     except Exception:
