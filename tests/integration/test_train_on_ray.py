@@ -143,7 +143,7 @@ def test_two_workers_train_to_s3_and_evaluate_reads_the_checkpoint_back(store, r
     from foveation.evaluation.report import evaluation_report
     from foveation.evaluation.slides import evaluate_runs
 
-    cfg = tiny(root, epochs=3)
+    cfg = tiny(root, epochs=2)
     cfg = dataclasses.replace(
         cfg,
         distributed=DistributedConfig(num_workers=2, cpus_per_worker=0.5, keep_checkpoints=1),
@@ -157,7 +157,7 @@ def test_two_workers_train_to_s3_and_evaluate_reads_the_checkpoint_back(store, r
     res = fit(cfg, out, store["s3"], log=lambda s: None)
 
     losses = [h["loss"] for h in res.history]
-    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert len(losses) == 2 and losses[-1] < losses[0], losses
     assert all(h["world_size"] == 2 for h in res.history)
     # Ray Train's checkpoints and the exported best one are in S3, in the format of docs/contracts.md#checkpoint.
     files = storage.list_files(storage.join(out, "train"))
@@ -190,12 +190,36 @@ def _checkpointed(root):
     )
 
 
+def _last_meta(out: str) -> dict:
+    """The meta.json of a run's latest checkpoint (the most steps)."""
+    return max(
+        (
+            json.loads(storage.read_bytes(f))
+            for f in storage.list_files(os.path.join(out, "train"))
+            if f.endswith("/meta.json")
+        ),
+        key=lambda m: m["step"],
+    )
+
+
 @pytest.fixture(scope="module")
-def clean_run(store, root, tmp_path_factory):
-    """One unkilled run of ``_checkpointed``: the crash test's reference, then the run the
-    resume test continues (one fit shared: each costs about 20 s of CI)."""
-    out = str(tmp_path_factory.mktemp("clean"))
-    return out, fit(_checkpointed(root), out, store["local"], log=lambda s: None)
+def clean_run(ray_dashboard, store, root, tmp_path_factory):
+    """One unkilled run of ``_checkpointed``, submitted with ``ray job submit`` as a user
+    would: the job-submit test's subject, the crash test's reference, then the run the resume
+    test continues (one run shared: each costs about 25 s of CI)."""
+    tmp = tmp_path_factory.mktemp("clean")
+    config = tmp / "checkpointed.toml"
+    config.write_text(tomli_w.dumps(_checkpointed(root).to_dict()))
+    out = tmp / "run"
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    args = [ray_bin, "job", "submit", "--address", ray_dashboard, "--working-dir", str(root),
+            "--", sys.executable,  # the project's interpreter, whatever PATH the job inherits
+            "-m", "jobs.train", "--config", str(config), "--manifest", store["local"],
+            "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {"out": str(out), "stdout": r.stdout}
 
 
 def test_a_worker_killed_three_times_finishes_from_checkpoints_like_an_unkilled_run(
@@ -205,25 +229,18 @@ def test_a_worker_killed_three_times_finishes_from_checkpoints_like_an_unkilled_
     # 7, each after a checkpoint (2, 4, 6; 2 and 6 mid-epoch), so each resumed attempt must
     # skip the batches that checkpoint already trained.
     cfg = _checkpointed(root)
-    _, clean = clean_run
     monkeypatch.setenv(FAULT_ENV, "3,5,7")
     out = str(tmp_path / "fault")
     res = fit(cfg, out, store["local"], log=lambda s: None)
     assert len(storage.list_files(os.path.join(out, "faults"))) == 3  # killed three times
     load_checkpoint(os.path.join(out, "model"))  # the exported best loads
-    last = max(
-        (
-            json.loads(storage.read_bytes(f))
-            for f in storage.list_files(os.path.join(out, "train"))
-            if f.endswith("/meta.json")
-        ),
-        key=lambda m: m["step"],
-    )
+    last = _last_meta(out)
     # Batches trained before a checkpoint are not trained again: 2 epochs are 8 steps.
     assert last["epoch"] == 2 and last["step"] == 8, last["step"]
     assert last["resumed_from_step"] == 6
     assert [h["step"] for h in last["history"]] == [4, 8]
-    killed, unkilled = res.history[-1]["val_miou"], clean.history[-1]["val_miou"]
+    unkilled = _last_meta(clean_run["out"])["history"][-1]["val_miou"]
+    killed = res.history[-1]["val_miou"]
     assert abs(killed - unkilled) <= 0.02, (killed, unkilled)
     print(f"val mIoU after 3 SIGKILLs {killed:.4f}, unkilled {unkilled:.4f}")
 
@@ -276,7 +293,7 @@ def test_an_s3_outage_of_20_s_mid_epoch_fails_clearly_and_resume_finishes(store,
 def test_resume_continues_and_a_fresh_run_over_an_old_one_is_refused(store, root, clean_run):
     # The crash test's finished reference run (2 epochs), continued in place to a third.
     cfg = _checkpointed(root)
-    out, _ = clean_run
+    out = clean_run["out"]
     with pytest.raises(TrainingError, match="--resume"):
         fit(cfg, out, store["local"], log=lambda s: None)
     longer = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, epochs=3))
@@ -294,39 +311,10 @@ def test_gpus_asked_for_where_there_are_none_fail_before_any_worker(store, root,
     assert not os.path.exists(tmp_path / "gpu" / "train")
 
 
-def test_ray_job_submit_runs_the_training_to_completion(ray_dashboard, store, root, tmp_path):
-    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    out = tmp_path / "submitted"
-    env = dict(os.environ, RAY_AUTH_MODE="token")
-    r = subprocess.run(
-        [
-            ray_bin,
-            "job",
-            "submit",
-            "--address",
-            ray_dashboard,
-            "--working-dir",
-            str(root),
-            "--",
-            sys.executable,  # the project's interpreter, whatever PATH the job inherits
-            "-m",
-            "jobs.train",
-            "--config",
-            "jobs/configs/tiny.toml",
-            "--manifest",
-            store["local"],
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=root,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "succeeded" in r.stdout and "best val mIoU" in r.stdout
-    assert (out / "model" / "model.safetensors").exists()
+def test_ray_job_submit_runs_the_training_to_completion(clean_run):
+    # The submitted job is clean_run's (the crash and resume tests use its output too).
+    assert "succeeded" in clean_run["stdout"] and "best val mIoU" in clean_run["stdout"]
+    assert os.path.exists(os.path.join(clean_run["out"], "model", "model.safetensors"))
 
 
 def test_the_demo_runs_end_to_end_in_tiny_mode_and_reuses_its_work(ray_cluster, root, tmp_path):
