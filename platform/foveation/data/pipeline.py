@@ -24,9 +24,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from foveation import monitoring
 from foveation.config import Config, config_from_dict
 from foveation.data.batches import empty_batch, sample_locations
+from foveation.data.readmetrics import record_banks, record_skipped, record_storage
 from foveation.io import storage
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class BankReader:
                         _wait(
                             self.errors.record.remote(sid, "read", f"{type(exc).__name__}: {exc}")
                         )
-                        monitoring.record("foveation_data_skipped_slides_total", stage="read")
+                        record_skipped("read")
                         self._evict(image_uri)
         if not parts:
             return empty_batch(self.cfg)
@@ -141,22 +141,10 @@ class _ReadMetrics:
             log.warning("data metrics not recorded: %s: %s", type(exc).__name__, exc)
 
     def _record(self) -> None:
-        from foveation.io.rangeio import RangeStats
-
-        monitoring.record("foveation_data_read_seconds", time.perf_counter() - self.t0)
-        monitoring.record("foveation_data_patch_banks_total", len(self.batch["loc"]))
-        monitoring.record("foveation_data_bank_bytes_total", self.batch["bank"].nbytes)
+        record_banks(time.perf_counter() - self.t0, self.batch)
         readers = (self.bank.image, self.bank.label)
-        files = [f for r in readers if r is not None for f in r.range_files]
-        recorded = getattr(self.bank, "recorded_stats", None) or [RangeStats() for _ in files]
-        for f, before in zip(files, recorded, strict=True):
-            d = f.stats - before
-            scheme = f.uri.split("://", 1)[0] if "://" in f.uri else "file"
-            monitoring.record("foveation_data_storage_gets_total", d.gets, scheme=scheme)
-            monitoring.record("foveation_data_storage_bytes_total", d.bytes_fetched, scheme=scheme)
-            monitoring.record("foveation_data_cache_blocks_total", d.hits, result="hit")
-            monitoring.record("foveation_data_cache_blocks_total", d.misses, result="miss")
-        self.bank.recorded_stats = [f.stats.snapshot() for f in files]
+        since = getattr(self.bank, "recorded_stats", None)
+        self.bank.recorded_stats = record_storage(readers, since)
 
 
 def epoch_clock(epoch: int = 0):

@@ -13,7 +13,9 @@ from foveation.io import storage
 
 
 def load_row(row: dict, split: str) -> Sample:
-    """Decode one manifest row's image and label at full resolution."""
+    """Decode one manifest row's image and label at full resolution (what it fetched from
+    storage goes to the data metrics)."""
+    from foveation.data.readmetrics import record_storage
     from foveation.io.slides import SlideReader
 
     image = SlideReader(storage.absolute(row["image_uri"]))
@@ -22,6 +24,7 @@ def load_row(row: dict, split: str) -> Sample:
         try:
             img = image.read_level(0, 0, 0, image.height, image.width)[..., :3]
             lab = label.read_level(0, 0, 0, label.height, label.width, (255,))[..., 0]
+            record_storage((image, label))
         finally:
             label.close()
     finally:
@@ -42,6 +45,7 @@ def load_shard(
     raises naming them. With ``refill`` the shard keeps its length (good slides fill the gaps,
     in turn), so every rank still takes the same number of training steps; a validation shard
     is not refilled (a slide scored twice would weigh twice)."""
+    from foveation.data.readmetrics import record_skipped
     from foveation.io.slides import SlideError
 
     good, failed = [], {}
@@ -49,6 +53,8 @@ def load_shard(
         try:
             good.append(load_row(row, split))
         except (SlideError, OSError, ValueError) as exc:
+            if row["slide_id"] not in failed:  # a shard may list a slide twice (wrap-round)
+                record_skipped("read")
             failed[row["slide_id"]] = str(exc)
     if failed and (not good or len(failed) > max_error_fraction * len(rows)):
         raise SlideError(

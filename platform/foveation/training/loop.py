@@ -167,7 +167,10 @@ def in_memory_batches(
 ) -> Iterator[dict]:
     """One epoch of training batches over slides held in memory: the slides in a seeded order,
     ``batch_size`` slides a batch, each with this epoch's locations from ``sample_locations``
-    (what each pipeline reader actor draws for a slide)."""
+    (what each pipeline reader actor draws for a slide). Each slide's cut is recorded in the
+    data metrics, as a reader actor's read is."""
+    from foveation.data.readmetrics import record_banks
+
     tc = cfg.training
     ids = list(extractors)
     order = np.random.default_rng([tc.seed, epoch]).permutation(len(ids)).tolist()
@@ -176,9 +179,11 @@ def in_memory_batches(
         for k in order[b : b + tc.batch_size]:
             sid = ids[k]
             ex = extractors[sid]
+            t0 = time.perf_counter()
             locs = sample_locations(ex.image, cfg, tc.seed, epoch, sid, ex.label)
             if len(locs):
                 parts.append(ex.batch(locs, sid))
+                record_banks(time.perf_counter() - t0, parts[-1])
         if parts:
             yield to_torch(concat(parts))
 
