@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from metrics_helpers import recorded
 
 from foveation.config import Config, ConfigError, PipelineConfig
 from foveation.data.samples import choose_loader, shard
@@ -63,20 +64,6 @@ def test_an_unreadable_slide_in_a_shard_is_skipped_and_the_shard_keeps_its_lengt
         load_shard(rows, "train", max_error_fraction=0.2)
 
 
-def _sample(name: str) -> float:
-    """A counter's value in this process's outside-Ray registry (labels summed)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from foveation import monitoring
-
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(monitoring.exposition())
-        for s in fam.samples
-        if s.name == monitoring.PREFIX + name
-    )
-
-
 def test_the_memory_loader_records_the_data_metrics_the_streamed_one_does(tmp_path):
     """The data dashboard reads foveation_data_*: the memory loader (the default on small sets)
     records them too: one read per slide and epoch with its banks and bytes, and skipped
@@ -102,24 +89,24 @@ def test_the_memory_loader_records_the_data_metrics_the_streamed_one_does(tmp_pa
         rows.append({"slide_id": f"s{i}", "image_uri": img, "label_uri": lab})
     rows.append({"slide_id": "bad", "image_uri": str(tmp_path / "none.tif"), "label_uri": ""})
 
-    skipped0 = _sample("foveation_data_skipped_slides_total")
+    skipped0 = recorded("foveation_data_skipped_slides_total")
     samples, failed = load_shard(rows, "train", max_error_fraction=0.5, refill=False)
     assert list(failed) == ["bad"]
-    assert _sample("foveation_data_skipped_slides_total") == skipped0 + 1
+    assert recorded("foveation_data_skipped_slides_total") == skipped0 + 1
     # (what the decode fetched from object storage is recorded by the function the reader
     # actors use, data.readmetrics.record_storage; local files have no range files to count)
 
     ex = {s.slide_id: BatchExtractor.from_arrays(cfg, s.image, s.label) for s in samples}
     banks0, bytes0 = (
-        _sample("foveation_data_patch_banks_total"),
-        _sample("foveation_data_bank_bytes_total"),
+        recorded("foveation_data_patch_banks_total"),
+        recorded("foveation_data_bank_bytes_total"),
     )
-    reads0 = _sample("foveation_data_read_seconds_count")
+    reads0 = recorded("foveation_data_read_seconds_count")
     batches = list(in_memory_batches(ex, cfg, epoch=0))
     locations = sum(len(b["loc"]) for b in batches)
     assert locations > 0
-    assert _sample("foveation_data_patch_banks_total") - banks0 == locations
-    assert _sample("foveation_data_bank_bytes_total") - bytes0 == sum(
+    assert recorded("foveation_data_patch_banks_total") - banks0 == locations
+    assert recorded("foveation_data_bank_bytes_total") - bytes0 == sum(
         b["bank"].numel() * b["bank"].element_size() for b in batches
     )
-    assert _sample("foveation_data_read_seconds_count") - reads0 == 2  # one per slide
+    assert recorded("foveation_data_read_seconds_count") - reads0 == 2  # one per slide

@@ -4,24 +4,14 @@ surfaces the hang-up (no Ray session: outside Ray the metrics go to prometheus_c
 import asyncio
 
 import pytest
+from metrics_helpers import recorded
 from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import RequestCancelledError
 from starlette.requests import ClientDisconnect
 
-from foveation import monitoring
-
 
 def _count(route: str, status: int) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for fam in text_string_to_metric_families(monitoring.exposition()):
-        for s in fam.samples:
-            if s.name == monitoring.PREFIX + "foveation_serve_requests_total" and s.labels == {
-                "route": route,
-                "status": str(status),
-            }:
-                return s.value
-    return 0.0
+    return recorded("foveation_serve_requests_total", route=route, status=str(status))
 
 
 @pytest.mark.parametrize(

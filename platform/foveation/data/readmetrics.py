@@ -26,22 +26,23 @@ def record_banks(seconds: float, batch: dict[str, np.ndarray]) -> None:
     monitoring.record("foveation_data_bank_bytes_total", batch["bank"].nbytes)
 
 
-def record_storage(readers: Iterable[Any], since: list | None = None) -> list:
+def record_storage(readers: Iterable[Any], since: dict | None = None) -> dict:
     """What the range files of ``readers`` (``io.slides.SlideReader``, None skipped) fetched
-    since the snapshots ``since`` (None: since they opened); returns new snapshots, to pass as
-    ``since`` next time."""
+    since the snapshots ``since`` (by file; a file without one: since it opened, as a companion
+    pyramid opened after the last record); returns new snapshots, to pass as ``since`` next
+    time."""
     from foveation.io.rangeio import RangeStats
 
     files = [f for r in readers if r is not None for f in r.range_files]
-    before = since if since is not None and len(since) == len(files) else None
-    for f, b in zip(files, before or [RangeStats() for _ in files], strict=True):
-        d = f.stats - b
+    since = since or {}
+    for f in files:
+        d = f.stats - since.get(id(f), RangeStats())
         scheme = f.uri.split("://", 1)[0] if "://" in f.uri else "file"
         monitoring.record("foveation_data_storage_gets_total", d.gets, scheme=scheme)
         monitoring.record("foveation_data_storage_bytes_total", d.bytes_fetched, scheme=scheme)
         monitoring.record("foveation_data_cache_blocks_total", d.hits, result="hit")
         monitoring.record("foveation_data_cache_blocks_total", d.misses, result="miss")
-    return [f.stats.snapshot() for f in files]
+    return {id(f): f.stats.snapshot() for f in files}
 
 
 def record_skipped(stage: str = "read") -> None:
