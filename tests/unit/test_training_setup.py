@@ -13,7 +13,7 @@ from foveation.config import ConfigError, DistributedConfig, config_from_dict
 from foveation.data.ingest import write_manifest
 from foveation.evaluation.reproduce import modes, seed_table
 from foveation.io import storage
-from foveation.training.distributed import deepspeed_config
+from foveation.training.distributed import cpu_threads, deepspeed_config
 from foveation.training.trainer import TrainingError, preflight
 
 
@@ -44,6 +44,7 @@ def test_deepspeed_config_comes_from_ours(debug_cfg):
         ({"distributed": {"zero_stage": 3}}, "distributed.zero_stage"),
         ({"distributed": {"num_workers": 0}}, "distributed.num_workers"),
         ({"distributed": {"keep_checkpoints": 0}}, "distributed.keep_checkpoints"),
+        ({"distributed": {"threads_per_worker": -1}}, "distributed.threads_per_worker"),
     ],
 )
 def test_bad_distributed_settings_fail_at_load_naming_the_field(debug_cfg, changes, field):
@@ -52,6 +53,17 @@ def test_bad_distributed_settings_fail_at_load_naming_the_field(debug_cfg, chang
         d.setdefault(section, {}).update(values)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         config_from_dict(d)
+
+
+def test_worker_threads_follow_the_setting():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(None, 1) is None  # Ray's rule (OMP_NUM_THREADS from the worker's CPUs)
+    assert cpu_threads(3, 1) == 3
+    assert cpu_threads(0, 1) == cores  # the machine to itself
+    assert cpu_threads(0, 2) == max(1, cores // 2)  # shared among the node's workers
+    assert cpu_threads(0, 4 * cores) == 1
 
 
 def _manifest(tmp_path, splits):

@@ -69,6 +69,21 @@ class LocalEngine:
         self.lr_scheduler.step()
 
 
+def cpu_threads(threads_per_worker: int | None, local_workers: int) -> int | None:
+    """Torch threads for one worker (``distributed.threads_per_worker``): None keeps Ray's rule
+    (it set ``OMP_NUM_THREADS`` from the worker's CPUs); 0 shares the cores this process may run
+    on among the ``local_workers`` on its node."""
+    if threads_per_worker is None:
+        return None
+    if threads_per_worker:
+        return threads_per_worker
+    try:
+        cores = len(os.sched_getaffinity(0))  # a container's or taskset's cores, not the host's
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_workers))
+
+
 def deepspeed_config(cfg: Config) -> dict:
     """DeepSpeed's JSON config from ours: micro-batch, ZeRO stage, clipping, autocast.
 

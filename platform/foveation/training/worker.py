@@ -225,8 +225,14 @@ def train_worker(config: dict) -> None:
 
     cfg = config_from_dict(config["cfg"])
     tc = cfg.training
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    threads = distributed.cpu_threads(
+        cfg.distributed.threads_per_worker, ctx.get_local_world_size()
+    )
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     steps_per_epoch = int(config["steps_per_epoch"])
     total = tc.epochs * steps_per_epoch
