@@ -322,11 +322,12 @@ def test_the_demo_runs_end_to_end_in_tiny_mode_and_reuses_its_work(ray_cluster, 
     env = dict(
         os.environ, RAY_ADDRESS=ray_cluster, PYTHONPATH=os.pathsep.join(p for p in path if p)
     )
-    # tiny.toml with the demo's recipe (per-FoV segmenters, own loss): it goes through Ray Train
-    # and DeepSpeed's engine here, as `make demo` runs it.
+    # tiny.toml with the demo's recipe (per-FoV segmenters, own loss) and its worker on every
+    # core: it goes through Ray Train and DeepSpeed's engine here, as `make demo` runs it.
     data = read_toml(root / "jobs/configs/tiny.toml")
     data["model"] |= {"segmenters": "per_fov"}
     data["training"] |= {"per_fov_loss": "own"}
+    data["distributed"] |= {"threads_per_worker": 0}
     config = tmp_path / "tiny-demo.toml"
     config.write_bytes(tomli_w.dumps(data).encode())
     args = [
