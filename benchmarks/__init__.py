@@ -174,6 +174,7 @@ SUITES: dict[str, str] = {
     "seams": "benchmarks.seams:run",
     "wsi": "benchmarks.wsi:run",
     "predict": "benchmarks.predict:run",
+    "threads": "benchmarks.threads:run",
 }
 
 
