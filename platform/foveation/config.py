@@ -48,6 +48,8 @@ RESAMPLE_MODES = ("area", "reference")
 INFERENCE_MODES = ("tiled", "dense")
 BLENDS = ("gaussian", "flat")
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_BACKENDS = ("", "inductor", "aot_eager", "eager")
+ADAM_IMPLS = ("default", "foreach", "fused")
 
 
 @dataclass(frozen=True)
@@ -468,6 +470,20 @@ class TrainingConfig:
     "fp16" needs a GPU (and gets DeepSpeed's loss scaling); CPUs run fp32 or bf16."""
     device: str = "cpu"
     """"cpu", "cuda", "cuda:N" or "auto"."""
+    # Speed levers (training/speed.py): none changes what is computed beyond float rounding.
+    channels_last: bool = False
+    """The segmenters' weights and inputs in channels-last memory (NHWC), the layout GPU
+    tensor-core convolutions run without transposes."""
+    compile: str = ""
+    """A ``torch.compile`` backend for each segmenter's forward: "inductor" (GPUs), "aot_eager"
+    (checks the graph capture on CPU), "eager"; "" runs eagerly. Compiling costs the first steps
+    (and a new batch shape) seconds to minutes; the weights' names do not change."""
+    adam: str = "default"
+    """torch's Adam implementation: "default" (torch chooses), "foreach" (one kernel per
+    operation over all parameters) or "fused" (one kernel per step)."""
+    cudnn_benchmark: bool = True
+    """cuDNN times its convolution algorithms once per shape and keeps the fastest (CUDA only;
+    the step's shapes are fixed)."""
 
     def __post_init__(self) -> None:
         if self.class_weights is not None:
@@ -502,6 +518,14 @@ class TrainingConfig:
             f"must be one of {PER_FOV_LOSSES}, got {self.per_fov_loss!r}",
         )
         require(self.precision in PRECISIONS, f"{w}.precision", f"must be one of {PRECISIONS}")
+        require(
+            self.compile in COMPILE_BACKENDS,
+            f"{w}.compile",
+            f"must be one of {COMPILE_BACKENDS}, got {self.compile!r}",
+        )
+        require(
+            self.adam in ADAM_IMPLS, f"{w}.adam", f"must be one of {ADAM_IMPLS}, got {self.adam!r}"
+        )
         require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"{w}.device",

@@ -75,6 +75,7 @@ class Segmenter(nn.Module):
         # HRNet's fuse layers upsample by exact factors of 2, so the input side must be a multiple
         # of the coarsest reduction (32); the paper's 1100 px patches are not. forward() pads.
         self.input_multiple = max(reductions)
+        self.channels_last = False  # set with the weights' layout (training/speed.py)
         width = sum(info.channels()[i] for i in self.use)
         mid = head_channels or max(width // 4, num_classes)
         self.decoder = nn.Sequential(
@@ -88,6 +89,8 @@ class Segmenter(nn.Module):
         """Logits [N, K, H/4, W/4] for x [N, 3, H, W] (H, W multiples of 4). Inputs of other
         sizes are zero-padded (the mean colour after normalisation) on the bottom and right
         only, so output pixel (a, b) still sits over input pixels (4a, 4b), and cropped back."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         H, W = x.shape[-2:]
         m = self.input_multiple
         ph, pw = -H % m, -W % m

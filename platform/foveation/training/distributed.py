@@ -18,6 +18,7 @@ import torch
 from foveation.config import Config
 from foveation.models.foveated import FoveatedSegmenter
 from foveation.training.optim import build_optimizer
+from foveation.training.speed import apply_speed_levers
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 """``training.precision`` -> the autocast dtype (fp32: none). The one map of precision names."""
@@ -44,6 +45,7 @@ class LocalEngine:
             )
         self.device = torch.device(device)
         self.module = model.to(self.device)
+        apply_speed_levers(self.module, tc, self.device)
         self.optimizer, self.lr_scheduler = build_optimizer(self.module, tc, total_steps)
         self.precision, self.grad_clip = tc.precision, tc.grad_clip
 
@@ -114,6 +116,7 @@ def init_engine(model: FoveatedSegmenter, cfg: Config, total_steps: int, device:
     import deepspeed
 
     model = model.to(device)
+    apply_speed_levers(model, cfg.training, device)
     optimizer, scheduler = build_optimizer(model, cfg.training, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

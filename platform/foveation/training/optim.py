@@ -8,6 +8,7 @@ from torch import nn
 
 from foveation.config import TrainingConfig
 from foveation.models.foveated import FoveatedSegmenter
+from foveation.training.speed import adam_options
 
 
 def param_groups(model: FoveatedSegmenter, cfg: TrainingConfig) -> list[dict]:
@@ -36,7 +37,9 @@ def param_groups(model: FoveatedSegmenter, cfg: TrainingConfig) -> list[dict]:
 
 
 def build_optimizer(model: FoveatedSegmenter, cfg: TrainingConfig, total_steps: int):
-    opt = torch.optim.Adam(param_groups(model, cfg), betas=(cfg.beta1, cfg.beta2))
+    opt = torch.optim.Adam(
+        param_groups(model, cfg), betas=(cfg.beta1, cfg.beta2), **adam_options(cfg)
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_decay(total_steps, cfg.poly_power))
     return opt, sched
 
