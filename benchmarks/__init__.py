@@ -169,6 +169,7 @@ SUITES: dict[str, str] = {
     "io": "benchmarks.io:run",
     "train": "benchmarks.train:run",
     "gpu": "benchmarks.gpu:run",
+    "gpu-profile": "benchmarks.gpu_profile:run",
     "serve": "benchmarks.serve:run",
     "monitoring": "benchmarks.metrics_overhead:run",
     "seams": "benchmarks.seams:run",

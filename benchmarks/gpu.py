@@ -4,7 +4,10 @@ bf16 autocast and in fp32, interleaved (fp32, bf16, fp32, bf16, ...; each ratio 
 the rounds, ``docs/contracts.md#benchmarks``): model-input megapixels per second and peak
 accelerator memory. One process, one GPU, a one-rank process group (what a Ray Train worker
 runs, without Ray). Batches are training batches cut once from in-memory 4400 px images and
-cycled, so the figure is the GPU's, not the reader's.
+cycled, so the figure is the GPU's, not the reader's. Before those, the lever ladder
+(``lever_ladder``): the training step's speed levers (``training/speed.py``) stacked one at a
+time in bf16, then bf16 against fp32 with every lever on both. ``gpu-profile``
+(``benchmarks/gpu_profile.py``) traces the step; ``benchmarks/gpu_session.sh`` runs both.
 
     python -m jobs.benchmark gpu --config jobs/configs/paper.toml [--quick]
 """
@@ -41,14 +44,30 @@ def _batches(cfg, n_batches: int, rows: int):
     return out
 
 
-def _measure(cfg, batches, steps: int, precision: str) -> tuple[float, float, float]:
-    """(seconds per step after warm-up, MP/s, peak GiB) of ``steps`` DeepSpeed steps (the one
-    place this suite calls ``train_step``)."""
+LEVERS: list[tuple[str, dict]] = [
+    ("today", {"cudnn_benchmark": False}),  # as the step ran before the levers
+    ("+ channels-last", {"channels_last": True}),
+    ("+ cudnn.benchmark", {"cudnn_benchmark": True}),
+    ("+ fused Adam", {"adam": "fused"}),
+    ("+ torch.compile (inductor)", {"compile": "inductor"}),
+]
+"""The training step's levers (``training/speed.py``), stacked one at a time in this order; the
+first row is the step as it ran before them."""
+LEVER_WARMUP, LEVER_STEPS = 10, 30
+
+
+def _measure(
+    cfg, batches, steps: int, precision: str, warm: int = 3, levers: dict | None = None
+) -> tuple[float, float, float, float]:
+    """(seconds per step after warm-up, MP/s, peak GiB, seconds of the ``warm`` warm-up steps:
+    compile time shows there) of ``steps`` DeepSpeed steps with ``levers`` (training fields)
+    applied; the one place this suite calls ``train_step``."""
     from foveation.models.foveated import build_model
     from foveation.training import distributed
     from foveation.training.step import train_step
 
-    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, precision=precision))
+    tc = dataclasses.replace(cfg.training, precision=precision, **(levers or {}))
+    cfg = dataclasses.replace(cfg, training=tc)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     engine = distributed.init_engine(build_model(cfg), cfg, steps, dev)
@@ -56,11 +75,13 @@ def _measure(cfg, batches, steps: int, precision: str) -> tuple[float, float, fl
         {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches
     ]
     torch.cuda.reset_peak_memory_stats()
-    warm = 3
+    torch.cuda.synchronize()
+    t_warm = time.perf_counter()
     for step in range(steps):
         if step == warm:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
+            t_warm = t0 - t_warm
         train_step(engine, gpu_batches[step % len(gpu_batches)], cfg, step, steps, dev)
     torch.cuda.synchronize()
     sec = (time.perf_counter() - t0) / (steps - warm)
@@ -69,7 +90,66 @@ def _measure(cfg, batches, steps: int, precision: str) -> tuple[float, float, fl
     peak = torch.cuda.max_memory_allocated() / 2**30
     del engine
     torch.cuda.empty_cache()
-    return sec, mp / sec, peak
+    torch.backends.cudnn.benchmark = False  # the next measurement sets its own
+    return sec, mp / sec, peak, t_warm
+
+
+def lever_ladder(cfg, batches, quick: bool) -> list[Figure]:
+    """The levers stacked one at a time in bf16 (``LEVER_WARMUP`` untimed and ``LEVER_STEPS``
+    timed steps each, the warm-up's seconds reported apart), then fp32 with every lever and
+    TF32 allowed for its matmuls and convolutions: each row's MP/s against the first row's, and
+    bf16 against fp32 on the same levers."""
+    warm, steps = (2, 3) if quick else (LEVER_WARMUP, LEVER_STEPS)
+    total = warm + steps
+    figures, stacked, base = [], {}, None
+    for name, change in LEVERS:
+        try:
+            sec, mps, peak, t_warm = _measure(cfg, batches, total, "bf16", warm, stacked | change)
+        except Exception as exc:  # one failing lever must not lose a GPU session's other rows
+            print(f"gpu levers: {name} failed, left out of the stack: {exc!r}", flush=True)
+            figures.append(
+                Figure(
+                    f"gpu levers, bf16: {name}",
+                    float("nan"),
+                    "MP/s",
+                    "higher",
+                    note=f"failed: {type(exc).__name__}: {exc}"[:300],
+                )
+            )
+            torch.cuda.empty_cache()
+            continue
+        stacked = stacked | change
+        base = base or mps
+        figures.append(
+            Figure(
+                f"gpu levers, bf16: {name}",
+                mps,
+                "MP/s",
+                "higher",
+                baseline_value=base,
+                ratio=mps / base,
+                note=f"{sec:.3f} s/step, peak {peak:.1f} GiB, first {warm} steps {t_warm:.1f} s",
+            )
+        )
+    ran = [f.value for f in figures if f.value == f.value]  # NaN: a lever that failed
+    if not ran:
+        return figures
+    mps = ran[-1]  # bf16 with every lever that ran
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    sec, fp32, peak, t_warm = _measure(cfg, batches, total, "fp32", warm, stacked)
+    figures.append(
+        Figure(
+            "gpu levers: bf16 vs fp32 (TF32 allowed), every lever on both",
+            mps,
+            "MP/s",
+            "higher",
+            target=1.8,
+            baseline_value=fp32,
+            ratio=mps / fp32,
+            note=f"fp32 {sec:.3f} s/step, peak {peak:.1f} GiB, first {warm} steps {t_warm:.1f} s",
+        )
+    )
+    return figures
 
 
 def run(config: str = "jobs/configs/paper.toml", quick: bool = False) -> list[Figure]:
@@ -101,22 +181,24 @@ def run(config: str = "jobs/configs/paper.toml", quick: bool = False) -> list[Fi
     note = f"{name}; {rows} locations of {cfg.patches.patch_size} px per step; {bf16_steps} bf16 / {fp32_steps} fp32 steps per round"
     mps = median_compared(
         "gpu: model-input MP/s, bf16 autocast vs fp32 (DeepSpeed ZeRO 1)",
-        [mp for _, mp, _ in got["bf16"]],
-        [mp for _, mp, _ in got["fp32"]],
+        [mp for _, mp, *_ in got["bf16"]],
+        [mp for _, mp, *_ in got["fp32"]],
         "MP/s",
         "higher",
         None,
         note,
     )
-    i = [mp for _, mp, _ in got["bf16"]].index(mps.value)  # the median round
+    i = [mp for _, mp, *_ in got["bf16"]].index(mps.value)  # the median round
+    ladder = lever_ladder(cfg, batches, quick)
     return [
+        *ladder,
         mps,
         Figure("gpu: seconds per step, bf16", got["bf16"][i][0], "s", "lower"),
         Figure("gpu: seconds per step, fp32", got["fp32"][i][0], "s", "lower"),
         median_compared(
             "gpu: peak memory, bf16 vs fp32",
-            [peak for *_, peak in got["bf16"]],
-            [peak for *_, peak in got["fp32"]],
+            [peak for _, _, peak, _ in got["bf16"]],
+            [peak for _, _, peak, _ in got["fp32"]],
             "GiB",
             "lower",
             None,
