@@ -15,6 +15,7 @@ time in bf16, then bf16 against fp32 with every lever on both. ``gpu-profile``
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 
 import torch
@@ -89,6 +90,7 @@ def _measure(
     mp = rows * cfg.patches.patch_size**2 / 1e6
     peak = torch.cuda.max_memory_allocated() / 2**30
     del engine
+    gc.collect()  # a compiled segmenter's forward refers back to it: freed by the collector
     torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = False  # the next measurement sets its own
     return sec, mp / sec, peak, t_warm
@@ -136,7 +138,13 @@ def lever_ladder(cfg, batches, quick: bool) -> list[Figure]:
         return figures
     mps = ran[-1]  # bf16 with every lever that ran
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    sec, fp32, peak, t_warm = _measure(cfg, batches, total, "fp32", warm, stacked)
+    try:
+        sec, fp32, peak, t_warm = _measure(cfg, batches, total, "fp32", warm, stacked)
+    except Exception as exc:  # keep the bf16 rows
+        print(f"gpu levers: fp32 with every lever failed: {exc!r}", flush=True)
+        return figures
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False  # torch's default, for what runs next
     figures.append(
         Figure(
             "gpu levers: bf16 vs fp32 (TF32 allowed), every lever on both",
@@ -189,7 +197,11 @@ def run(config: str = "jobs/configs/paper.toml", quick: bool = False) -> list[Fi
         note,
     )
     i = [mp for _, mp, *_ in got["bf16"]].index(mps.value)  # the median round
-    ladder = lever_ladder(cfg, batches, quick)
+    try:
+        ladder = lever_ladder(cfg, batches, quick)
+    except Exception as exc:  # never lose the figures above
+        print(f"gpu levers failed: {exc!r}", flush=True)
+        ladder = []
     return [
         *ladder,
         mps,

@@ -5,13 +5,14 @@ time, and the gaps between kernels (the GPU idle while the host launches, syncs 
 
     python -m jobs.benchmark gpu-profile --config jobs/configs/paper.toml [--quick]
 
-The Chrome trace is written to ``$OUT/gpu-profile-trace.json`` (or ``runs/``): open it in
-Perfetto or ``chrome://tracing``.
+The Chrome trace is written gzipped to ``$OUT/gpu-profile-trace.json.gz`` (or ``runs/``): open
+it in Perfetto or ``chrome://tracing``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 
@@ -52,6 +53,19 @@ def kernel_gaps(kernels: list[dict], top: int = 10) -> dict:
     }
 
 
+def _trace_events(path: str) -> list[dict]:
+    """The Chrome trace's events, gzipped or not (torch's CUPTI exporter may write either);
+    none, said, if it cannot be read (the kernel table above is printed either way)."""
+    for opener in (gzip.open, open):
+        try:
+            with opener(path, "rt") as f:
+                return json.load(f)["traceEvents"]
+        except (OSError, ValueError, KeyError):
+            continue
+    print(f"could not read the trace {path} back: no gap figures", flush=True)
+    return []
+
+
 def run(config: str = "jobs/configs/paper.toml", quick: bool = False) -> list[Figure]:
     if not torch.cuda.is_available():
         raise RuntimeError("the gpu-profile suite needs a CUDA device; none is visible here")
@@ -87,12 +101,10 @@ def run(config: str = "jobs/configs/paper.toml", quick: bool = False) -> list[Fi
         torch.cuda.synchronize()
     out = os.environ.get("OUT") or "runs"
     os.makedirs(out, exist_ok=True)
-    trace = os.path.join(out, "gpu-profile-trace.json")
-    prof.export_chrome_trace(trace)
+    trace = os.path.join(out, "gpu-profile-trace.json.gz")  # tens of MB as plain JSON
+    prof.export_chrome_trace(trace)  # gzipped by its suffix
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
-    with open(trace) as f:
-        events = json.load(f)["traceEvents"]
-    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    kernels = [e for e in _trace_events(trace) if e.get("cat") == "kernel" and "dur" in e]
     g = kernel_gaps(kernels)
     print("largest gaps between kernels (µs):", [round(length) for _, length in g["gaps"]])
     note = f"{torch.cuda.get_device_name()}; {steps} bf16 steps of {rows} locations; trace {trace}"

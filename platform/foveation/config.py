@@ -481,9 +481,10 @@ class TrainingConfig:
     adam: str = "default"
     """torch's Adam implementation: "default" (torch chooses), "foreach" (one kernel per
     operation over all parameters) or "fused" (one kernel per step)."""
-    cudnn_benchmark: bool = True
+    cudnn_benchmark: bool = False
     """cuDNN times its convolution algorithms once per shape and keeps the fastest (CUDA only;
-    the step's shapes are fixed)."""
+    the step's shapes are fixed). Process-wide once set: evaluation in the same process keeps
+    it."""
 
     def __post_init__(self) -> None:
         if self.class_weights is not None:
@@ -563,7 +564,8 @@ class DistributedConfig:
     a laptop, where ``cpus_per_worker`` is a share of more logical CPUs than cores, and Tune's
     concurrent trials do not oversubscribe the cores). 0: every core the worker's process may
     run on, divided among the workers on its node: for a run that has the machine to itself
-    (the demo; 1.4-1.6x the steps/s of one thread on 2 cores). N: N threads."""
+    (the demo: 1.38x the steps/s of one thread on 2 cores, ``jobs.benchmark threads``); not for
+    Tune sweeps, whose concurrent trials would each take every core. N: N threads."""
 
     def __post_init__(self) -> None:
         w = "distributed"
@@ -902,3 +904,22 @@ def load_config(source: str | Path) -> Config:
 def replace(cfg: Any, **changes: Any) -> Any:
     """A validated copy with some fields changed (``replace(cfg.model, mix=MixConfig('average'))``)."""
     return dataclasses.replace(cfg, **changes)
+
+
+EXECUTION_FIELDS = {
+    "training": ("channels_last", "compile", "adam", "cudnn_benchmark"),
+    "distributed": ("threads_per_worker",),
+}
+"""Fields that change how a run executes, not what it trains (within float rounding): a model
+trained with other values is the same model for reuse and resumption."""
+
+
+def what_it_trains(cfg: Config) -> Config:
+    """``cfg`` with its ``EXECUTION_FIELDS`` at their defaults: two configs train the same
+    model when these are equal (``reproduce._done``, ``trainer.resumable``)."""
+    out = cfg
+    for section, names in EXECUTION_FIELDS.items():
+        sub = getattr(out, section)
+        defaults = {n: f.default for f in dataclasses.fields(sub) if (n := f.name) in names}
+        out = dataclasses.replace(out, **{section: dataclasses.replace(sub, **defaults)})
+    return out

@@ -156,5 +156,12 @@ def test_reproduce_reuses_a_run_whose_config_differs_only_by_a_new_default(tmp_p
         training=dataclasses.replace(debug_cfg.training, seed=debug_cfg.training.seed + 1),
     )
     assert not _done(str(model), other)
+    # How it runs is not what it trains: threads and speed levers do not make it stale.
+    faster = dataclasses.replace(
+        debug_cfg,
+        training=dataclasses.replace(debug_cfg.training, compile="inductor", adam="fused"),
+        distributed=dataclasses.replace(debug_cfg.distributed, threads_per_worker=7),
+    )
+    assert _done(str(model), faster)
     (model / CONFIG).write_text("not toml [")
     assert not _done(str(model), debug_cfg)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from foveation.checkpoint import META, CheckpointError, read_config, save_checkpoint
-from foveation.config import Config, MixConfig
+from foveation.config import Config, MixConfig, what_it_trains
 from foveation.io import storage
 from foveation.models.mixing import is_learned
 
@@ -54,9 +54,10 @@ def run_config(cfg: Config, mix: MixConfig, seed: int) -> Config:
 
 def _done(model_uri: str, cfg: Config) -> bool:
     """An exported model trained from exactly this config. Compared as configs, not as text: a
-    field added since the run was trained, at its default, does not make it stale."""
+    field added since the run was trained, at its default, does not make it stale, and neither
+    do the fields that only change how a run executes (``config.EXECUTION_FIELDS``)."""
     try:
-        return read_config(model_uri) == cfg
+        return what_it_trains(read_config(model_uri)) == what_it_trains(cfg)
     except CheckpointError:  # missing, unreadable or no longer valid: train again
         return False
 

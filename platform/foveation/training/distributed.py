@@ -80,7 +80,9 @@ def cpu_threads(threads_per_worker: int | None, local_workers: int) -> int | Non
     if threads_per_worker:
         return threads_per_worker
     try:
-        cores = len(os.sched_getaffinity(0))  # a container's or taskset's cores, not the host's
+        # taskset's or cpuset's cores, not the host's (a CPU quota, as Kubernetes limits set,
+        # does not show here: set N there)
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, local_workers))

@@ -3,10 +3,17 @@ built (``training.distributed``: the DeepSpeed engine and the single-device one 
 model code stays single-device and lever-free.
 
 - ``training.channels_last``: each segmenter's weights in channels-last memory, and its input
-  converted on entry (``Segmenter.channels_last``), so convolutions run NHWC end to end.
+  converted on entry (``Segmenter.channels_last``), so convolutions run NHWC end to end. Under
+  DeepSpeed ZeRO 1/2 the weights become views of its flat (NCHW-contiguous) buffers again; the
+  inputs stay channels-last, which is what makes PyTorch pick NHWC convolutions, at the cost of
+  laying out each (small) weight per call. The GPU ladder measures it as it runs under ZeRO 1.
 - ``training.compile``: each segmenter's ``forward`` replaced by ``torch.compile`` of it with
   the named backend. The module itself is not wrapped, so its weights keep their names and
-  checkpoints stay loadable by an eager model.
+  checkpoints (state dicts) stay loadable by an eager model. The compiled forward is an
+  instance attribute that refers to the module: a compiled model is not for ``deepcopy``,
+  pickling or ``torch.save`` of the whole module (nothing here does those), and is freed by the
+  garbage collector, not on its last reference. Evaluation batches of other sizes recompile
+  (after torch's recompile limit it runs eagerly).
 - ``training.cudnn_benchmark``: cuDNN's algorithm search on a CUDA device.
 - ``training.adam``: the keyword for torch's Adam (``adam_options``, used by ``training.optim``).
 

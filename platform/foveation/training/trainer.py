@@ -28,7 +28,7 @@ from foveation.checkpoint import (
     read_config,
     save_checkpoint,
 )
-from foveation.config import Config
+from foveation.config import Config, what_it_trains
 from foveation.io import storage
 
 RUN_NAME = "train"
@@ -133,7 +133,7 @@ def resumable(run_uri: str, cfg: Config) -> bool:
     same = dataclasses.replace(
         old, training=dataclasses.replace(old.training, epochs=cfg.training.epochs)
     )
-    return same == cfg
+    return what_it_trains(same) == what_it_trains(cfg)
 
 
 class EpochLines:
