@@ -45,6 +45,41 @@ def _batches(cfg, n_batches: int, rows: int):
     return out
 
 
+ROWS = 8
+"""Locations per step in the GPU suites (one image's)."""
+
+
+def paper_setup(config: str, **training) -> tuple:
+    """(config, batches) for the GPU suites: ``config`` at ``ROWS`` locations a step (with the
+    ``training`` fields given) on one GPU in a one-rank process group (what a Ray Train worker
+    runs, without Ray), and training batches cut from in-memory images."""
+    from foveation.training import distributed
+
+    cfg = load_config(config)
+    cfg = dataclasses.replace(
+        cfg,
+        training=dataclasses.replace(
+            cfg.training, batch_size=1, locations_per_image=ROWS, device="cuda", **training
+        ),
+        distributed=DistributedConfig(use_gpu=True, zero_stage=1),
+    )
+    distributed.init_single_process_group("nccl")
+    return cfg, _batches(cfg, 4, ROWS)
+
+
+def gpu_engine(cfg, batches, steps: int) -> tuple:
+    """(engine, batches on the GPU): a DeepSpeed engine over a fresh model (seed 0) scheduled
+    for ``steps`` steps, as ``jobs.train``'s worker builds it."""
+    from foveation.models.foveated import build_model
+    from foveation.training import distributed
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    engine = distributed.init_engine(build_model(cfg), cfg, steps, dev)
+    on_gpu = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    return engine, on_gpu
+
+
 LEVERS: list[tuple[str, dict]] = [
     ("today", {"cudnn_benchmark": False}),  # as the step ran before the levers
     ("+ channels-last", {"channels_last": True}),
@@ -63,18 +98,12 @@ def _measure(
     """(seconds per step after warm-up, MP/s, peak GiB, seconds of the ``warm`` warm-up steps:
     compile time shows there) of ``steps`` DeepSpeed steps with ``levers`` (training fields)
     applied; the one place this suite calls ``train_step``."""
-    from foveation.models.foveated import build_model
-    from foveation.training import distributed
     from foveation.training.step import train_step
 
     tc = dataclasses.replace(cfg.training, precision=precision, **(levers or {}))
     cfg = dataclasses.replace(cfg, training=tc)
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    engine = distributed.init_engine(build_model(cfg), cfg, steps, dev)
-    gpu_batches = [
-        {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches
-    ]
+    engine, gpu_batches = gpu_engine(cfg, batches, steps)
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t_warm = time.perf_counter()
@@ -163,19 +192,7 @@ def lever_ladder(cfg, batches, quick: bool) -> list[Figure]:
 def run(config: str = "jobs/configs/paper.toml", quick: bool = False) -> list[Figure]:
     if not torch.cuda.is_available():
         raise RuntimeError("the gpu suite needs a CUDA device; none is visible here")
-    from foveation.training import distributed
-
-    cfg = load_config(config)
-    rows = 8
-    cfg = dataclasses.replace(
-        cfg,
-        training=dataclasses.replace(
-            cfg.training, batch_size=1, locations_per_image=rows, device="cuda"
-        ),
-        distributed=DistributedConfig(use_gpu=True, zero_stage=1),
-    )
-    distributed.init_single_process_group("nccl")
-    batches = _batches(cfg, 4, rows)
+    cfg, batches = paper_setup(config)
     # Per round, a fresh engine per precision; 3 rounds of 60 + 30 steps (was one run of
     # 200 + 30) keep the suite within a few minutes.
     bf16_steps, fp32_steps = (10, 6) if quick else (60, 30)
@@ -186,7 +203,7 @@ def run(config: str = "jobs/configs/paper.toml", quick: bool = False) -> list[Fi
         }
     )
     name = torch.cuda.get_device_name()
-    note = f"{name}; {rows} locations of {cfg.patches.patch_size} px per step; {bf16_steps} bf16 / {fp32_steps} fp32 steps per round"
+    note = f"{name}; {ROWS} locations of {cfg.patches.patch_size} px per step; {bf16_steps} bf16 / {fp32_steps} fp32 steps per round"
     mps = median_compared(
         "gpu: model-input MP/s, bf16 autocast vs fp32 (DeepSpeed ZeRO 1)",
         [mp for _, mp, *_ in got["bf16"]],

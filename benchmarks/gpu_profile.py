@@ -11,7 +11,6 @@ it in Perfetto or ``chrome://tracing``.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import os
@@ -19,7 +18,6 @@ import os
 import torch
 
 from benchmarks import Figure
-from foveation.config import DistributedConfig, load_config
 
 WARMUP, PROFILED = 5, 20
 
@@ -71,27 +69,13 @@ def run(config: str = "jobs/configs/paper.toml", quick: bool = False) -> list[Fi
         raise RuntimeError("the gpu-profile suite needs a CUDA device; none is visible here")
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.gpu import _batches
-    from foveation.models.foveated import build_model
-    from foveation.training import distributed
+    from benchmarks.gpu import ROWS, gpu_engine, paper_setup
     from foveation.training.step import train_step
 
-    cfg = load_config(config)
-    rows = 8
-    cfg = dataclasses.replace(
-        cfg,
-        training=dataclasses.replace(
-            cfg.training, batch_size=1, locations_per_image=rows, device="cuda", precision="bf16"
-        ),
-        distributed=DistributedConfig(use_gpu=True, zero_stage=1),
-    )
-    distributed.init_single_process_group("nccl")
-    batches = _batches(cfg, 4, rows)
+    cfg, batches = paper_setup(config, precision="bf16")
     dev = torch.device("cuda")
     warm, steps = (2, 3) if quick else (WARMUP, PROFILED)
-    torch.manual_seed(0)
-    engine = distributed.init_engine(build_model(cfg), cfg, warm + steps, dev)
-    gpu = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    engine, gpu = gpu_engine(cfg, batches, warm + steps)
     for step in range(warm):
         train_step(engine, gpu[step % len(gpu)], cfg, step, warm + steps, dev)
     torch.cuda.synchronize()
@@ -107,7 +91,7 @@ def run(config: str = "jobs/configs/paper.toml", quick: bool = False) -> list[Fi
     kernels = [e for e in _trace_events(trace) if e.get("cat") == "kernel" and "dur" in e]
     g = kernel_gaps(kernels)
     print("largest gaps between kernels (µs):", [round(length) for _, length in g["gaps"]])
-    note = f"{torch.cuda.get_device_name()}; {steps} bf16 steps of {rows} locations; trace {trace}"
+    note = f"{torch.cuda.get_device_name()}; {steps} bf16 steps of {ROWS} locations; trace {trace}"
     busy = g["busy"] / g["span"] if g["span"] else 0.0
     return [
         Figure(

@@ -22,6 +22,21 @@ from foveation.config import load_config
 WARMUP_STEPS = 5
 
 
+def synthetic_batch(cfg, n: int) -> dict:
+    """A training batch of ``n`` locations with the pipeline's keys, dtypes and shapes for
+    ``cfg`` (docs/contracts.md#training-batch), random content from a fixed seed."""
+    d, p = cfg.patches.depth, cfg.patches.patch_size
+    g = torch.Generator().manual_seed(0)
+    return {
+        "bank": torch.randint(0, 256, (n, d, 3, p, p), dtype=torch.uint8, generator=g),
+        "xr": torch.randn(n, 3, 7, 7, generator=g),
+        "label": torch.randint(
+            0, cfg.model.num_classes, (n, p // 4, p // 4), dtype=torch.uint8, generator=g
+        ),
+        "slide_id": ["synthetic"] * n,
+    }
+
+
 def steps_per_s(cfg, threads: int, steps: int) -> float:
     """Training steps per second of ``cfg``'s model on ``threads`` torch threads."""
     from foveation.models.foveated import build_model
@@ -34,17 +49,7 @@ def steps_per_s(cfg, threads: int, steps: int) -> float:
         torch.manual_seed(0)
         total = WARMUP_STEPS + steps
         engine = LocalEngine(build_model(cfg), cfg, total, "cpu")
-        d, p = cfg.patches.depth, cfg.patches.patch_size
-        n = cfg.training.batch_size * cfg.training.locations_per_image
-        g = torch.Generator().manual_seed(0)
-        batch = {
-            "bank": torch.randint(0, 256, (n, d, 3, p, p), dtype=torch.uint8, generator=g),
-            "xr": torch.randn(n, 3, 7, 7, generator=g),
-            "label": torch.randint(
-                0, cfg.model.num_classes, (n, p // 4, p // 4), dtype=torch.uint8, generator=g
-            ),
-            "slide_id": ["synthetic"] * n,
-        }
+        batch = synthetic_batch(cfg, cfg.training.batch_size * cfg.training.locations_per_image)
         for i in range(WARMUP_STEPS):
             train_step(engine, batch, cfg, i, total, "cpu")
         t = time.perf_counter()

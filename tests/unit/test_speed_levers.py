@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+from benchmarks.threads import synthetic_batch
 from foveation.config import ConfigError, config_from_dict
 from foveation.models.foveated import build_model
 from foveation.models.mixing import MixContext
@@ -26,17 +27,6 @@ def cfg(debug_cfg):
     )
 
 
-def _batch(cfg, n=16):
-    g = torch.Generator().manual_seed(0)
-    d, p = cfg.patches.depth, cfg.patches.patch_size
-    return {
-        "bank": torch.randint(0, 256, (n, d, 3, p, p), dtype=torch.uint8, generator=g),
-        "xr": torch.randn(n, 3, 7, 7, generator=g),
-        "label": torch.randint(0, 4, (n, p // 4, p // 4), dtype=torch.uint8, generator=g),
-        "slide_id": ["s"] * n,
-    }
-
-
 def _with(cfg, **levers):
     return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, **levers))
 
@@ -48,7 +38,7 @@ def _engine(cfg, model):
 def test_levers_give_the_eager_models_outputs_and_gradients(cfg):
     torch.manual_seed(0)
     model = build_model(cfg)
-    batch = _batch(cfg)
+    batch = synthetic_batch(cfg, 16)
     eager = _engine(cfg, model)
     fast_cfg = _with(cfg, channels_last=True, compile="aot_eager", adam="fused")
     fast = _engine(fast_cfg, model)
@@ -94,7 +84,7 @@ def test_levers_give_the_eager_models_outputs_and_gradients(cfg):
 def test_the_fused_adam_takes_the_default_adams_steps(cfg):
     torch.manual_seed(0)
     model = build_model(cfg)
-    batch = _batch(cfg)
+    batch = synthetic_batch(cfg, 16)
     plain, fused = _engine(cfg, model), _engine(_with(cfg, adam="fused"), model)
     assert fused.optimizer.defaults["fused"] is True
     # One step: the same gradients, so only the optimiser's arithmetic differs. (A second step
