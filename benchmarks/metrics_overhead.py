@@ -38,9 +38,8 @@ def _training_step(config: str) -> Callable[[], None]:
     import torch
 
     from foveation.config import load_config
+    from foveation.geometry import OUTPUT_STRIDE, XR_CONTEXT
     from foveation.models.foveated import build_model
-    from foveation.models.segmenter import OUTPUT_STRIDE
-    from foveation.patches import XR_CONTEXT
     from foveation.training.optim import build_optimizer
     from foveation.training.step import batch_forward
 

@@ -20,7 +20,8 @@ import torch
 
 from benchmarks import Figure, interleaved, median_compared, timed
 from foveation.config import Config, load_config
-from foveation.data.toy import Sample, generate_image
+from foveation.data.samples import Sample
+from foveation.data.toy import generate_image
 from foveation.io.images import to_chw_tensor
 from foveation.patches import PatchExtractor, all_locations, authors_loop_bank, normalise
 

@@ -26,7 +26,7 @@ _CHILD = r"""
 import sys, torch
 torch.set_num_threads(1)
 from foveation.checkpoint import load_checkpoint
-from foveation.serving.outputs import predict_slide
+from foveation.inference.outputs import predict_slide
 model, cfg, _ = load_checkpoint(sys.argv[1])
 res, summary = predict_slide(model, cfg, sys.argv[2], sys.argv[3])
 report(seconds=summary["seconds"])
@@ -58,7 +58,7 @@ def _overhead(model, cfg, path: str) -> list[Figure]:
     forward (F runs through ``model.weights``, outside it, so F counts as overhead)."""
     import torch
 
-    from foveation.serving.outputs import predict_slide
+    from foveation.inference.outputs import predict_slide
 
     torch.set_num_threads(1)
     spent = {"forward": 0.0}
@@ -107,7 +107,7 @@ def _glass(model, cfg, tmp: str, side: int) -> Figure:
     import pyvips
     import torch
 
-    from foveation.serving.outputs import predict_slide
+    from foveation.inference.outputs import predict_slide
 
     torch.set_num_threads(1)
     path = os.path.join(tmp, "glass.tif")

@@ -20,9 +20,9 @@ from foveation.config import Config
 
 
 def _measure(model, cfg: Config, image, truth) -> dict:
-    from foveation.evaluation.metrics import ConfusionMatrix, seam_ratio
     from foveation.inference import ArraySink, ArraySource, segment
     from foveation.inference.wholeslide import tile_edges
+    from foveation.metrics import ConfusionMatrix, seam_ratio
     from foveation.patches import xr_shape
 
     h, w = xr_shape(*image.shape[:2], cfg.patches.xr_scale)

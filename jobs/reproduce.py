@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from foveation.data.gleason import DataError
     from foveation.data.ingest import IngestError
     from foveation.data.prepare import ensure_store
-    from foveation.evaluation.reproduce import reproduce
+    from foveation.experiments.reproduce import reproduce
     from foveation.training.trainer import TrainingError
 
     try:

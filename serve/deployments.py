@@ -146,8 +146,8 @@ def predict_slide_task(
     for the runner to read, since the task cannot call back into it."""
     import json
 
+    from foveation.inference.outputs import predict_slide
     from foveation.io import storage
-    from foveation.serving.outputs import predict_slide
 
     cfg_s = serve_config_from_dict(settings)
     key = (checkpoint, cfg_s.device)
@@ -185,8 +185,8 @@ class TaskPredictor:
 
         from ray.exceptions import RayTaskError, TaskCancelledError
 
+        from foveation.inference.outputs import JobCancelled
         from foveation.io import storage
-        from foveation.serving.outputs import JobCancelled
 
         task = predict_slide_task.options(
             num_cpus=self.jobs.task_cpus, num_gpus=self.jobs.task_gpus or None

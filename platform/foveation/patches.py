@@ -28,8 +28,6 @@ from torch import Tensor
 from foveation.config import PatchSetConfig
 from foveation.geometry import IGNORE_INDEX, OUTPUT_STRIDE, XR_CONTEXT
 
-__all__ = ["IGNORE_INDEX", "OUTPUT_STRIDE", "XR_CONTEXT"]  # re-exported: older imports keep working
-
 
 def location_centres(locs: Tensor, xr_scale: int) -> Tensor:
     """Full-resolution centres (float, [N, 2], row/col) of x_r locations ``locs`` [N, 2]."""

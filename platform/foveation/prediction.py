@@ -117,7 +117,7 @@ class SlidePredictor:
         self.out, self.device, self.outputs = out, device, outputs
 
     def __call__(self, batch: dict) -> dict:
-        from foveation.serving.outputs import predict_slide
+        from foveation.inference.outputs import predict_slide
 
         status, errors, seconds = [], [], []
         for sid, uri in zip(batch["slide_id"], batch["uri"], strict=True):

@@ -79,7 +79,7 @@ def test_a_slide_list_in_s3_is_ingested_trained_on_and_predicted_back_to_its_ann
     from foveation.config import IngestConfig, load_config
     from foveation.data.ingest import ingest, read_manifest
     from foveation.data.samples import load_manifest_split
-    from foveation.serving import geojson
+    from foveation.inference import geojson
     from foveation.training.loop import train
     from tests.vendor_slides import write_svs
 

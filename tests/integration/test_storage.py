@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -67,13 +66,6 @@ def test_round_trip(base: str, tmp_path) -> None:
     assert storage.read_bytes(uri) == payload
     assert storage.size(uri) == len(payload)
 
-    with storage.open_input(uri) as f:  # ranged reads, as a slide reader does them
-        assert f.seekable()
-        assert f.read_at(10, 1000) == payload[1000:1010]
-        f.seek(5000)
-        assert f.read(7) == payload[5000:5007]
-        assert f.size() == len(payload)
-
     local = tmp_path / "downloaded" / "a.bin"
     storage.download_file(uri, local)
     assert local.read_bytes() == payload
@@ -102,16 +94,15 @@ def test_round_trip(base: str, tmp_path) -> None:
     storage.delete(storage.join(base, "nope"), missing_ok=True)
 
 
-def test_large_streamed_write_round_trip(base: str) -> None:
-    """20 MiB through ``open_output``: on S3 a multipart upload (over the 8 MiB threshold)."""
+def test_large_upload_round_trip(base: str, tmp_path) -> None:
+    """20 MiB through ``upload_file``: on S3 a multipart upload (over the 8 MiB threshold)."""
     chunk = os.urandom(1 << 20)
+    local = tmp_path / "big.tif"
+    local.write_bytes(chunk * 20)
     uri = storage.join(base, "big.tif")
-    with storage.open_output(uri) as f:
-        for _ in range(20):
-            f.write(chunk)
+    storage.upload_file(local, uri)
     assert storage.size(uri) == 20 << 20
-    with storage.open_input(uri) as f:
-        assert f.read_at(len(chunk), 19 * len(chunk)) == chunk
+    assert storage.read_bytes(uri)[19 << 20 :] == chunk
 
 
 def test_staging_dir_appears_only_on_success(base: str) -> None:
@@ -223,33 +214,6 @@ def test_a_model_checkpoint_survives_a_save_that_runs_out_of_space(s3_bucket, ro
 # -------------------------------------------------------------------------------- atomicity
 
 
-def _spool_files() -> set[str]:
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(".foveation-upload-")}
-
-
-def test_write_failing_midway_leaves_old_content_and_no_temp_files(base: str, s3_client) -> None:
-    uri = storage.join(base, "dir", "report.md")
-    fresh = storage.join(base, "dir", "fresh.md")
-    storage.write_bytes(uri, b"old")
-    spools_before = _spool_files()
-
-    for target in (uri, fresh):
-        with pytest.raises(RuntimeError, match="midway"), storage.open_output(target) as f:
-            f.write(b"new" * (3 << 20))
-            raise RuntimeError("failed midway")
-
-    assert storage.read_bytes(uri) == b"old"
-    assert not storage.exists(fresh)
-    assert storage.list_files(base) == [uri]
-    assert _spool_files() == spools_before
-    if base.startswith("s3://"):
-        bucket = base.removeprefix("s3://").split("/")[0]
-        assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=bucket)
-    else:
-        directory = storage.resolve(storage.join(base, "dir"))[1]
-        assert sorted(os.listdir(directory)) == ["report.md"]  # hidden temp files included
-
-
 class _FailingSource:
     """A readable file that breaks after ``limit`` bytes, as a dying disk or pipe does."""
 
@@ -305,7 +269,7 @@ def test_missing_key_is_reported_at_once(s3_bucket: str, caplog) -> None:
     message = str(err.value)
     assert uri in message and "expected an existing file" in message
     assert "bucket" not in message
-    for call in (storage.size, storage.open_input, storage.list_files):
+    for call in (storage.size, storage.list_files):
         with pytest.raises(storage.StorageNotFound, match=r"nope\.svs"):
             call(uri)
     assert _retry_warnings(caplog) == []  # a 404 is never retried

@@ -12,8 +12,8 @@ from foveation.data.annotations import parse_qupath, rasterize, unannotated_valu
 from foveation.data.gleason import DataError
 from foveation.data.ingest import ingest, read_manifest
 from foveation.data.slidelist import scan_list
+from foveation.inference import geojson
 from foveation.io.images import decode_label, encode_png
-from foveation.serving import geojson
 
 NAMES = ("benign", "grade3", "grade4", "grade5")
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from foveation.config import Config, InferenceConfig, replace
-from foveation.evaluation.metrics import seam_ratio
 from foveation.inference import ArraySink, ArraySource, forward_pixels, segment
 from foveation.inference.wholeslide import blend_window, tile_edges, xr_from_source
+from foveation.metrics import seam_ratio
 from foveation.models import FoveatedSegmenter
 from foveation.patches import make_xr
 

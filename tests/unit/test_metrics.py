@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from foveation.evaluation.metrics import ConfusionMatrix
+from foveation.metrics import ConfusionMatrix
 
 
 def test_hand_computed_matrix():

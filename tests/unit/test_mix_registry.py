@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from foveation.config import Config, ConfigError, MixConfig, replace
-from foveation.evaluation.reproduce import modes
+from foveation.experiments.reproduce import modes
 from foveation.models.mixing import (
     MIXERS,
     MixContext,

@@ -12,8 +12,8 @@ from shapely.geometry import shape
 
 from foveation.checkpoint import load_checkpoint
 from foveation.data.synthetic import TissueScales, generate_slide
+from foveation.inference.outputs import predict_slide
 from foveation.io import storage
-from foveation.serving.outputs import predict_slide
 from tests.vendor_slides import write_svs
 
 CHECKPOINT = str(Path(__file__).parent.parent / "fixtures" / "checkpoint-48f8459")

@@ -14,8 +14,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from foveation.data.samples import Sample
 from foveation.data.synthetic import GeneratorParams, TissueScales, generate_slide
-from foveation.data.toy import Sample
 from foveation.evaluation.inmemory import evaluate
 from foveation.evaluation.slides import CUE_NAMES, apsm_cue_sums
 from foveation.training.loop import train

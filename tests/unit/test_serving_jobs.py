@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import shapely
 
-from foveation.serving import geojson
+from foveation.inference import geojson
 from foveation.serving.errors import RequestError
 from foveation.serving.jobstore import RUNNING, JobStore
 from foveation.serving.settings import serve_config_from_dict
@@ -171,7 +171,7 @@ def test_job_sink_writes_pyramids_and_polygons_equal_to_inference(tiny_model, tm
     import pyvips
 
     from foveation.inference import ArraySink, ArraySource, segment
-    from foveation.serving.outputs import JobSink
+    from foveation.inference.outputs import JobSink
 
     model, cfg = tiny_model
     img = smooth_image(300, 420)
@@ -197,7 +197,7 @@ def test_job_sink_writes_pyramids_and_polygons_equal_to_inference(tiny_model, tm
 
 
 def test_mode_shrink_takes_the_majority_of_each_block():
-    from foveation.serving.outputs import mode_shrink
+    from foveation.inference.outputs import mode_shrink
 
     lab = np.zeros((5, 7), np.uint8)
     lab[:4, :4] = 1
@@ -277,7 +277,7 @@ def test_runner_slide_size_limit(tiny_model, tmp_path):
 
 
 def test_cancel_and_resume_after_a_crash(tiny_model, tmp_path):
-    from foveation.serving import outputs
+    from foveation.inference import outputs
     from foveation.serving.runtime import JobRunner
 
     model, cfg = tiny_model
@@ -346,7 +346,7 @@ def test_a_slide_interrupted_at_60_percent_resumes_from_its_checkpoint(tiny_mode
     what an uninterrupted run writes. A checkpoint of another model is not reused."""
     import pyvips
 
-    from foveation.serving.outputs import predict_slide
+    from foveation.inference.outputs import predict_slide
 
     model, cfg = tiny_model
     path, _ = _slide(tmp_path, "s.tif", 768, 320)

@@ -11,7 +11,7 @@ import pytest
 from foveation.checkpoint import CheckpointError
 from foveation.config import ConfigError, DistributedConfig, config_from_dict
 from foveation.data.ingest import write_manifest
-from foveation.evaluation.reproduce import modes, seed_table
+from foveation.experiments.reproduce import modes, seed_table
 from foveation.io import storage
 from foveation.training.distributed import cpu_threads, deepspeed_config
 from foveation.training.trainer import TrainingError, preflight
@@ -143,7 +143,7 @@ def test_reproduce_reuses_a_run_whose_config_differs_only_by_a_new_default(tmp_p
     import dataclasses
 
     from foveation.checkpoint import CONFIG
-    from foveation.evaluation.reproduce import _done
+    from foveation.experiments.reproduce import _done
 
     model = tmp_path / "model"
     model.mkdir()

@@ -39,10 +39,10 @@ from foveation.data.gleason import (
     scan,
 )
 from foveation.data.staple import annotator_confusions, average_expert, staple
-from foveation.evaluation.metrics import ConfusionMatrix
 from foveation.io import storage
 from foveation.io.images import ImageError, decode_image, decode_label, encode_png
 from foveation.io.slides import companion_uri
+from foveation.metrics import ConfusionMatrix
 
 SCHEMA_VERSION = 1
 MANIFEST_SCHEMA = pa.schema(

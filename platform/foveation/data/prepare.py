@@ -1,13 +1,23 @@
 """Make sure a store exists: generate the synthetic raw set where the source is empty, then
-ingest (Ray tasks; slides unchanged since the last ingest are skipped). What the demo and the
-reproduction run first."""
+ingest (Ray tasks; slides unchanged since the last ingest are skipped). What the demo, the
+reproduction and the sweep run first.
+
+Generation writes only into an empty (or missing) source, or over a set whose settings record
+(``synthetic.SETTINGS_FILE``) says this platform's generator wrote it: a set from anywhere else
+(truth maps but no record) is somebody's data, and is an error rather than overwritten."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from foveation.config import Config
+from foveation.data.gleason import DataError
 from foveation.io import storage
+
+
+class ForeignSetError(DataError):
+    """The source holds a slide set that this platform's generator did not write (truth maps
+    but no settings record): generating there would delete somebody's data."""
 
 
 def has_files(uri: str) -> bool:

@@ -6,10 +6,23 @@ slides is small enough to hold (``data.pipeline.loader``: the pattern of MONAI's
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 from foveation.config import Config
-from foveation.data.toy import Sample
 from foveation.io import storage
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One slide decoded into memory, the unit both in-memory paths (the toy set and a manifest
+    split) hand to the single-device trainer and to in-memory evaluation."""
+
+    slide_id: str
+    split: str
+    image: np.ndarray  # uint8 [H, W, 3]
+    label: np.ndarray  # uint8 [H, W]
 
 
 def load_row(row: dict, split: str) -> Sample:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from foveation.evaluation.metrics import ConfusionMatrix
+from foveation.metrics import ConfusionMatrix
 
 UNDECIDED = 254
 

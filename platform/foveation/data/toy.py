@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 
 import numpy as np
 
 from foveation.config import ToyConfig
+from foveation.data.samples import Sample
 from foveation.io import storage
 from foveation.io.images import decode_image, decode_label, encode_png
 
@@ -75,14 +75,6 @@ def generate_image(
         img[m] += TEXTURE_AMPLITUDE * _texture(c, size, size)[m][:, None]
     img += rng.normal(0, NOISE_SIGMA, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
-
-
-@dataclass(frozen=True)
-class Sample:
-    slide_id: str
-    split: str
-    image: np.ndarray  # uint8 [H, W, 3]
-    label: np.ndarray  # uint8 [H, W]
 
 
 SPLITS = ("train", "val", "test")

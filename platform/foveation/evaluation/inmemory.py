@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from foveation.config import Config
-from foveation.data.toy import Sample
-from foveation.evaluation.metrics import ConfusionMatrix
+from foveation.data.samples import Sample
 from foveation.inference import ArraySink, ArraySource, segment
+from foveation.metrics import ConfusionMatrix
 from foveation.models.foveated import FoveatedSegmenter
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from foveation.config import Config
-from foveation.evaluation.metrics import ConfusionMatrix
 from foveation.io import storage
+from foveation.metrics import ConfusionMatrix
 
 EXPERT_RUN = "average expert"
 

@@ -11,7 +11,7 @@ them all in tests and one set of guarantees holds everywhere:
 - **Retries.** Whole S3 operations (read, write, list, exists, size, delete, transfers) are
   retried with jittered exponential backoff on transient failures (connection errors, 5xx,
   throttling), never on "not found" or "access denied". Streams handed out by
-  :func:`resolve` and :func:`open_input` retry inside pyarrow instead.
+  :func:`resolve` retries inside pyarrow instead.
 - **Clear errors.** Every failure is a :class:`StorageError` that names the URI and what was
   expected: :class:`StorageNotFound` (missing bucket or key), :class:`StoragePermissionError`
   (denied), :class:`StorageUnavailable` (the endpoint does not answer, within seconds).
@@ -553,13 +553,6 @@ def _file_info(loc: _Location) -> pafs.FileInfo:
     return info
 
 
-def open_input(uri: str) -> pa.NativeFile:
-    """A seekable random-access file at ``uri`` for ranged reads (``read_at``, ``seek``):
-    on S3 each read is one ranged GET, retried inside pyarrow. Close it when done."""
-    loc = _locate(uri, streaming=True)
-    return _run(loc, "open", "an existing file", lambda: loc.fs.open_input_file(loc.path))
-
-
 def list_files(uri: str, suffixes: str | Sequence[str] | None = None) -> list[str]:
     """Every file under ``uri``, recursively, sorted, as URIs in the form ``uri`` was given
     (``join(uri, relative path)``); ``[uri]`` if it is a file. ``suffixes`` keeps names that
@@ -680,37 +673,6 @@ def upload_file(local_path: str | os.PathLike[str], uri: str) -> None:
             shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
     _run(loc, "write", "a writable location", lambda: _write_local_atomically(loc.path, copy))
-
-
-@contextmanager
-def open_output(uri: str) -> Iterator[BinaryIO]:
-    """A binary file to write ``uri`` through; its content appears at ``uri`` whole when the
-    block exits without error, and nothing appears (no object, no temporary file left) when
-    it raises. On S3 the bytes are spooled to a local temporary file and uploaded at the end."""
-    loc = _locate(uri)
-    if loc.remote:
-        _require_key(loc)
-        with tempfile.TemporaryFile(prefix=".foveation-upload-") as spool:
-            yield spool
-            spool.flush()
-            _put_object(loc, lambda: _rewound(spool))
-        return
-    tmp = _run(loc, "write", "a writable location", lambda: _temp_beside(loc.path))
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _run(loc, "write", "a writable location", lambda: os.replace(tmp, loc.path))
-    finally:
-        _unlink_quietly(tmp)
-
-
-@contextmanager
-def _rewound(f: BinaryIO) -> Iterator[BinaryIO]:
-    """``f`` from its start, left open (a retried upload reads the spool again)."""
-    f.seek(0)
-    yield f
 
 
 def _put_object(loc: _Location, source: Callable[[], AbstractContextManager[BinaryIO]]) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from foveation.config import Config
 from foveation.inference import ArraySink, ArraySource, segment
+from foveation.inference.outputs import JobCancelled, predict_slide
 from foveation.io import storage
 from foveation.models.foveated import FoveatedSegmenter
 from foveation.serving.errors import RequestError
@@ -39,7 +40,6 @@ from foveation.serving.jobstore import (
     JobRecord,
     JobStore,
 )
-from foveation.serving.outputs import JobCancelled, predict_slide
 from foveation.serving.settings import ServeConfig
 from foveation.serving.uris import check_slide_uri
 

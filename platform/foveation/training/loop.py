@@ -21,7 +21,7 @@ import torch
 
 from foveation.config import Config
 from foveation.data.batches import BatchExtractor, concat, sample_locations, to_torch
-from foveation.data.toy import Sample
+from foveation.data.samples import Sample
 from foveation.models.foveated import FoveatedSegmenter, build_model
 from foveation.training import distributed
 from foveation.training.step import train_step, weight_entropy

@@ -26,8 +26,8 @@ import torch
 
 from foveation.checkpoint import META, write_files
 from foveation.config import Config, config_from_dict
-from foveation.evaluation.metrics import ConfusionMatrix
 from foveation.io import storage
+from foveation.metrics import ConfusionMatrix
 from foveation.models.foveated import FoveatedSegmenter, build_model
 from foveation.models.mixing import MixContext
 from foveation.training import distributed

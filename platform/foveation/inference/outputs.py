@@ -22,8 +22,8 @@ from xml.sax.saxutils import escape
 import numpy as np
 import torch
 
+from foveation.inference import geojson
 from foveation.io import storage
-from foveation.serving import geojson
 
 log = logging.getLogger(__name__)
 

@@ -238,25 +238,5 @@ def feature_collection(feats: Iterable[dict]) -> dict:
     return {"type": "FeatureCollection", "features": list(feats)}
 
 
-def multipolygon_area(coords: list) -> float:
-    """Area of a GeoJSON MultiPolygon's coordinates (outer rings minus holes), any orientation."""
-    total = 0.0
-    for poly in coords:
-        outer, *inner = poly
-        total += abs(ring_area(outer[:-1])) - sum(abs(ring_area(h[:-1])) for h in inner)
-    return total
-
-
-def class_areas(collection: dict) -> dict[str, float]:
-    """Area per class name over a FeatureCollection (what tests compare with the mask)."""
-    out: dict[str, float] = {}
-    for f in collection["features"]:
-        name = f["properties"]["classification"]["name"]
-        g = f["geometry"]
-        coords = g["coordinates"] if g["type"] == "MultiPolygon" else [g["coordinates"]]
-        out[name] = out.get(name, 0.0) + multipolygon_area(coords)
-    return out
-
-
 def dumps(collection: dict) -> bytes:
     return json.dumps(collection, separators=(",", ":")).encode()
