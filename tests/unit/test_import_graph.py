@@ -73,7 +73,9 @@ def _unit(module: str) -> str | None:
 
 def test_every_unit_is_placed_in_the_order():
     units = {_unit(m) for m in MODULES} - {None}
-    assert units <= set(ORDER), f"place these in ORDER and docs/architecture.md: {units - set(ORDER)}"
+    assert units <= set(ORDER), (
+        f"place these in ORDER and docs/architecture.md: {units - set(ORDER)}"
+    )
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -102,7 +104,7 @@ def test_no_file_imports_another_in_a_loop():
         stack.append(m)
         for t in sorted(graph[m]):
             if seen.get(t) == 1:
-                cycle = stack[stack.index(t) :] + [t]
+                cycle = [*stack[stack.index(t) :], t]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if t not in seen:
                 visit(t)
