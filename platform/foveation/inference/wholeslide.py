@@ -286,7 +286,7 @@ def segment(
 
 def tile_edges(length: int, n_xr: int, cfg: Config, mode: str) -> list[int]:
     """Pixel positions along one axis where a tile's prediction starts or ends (inside the
-    image): the lines a seam would follow (``evaluation.metrics.seam_ratio``)."""
+    image): the lines a seam would follow (``foveation.metrics.seam_ratio``)."""
     s, f1 = cfg.patches.xr_scale, cfg.patches.fovs[0]
     edges = set()
     for i in grid_indices(n_xr, length, cfg, mode):
