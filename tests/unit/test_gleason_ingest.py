@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from foveation.config import IngestConfig, PatchSetConfig, SyntheticConfig
-from foveation.data.gleason import DataError, assign_splits, central_crop, map_labels, scan
+from foveation.data.gleason import assign_splits, central_crop, map_labels, scan
+from foveation.errors import DataError
 from foveation.data.ingest import MANIFEST_SCHEMA, IngestError, ingest, ingest_slide, read_manifest
 from foveation.data.synthetic import write_synthetic_set
 from foveation.io.images import decode_label, encode_png
@@ -195,7 +196,7 @@ def test_a_generated_set_made_with_other_settings_is_regenerated_and_real_data_n
     raw_set, tmp_path
 ):
     from foveation.config import Config, DataConfig
-    from foveation.data.prepare import generation_needed
+    from foveation.data.prepare import ForeignSetError, generation_needed
     from foveation.data.synthetic import SETTINGS_FILE
 
     cfg = Config(patches=PC, data=DataConfig(synthetic=SYN))
@@ -211,8 +212,9 @@ def test_a_generated_set_made_with_other_settings_is_regenerated_and_real_data_n
     )
     with pytest.raises(ValueError, match=r"holds a synthetic set of 5 slides.*remove"):
         generation_needed(fewer, str(src))
-    (src / SETTINGS_FILE).unlink()  # a set from before the record: regenerated
-    assert "no settings record" in generation_needed(other, str(src))
+    (src / SETTINGS_FILE).unlink()  # no record: not known to be ours, so never overwritten
+    with pytest.raises(ForeignSetError, match=rf"{src}.*no synthetic\.json"):
+        generation_needed(other, str(src), str(tmp_path / "no-store"))
     real = tmp_path / "real"
     shutil.copytree(src / "Train Imgs", real / "Train Imgs")  # no truth maps: not generated
     assert generation_needed(other, str(real)) is None
