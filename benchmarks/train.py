@@ -11,6 +11,8 @@ worker asks for as many logical CPUs as the baseline's torch threads; Ray sets i
 from that). The first epoch of each warms up (DeepSpeed's first step builds its optimiser
 state) and is not timed. Figures: samples (locations) and megapixels of model input per second,
 each the median of interleaved repetitions of the two loops (``docs/contracts.md#benchmarks``).
+The slides are the config's set (``data.ingest``), generated and ingested first where missing,
+as ``jobs.demo`` does (``prepare.ensure_store``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def ray_train_loop(
 
 def run(config: str = "jobs/configs/bench.toml", quick: bool = False) -> list[Figure]:
     from foveation.data.pipeline import Pipeline
+    from foveation.data.prepare import ensure_store
     from foveation.raycluster import init_ray
 
     cfg = load_config(config)
@@ -97,7 +100,10 @@ def run(config: str = "jobs/configs/bench.toml", quick: bool = False) -> list[Fi
     )
     threads = torch.get_num_threads()
     init_ray(max(4, threads + 2))
-    pipe = Pipeline(cfg.data.ingest.dest, "train", cfg)
+    # The config's data set, made as the demo makes it (generated into an empty source, then
+    # ingested; a second run finds both): the suite starts on a fresh checkout too.
+    store = ensure_store(cfg, log=lambda s: print(f"train: {s}", flush=True))
+    pipe = Pipeline(store, "train", cfg)
     ds = pipe.epoch(0).materialize()
     rows = cfg.training.batch_size * locs
     steps = ds.count() // rows + bool(ds.count() % rows)
