@@ -24,9 +24,13 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root: children and the demo find ``platform`` and ``jobs`` from any cwd."""
 
 REPEATS = 3
 """Interleaved repetitions behind every figure with a same-run baseline (odd, at least 3)."""
@@ -87,19 +91,57 @@ def run_child(code: str, *args: str) -> dict:
     ``args`` as ``sys.argv[1:]``; ``code`` ends by calling ``report(**fields)``, and the fields
     come back with ``peak_mb``, the child's own peak resident memory."""
     import json
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(["platform", "."]))
     r = subprocess.run(
         [sys.executable, "-c", _CHILD_PRELUDE + code, *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=_child_env(),
         check=True,
     )
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _child_env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]))
+
+
+DEMO_CONFIG, QUICK_CONFIG = "jobs/configs/debug.toml", "jobs/configs/tiny.toml"
+
+
+def demo_model(env: str, quick: bool = False) -> str:
+    """The checkpoint a suite predicts with: ``$env`` where set (it must exist); else the demo's
+    model (``runs/debug/runs/soft/model``), which is trained first where it is missing, by
+    ``jobs.demo`` in a child process (its data generated and ingested as the demo does), so the
+    suite starts on a fresh checkout and its own process is as it was. ``quick`` takes the
+    demo's model where it is there, else trains the tiny config's (a minute, not the demo's
+    six: a smoke run's figures mean nothing anyway)."""
+    import os
+    import subprocess
+    import sys
+
+    from foveation.config import load_config
+
+    uri = os.environ.get(env)
+    if uri:
+        if not uri.startswith("s3://") and not os.path.exists(uri):
+            raise SystemExit(f"no model at {uri} (${env}); unset it to use the demo's")
+        return uri
+    paths = {}
+    for config in (DEMO_CONFIG, QUICK_CONFIG) if quick else (DEMO_CONFIG,):
+        cfg = load_config(ROOT / config)
+        paths[config] = f"runs/{cfg.name}/runs/{cfg.model.mix.label}/model"  # jobs.demo's
+        if os.path.exists(paths[config]):
+            return paths[config]
+    print(f"no model at {paths[config]}: training it (python -m jobs.demo --config {config})")
+    cmd = [sys.executable, "-m", "jobs.demo", "--config", str(ROOT / config)]
+    if subprocess.run(cmd, env=_child_env()).returncode != 0:
+        raise SystemExit(f"the demo's training for {paths[config]} failed (its output above)")
+    return paths[config]
 
 
 def ratio_of(value: float, baseline: float, direction: str) -> float:

@@ -1,6 +1,7 @@
 """The ``predict`` suite: whole-slide prediction (``serving.outputs.predict_slide``, what
 ``jobs.predict`` and Serve's slide jobs run per slide) on a trained model (default: the demo's,
-``runs/debug/runs/soft/model``; ``FOVEATION_PREDICT_MODEL`` to change it), one torch thread.
+``runs/debug/runs/soft/model``, trained first by ``jobs.demo`` where it is missing;
+``FOVEATION_PREDICT_MODEL`` to change it), one torch thread.
 
 - overhead: the time that is not the segmenter's forward (reading, banks, F, stitching,
   writing the OME-TIFFs and GeoJSON) per output megapixel, against the segmenter's forward time
@@ -20,7 +21,7 @@ import os
 import tempfile
 import time
 
-from benchmarks import Figure, interleaved, median_compared, run_child
+from benchmarks import Figure, demo_model, interleaved, median_compared, run_child
 
 _CHILD = r"""
 import sys, torch
@@ -31,13 +32,6 @@ model, cfg, _ = load_checkpoint(sys.argv[1])
 res, summary = predict_slide(model, cfg, sys.argv[2], sys.argv[3])
 report(seconds=summary["seconds"])
 """
-
-
-def _model_uri() -> str:
-    uri = os.environ.get("FOVEATION_PREDICT_MODEL", "runs/debug/runs/soft/model")
-    if not uri.startswith("s3://") and not os.path.exists(uri):
-        raise SystemExit(f"predict: no model at {uri}; run `make demo` first")
-    return uri
 
 
 def _slide(path: str, side: int, cfg, seed: int) -> None:
@@ -206,7 +200,7 @@ def _throughput(uri: str, cfg, tmp: str, side: int) -> Figure:
 def run(config: str, quick: bool = False) -> list[Figure]:
     from foveation.checkpoint import load_checkpoint
 
-    uri = _model_uri()
+    uri = demo_model("FOVEATION_PREDICT_MODEL", quick)
     model, cfg, _ = load_checkpoint(uri)
     model.eval()
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:

@@ -1,8 +1,9 @@
 """The ``seams`` suite: does whole-slide inference leave a tile grid in the label map?
 
 On a 1024 px informative synthetic slide (drawn like the model's training set, a seed it never
-saw), predicted by a trained model (default: the demo's, ``runs/debug/runs/soft/model``; set
-``FOVEATION_SEAMS_MODEL`` to another checkpoint), the class-disagreement rate of neighbouring
+saw), predicted by a trained model (default: the demo's, ``runs/debug/runs/soft/model``, trained
+first by ``jobs.demo`` where it is missing; set ``FOVEATION_SEAMS_MODEL`` to another
+checkpoint), the class-disagreement rate of neighbouring
 pixels across tile edges over that inside tiles (``evaluation.metrics.seam_ratio``; 1 = no
 seam) with the model's inference settings, against the baseline of abutting tiles averaged
 flat (what inference did before the Gaussian blend), plus the forward cost of each. Target:
@@ -12,10 +13,9 @@ ratio <= 1.2. Seams do not depend on the machine's load, so this is one run, not
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
-from benchmarks import Figure
+from benchmarks import Figure, demo_model
 from foveation.config import Config
 
 
@@ -49,11 +49,7 @@ def run(config: str, quick: bool = False) -> list[Figure]:
     from foveation.checkpoint import load_checkpoint
     from foveation.data.synthetic import GeneratorParams, TissueScales, generate_slide
 
-    uri = os.environ.get("FOVEATION_SEAMS_MODEL", "runs/debug/runs/soft/model")
-    if not os.path.exists(uri) and not uri.startswith("s3://"):
-        raise SystemExit(
-            f"seams: no model at {uri}; run `make demo` first or set FOVEATION_SEAMS_MODEL"
-        )
+    uri = demo_model("FOVEATION_SEAMS_MODEL", quick)
     torch.set_num_threads(1)
     model, cfg, _ = load_checkpoint(uri)
     model.eval()
