@@ -12,8 +12,10 @@ import sys
 
 from benchmarks import SUITES, format_table, get_suite
 from foveation.io import storage
+from jobs._cli import job
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark")
     p.add_argument("suite", choices=sorted(SUITES))

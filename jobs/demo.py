@@ -14,9 +14,10 @@ import os
 import sys
 import time
 
-from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
+from jobs._cli import add_config_arg, job, load_job_config
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
     add_config_arg(p)
@@ -27,18 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     # A readable console: no Ray Data progress bars (they redraw hundreds of KB into a log), and
     # the output of Ray's workers stays in Ray's log files; the stages and epochs print here.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    cfg = load_or_none(args.config)
-    if cfg is None:
-        return BAD_CONFIG
+    cfg = load_job_config(args.config)
     from foveation.raycluster import init_ray, ray_logs_dir
 
     init_ray(cfg.distributed.logical_cpus, quiet=True)
-    from foveation.checkpoint import CheckpointError
-    from foveation.data.gleason import DataError
-    from foveation.data.ingest import IngestError
     from foveation.data.prepare import ensure_store
     from foveation.experiments.reproduce import reproduce
-    from foveation.training.trainer import TrainingError
 
     t0 = time.perf_counter()
     raw = args.raw or cfg.data.ingest.source
@@ -48,16 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     def step(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
-    try:
-        step("1/4 data and 2/4 ingest")
-        ensure_store(cfg, raw, store, log=step)
-        step(
-            f"3/4 training {cfg.model.mix.label} through Ray Train + DeepSpeed, then 4/4 evaluating"
-        )
-        res = reproduce(cfg, out, store, "ray", only=(cfg.model.mix.label,), log=step)
-    except (DataError, IngestError, TrainingError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    step("1/4 data and 2/4 ingest")
+    ensure_store(cfg, raw, store, log=step)
+    step(f"3/4 training {cfg.model.mix.label} through Ray Train + DeepSpeed, then 4/4 evaluating")
+    res = reproduce(cfg, out, store, "ray", only=(cfg.model.mix.label,), log=step)
     model = f"{out}/runs/{cfg.model.mix.label}/model"
     print()
     print(res.table)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
+from foveation.errors import InputError
+from jobs._cli import add_config_arg, job, load_job_config
 
 
 def parse_runs(items: list[str]) -> dict[str, str]:
@@ -21,11 +22,12 @@ def parse_runs(items: list[str]) -> dict[str, str]:
     for it in items:
         name, sep, uri = it.partition("=")
         if not sep or not name or not uri:
-            raise ValueError(f"--run {it!r}: expected NAME=CHECKPOINT_URI")
+            raise InputError(f"--run {it!r}: expected NAME=CHECKPOINT_URI")
         runs[name] = uri
     return runs
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
     add_config_arg(p)
@@ -35,23 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="report directory or URI (default: runs/<config name>/report)")
     p.add_argument("--no-experts", action="store_true", help="leave out the average-expert row")
     args = p.parse_args(argv)
-    cfg = load_or_none(args.config)
-    if cfg is None:
-        return BAD_CONFIG
-    from foveation.checkpoint import CheckpointError
-    from foveation.data.gleason import DataError
+    cfg = load_job_config(args.config)
     from foveation.evaluation.report import evaluation_report
     from foveation.evaluation.slides import evaluate_runs
     from foveation.io import storage
 
-    try:
-        runs = parse_runs(args.run) or {cfg.model.mix.label: f"runs/{cfg.name}/model"}
-        res = evaluate_runs(
-            runs, args.manifest or cfg.data.ingest.dest, args.split, not args.no_experts
-        )
-    except (ValueError, CheckpointError, DataError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    runs = parse_runs(args.run) or {cfg.model.mix.label: f"runs/{cfg.name}/model"}
+    res = evaluate_runs(
+        runs, args.manifest or cfg.data.ingest.dest, args.split, not args.no_experts
+    )
     histories = {
         name: storage.join(uri.rstrip("/").rsplit("/", 1)[0], "history")
         for name, uri in runs.items()

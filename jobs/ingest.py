@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from foveation.data.gleason import DataError
-from foveation.data.ingest import IngestError, ingest, ray_tasks, serial_map
+from foveation.data.ingest import ingest, ray_tasks, serial_map
 from foveation.data.prepare import has_files
 from foveation.data.synthetic import write_synthetic_set
-from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
+from jobs._cli import add_config_arg, job, load_job_config
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__.splitlines()[0])
     add_config_arg(p)
@@ -30,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--serial", action="store_true", help="one process instead of Ray tasks")
     args = p.parse_args(argv)
-    cfg = load_or_none(args.config)
-    if cfg is None:
-        return BAD_CONFIG
+    cfg = load_job_config(args.config)
     ic = cfg.data.ingest
     source, dest = args.source or ic.source, args.dest or ic.dest
     # Generate only into a source that holds nothing at all: never beside (or over) real data.
@@ -40,19 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         write_synthetic_set(source, cfg.data.synthetic, cfg.patches)
     map_fn = serial_map if args.serial else ray_tasks(ic)
 
-    try:
-        summary = ingest(
-            source,
-            dest,
-            cfg.ingest_settings(),
-            cfg.model.num_classes,
-            map_fn=map_fn,
-            kept_classes=cfg.evaluation.kept_classes,
-            class_names=cfg.evaluation.class_names,
-        )
-    except (DataError, IngestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = ingest(
+        source,
+        dest,
+        cfg.ingest_settings(),
+        cfg.model.num_classes,
+        map_fn=map_fn,
+        kept_classes=cfg.evaluation.kept_classes,
+        class_names=cfg.evaluation.class_names,
+    )
     print(summary.text())
     return 0
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs._cli import job
 
+
+@job
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a trained model directory or URI")
@@ -31,26 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.cpus_per_worker <= 0:
         print("error: --workers must be >= 1 and --cpus-per-worker > 0", file=sys.stderr)
         return 2
-    from foveation.checkpoint import CheckpointError
-    from foveation.data.gleason import DataError
     from foveation.prediction import predict
     from foveation.raycluster import init_ray
 
     init_ray()
-    try:
-        res = predict(
-            args.checkpoint,
-            args.input,
-            args.out,
-            split=args.split,
-            workers=args.workers,
-            cpus_per_worker=args.cpus_per_worker,
-            device=args.device,
-            outputs={"geojson_simplify_px": args.geojson_simplify_px},
-        )
-    except (CheckpointError, DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    res = predict(
+        args.checkpoint,
+        args.input,
+        args.out,
+        split=args.split,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        device=args.device,
+        outputs={"geojson_simplify_px": args.geojson_simplify_px},
+    )
     print(res.text())
     return 1 if res.failed else 0
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
+from jobs._cli import add_config_arg, job, load_job_config
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m jobs.reproduce", description=__doc__.splitlines()[0]
@@ -27,29 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", help="default: training.seed")
     p.add_argument("--only", nargs="+", help="run labels to keep (onehot-0, random, soft...)")
     args = p.parse_args(argv)
-    cfg = load_or_none(args.config)
-    if cfg is None:
-        return BAD_CONFIG
-    from foveation.checkpoint import CheckpointError
-    from foveation.data.gleason import DataError
-    from foveation.data.ingest import IngestError
+    cfg = load_job_config(args.config)
     from foveation.data.prepare import ensure_store
     from foveation.experiments.reproduce import reproduce
-    from foveation.training.trainer import TrainingError
 
-    try:
-        store = ensure_store(cfg)
-        res = reproduce(
-            cfg,
-            args.out or f"runs/{cfg.name}-reproduce",
-            store,
-            args.trainer,
-            tuple(args.seeds) if args.seeds else None,
-            tuple(args.only) if args.only else None,
-        )
-    except (DataError, IngestError, TrainingError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    store = ensure_store(cfg)
+    res = reproduce(
+        cfg,
+        args.out or f"runs/{cfg.name}-reproduce",
+        store,
+        args.trainer,
+        tuple(args.seeds) if args.seeds else None,
+        tuple(args.only) if args.only else None,
+    )
     print()
     print(res.table)
     print(f"\n{res.seconds / 60:.1f} min; report: {res.report_uri}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
+from jobs._cli import add_config_arg, job, load_job_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,19 +28,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cfg = load_or_none(args.config)
-    if cfg is None:
-        return BAD_CONFIG
-    from foveation.checkpoint import CheckpointError
-    from foveation.training.trainer import TrainingError, fit
+    cfg = load_job_config(args.config)
+    from foveation.training.trainer import fit
 
-    try:
-        res = fit(cfg, args.out or f"runs/{cfg.name}", args.manifest, args.resume, args.overwrite)
-    except (TrainingError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    res = fit(cfg, args.out or f"runs/{cfg.name}", args.manifest, args.resume, args.overwrite)
     m = res.metrics
     print(f"\nbest val mIoU {m.get('val_miou', 0.0):.3f} at epoch {m.get('epoch')}")
     print(f"model: {res.model_uri}")

@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 
-from jobs._cli import BAD_CONFIG, add_config_arg, load_or_none
+from jobs._cli import add_config_arg, job, load_job_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,25 +33,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cfg = load_or_none(args.config)
-    if cfg is None:
-        return BAD_CONFIG
-    from foveation.data.gleason import DataError
-    from foveation.data.ingest import IngestError
+    cfg = load_job_config(args.config)
     from foveation.data.prepare import ensure_store, has_files
-    from foveation.tuning.sweep import SweepError, run_sweep
+    from foveation.tuning.sweep import run_sweep
 
     t0 = time.perf_counter()
-    try:
-        manifest = args.manifest
-        if manifest is None and not has_files(cfg.data.ingest.dest):
-            ensure_store(cfg)
-        res = run_sweep(cfg, args.out or f"runs/{cfg.name}", manifest, args.resume, args.overwrite)
-    except (SweepError, DataError, IngestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    manifest = args.manifest
+    if manifest is None and not has_files(cfg.data.ingest.dest):
+        ensure_store(cfg)
+    res = run_sweep(cfg, args.out or f"runs/{cfg.name}", manifest, args.resume, args.overwrite)
     took = time.perf_counter() - t0
     if res.interrupted:
         print(

@@ -21,14 +21,15 @@ from safetensors.torch import load_file, save_file
 
 from foveation import __version__
 from foveation.config import Config, ConfigError, config_from_dict
+from foveation.errors import InputError
 from foveation.io import storage
 from foveation.models.foveated import FoveatedSegmenter
 
 WEIGHTS, CONFIG, META = "model.safetensors", "config.toml", "meta.json"
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(InputError):
+    """A checkpoint that is missing, unreadable or does not fit: names it and what was expected."""
 
 
 def save_checkpoint(

@@ -4,8 +4,9 @@ Every check of the config's own values runs in ``__post_init__`` so a bad config
 is loaded, with a message naming the field (``patches.fovs``, ``model.mix.index``...), never an
 hour into a run. The checks that need the models (a registered mix mode, a known backbone, the
 segmenter's output stride) run where models are built, in
-``foveation.models.foveated.check_config``: this module imports nothing from ``foveation``, so
-every other part can import it (docs/contracts.md, docs/architecture.md). Configs are passed as
+``foveation.models.foveated.check_config``: this module imports nothing from ``foveation`` but
+the error base (``foveation.errors``), so every other part can import it (docs/contracts.md,
+docs/architecture.md). Configs are passed as
 arguments and never mutated; :func:`replace` derives variants (a baseline, a sweep trial) from a
 base config.
 
@@ -31,9 +32,12 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from foveation.errors import InputError
 
-class ConfigError(ValueError):
-    """A config value is missing, of the wrong type, or inconsistent with another."""
+
+class ConfigError(InputError):
+    """A config value is missing, of the wrong type, or inconsistent with another: the message
+    reads "<field or file>: <what was expected>"."""
 
 
 def require(cond: bool, where: str, msg: str) -> None:

@@ -65,8 +65,8 @@ class PredictSummary:
 def list_slides(source: str, split: str | None = None) -> list[SlideItem]:
     """The slides of a manifest (rows of ``split`` when given), a slide list, or a folder or
     prefix (files with a slide suffix; the ingest's ``.s2.tif`` companions left out)."""
-    from foveation.data.gleason import DataError
     from foveation.data.slidelist import is_slide_list, scan_list, slide_id_of
+    from foveation.errors import DataError
 
     if source.lower().endswith(".parquet"):
         import io

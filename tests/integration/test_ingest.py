@@ -146,7 +146,7 @@ def test_an_unreachable_s3_endpoint_is_a_clear_error(s3_endpoint):
     import socket
     import time
 
-    from foveation.data.gleason import DataError
+    from foveation.errors import DataError
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -9,9 +9,9 @@ import pyvips
 
 from foveation.config import IngestConfig
 from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
-from foveation.data.gleason import DataError
 from foveation.data.ingest import ingest, read_manifest
 from foveation.data.slidelist import scan_list
+from foveation.errors import DataError
 from foveation.inference import geojson
 from foveation.io.images import decode_label, encode_png
 

@@ -41,6 +41,22 @@ def test_evaluate_job_refuses_a_malformed_run_argument(root):
     assert r.returncode == 1 and "NAME=CHECKPOINT_URI" in r.stderr
 
 
+@pytest.mark.parametrize(
+    "job, args, names",
+    [
+        ("jobs.evaluate", ["--run", "no-equals-sign"], "--run 'no-equals-sign'"),
+        ("jobs.ingest", ["--serial", "--source", "{tmp}/nowhere", "--dest", "{tmp}/d"], "nowhere"),
+    ],
+)
+def test_bad_input_to_any_job_is_one_line_naming_it(root, tmp_path, job, args, names):
+    # Every job has the one handler (jobs._cli.job): "error: <input>: <what was expected>".
+    r = run(root, job, *(a.format(tmp=tmp_path) for a in args))
+    assert r.returncode == 1, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and names in line and "expected" in line, line
+    assert not (tmp_path / "d").exists()
+
+
 def test_train_job_bad_config_is_a_clear_error(root, tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[patches]\nfovs = [256, 128]\n")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from foveation.data.gleason import DataError
+from foveation.errors import DataError
 from foveation.geometry import IGNORE_INDEX
 
 

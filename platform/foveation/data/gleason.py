@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from foveation import errors
 from foveation.io import storage
 
 IMAGE_DIR = "Train Imgs"
@@ -42,10 +43,6 @@ CLASS_TO_RAW = {0: 1, 1: 3, 2: 4, 3: 5}  # what the synthetic writer stores
 _LUT = np.full(256, 255, np.uint8)
 for _raw, _cls in RAW_VALUES.items():
     _LUT[_raw] = _cls
-
-
-class DataError(ValueError):
-    """Bad input data: names the file (or prefix) and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +62,12 @@ class RawSlide:
 def map_labels(raw: np.ndarray, name: str) -> np.ndarray:
     """Raw Gleason2019 values -> class ids; unknown values are an error naming ``name``."""
     if raw.ndim != 2:
-        raise DataError(f"{name}: expected a single-channel label map, got shape {raw.shape}")
+        raise errors.DataError(
+            f"{name}: expected a single-channel label map, got shape {raw.shape}"
+        )
     bad = sorted(set(np.unique(raw).tolist()) - set(RAW_VALUES))
     if bad:
-        raise DataError(
+        raise errors.DataError(
             f"{name}: unknown label values {bad[:10]}; expected Gleason2019 values {sorted(RAW_VALUES)}"
         )
     return _LUT[raw]
@@ -89,7 +88,7 @@ def scan(root: str) -> list[RawSlide]:
     try:
         files = storage.list_files(root)
     except storage.StorageError as exc:
-        raise DataError(f"{root!r}: cannot list the source ({exc})") from None
+        raise errors.DataError(f"{root!r}: cannot list the source ({exc})") from None
     base = root.rstrip("/")
     images: dict[str, str] = {}
     maps: dict[str, dict[int, str]] = {}
@@ -119,7 +118,7 @@ def scan(root: str) -> list[RawSlide]:
         elif folder == CUE_DIR and name.endswith(CUE_SUFFIX):
             extra.setdefault(name[: -len(CUE_SUFFIX)], {})["cue"] = uri
     if not images:
-        raise DataError(
+        raise errors.DataError(
             f"{root!r}: no slides found; expected the Gleason2019 layout "
             f"'{IMAGE_DIR}/slideNNN_coreNNN.jpg' with 'MapsK_T/slideNNN_coreNNN{MAP_SUFFIX}'"
         )
@@ -129,7 +128,7 @@ def scan(root: str) -> list[RawSlide]:
     empty = sorted(k for k, n in map_dirs.items() if n == 0)
     if empty:
         names = ", ".join(posixpath.join(base, f"Maps{k}_T") for k in empty)
-        raise DataError(
+        raise errors.DataError(
             f"annotator folder(s) with no maps: {names}; expected files named slideNNN_coreNNN{MAP_SUFFIX}"
         )
     patients = read_patients(patients_uri, set(images)) if patients_uri else {}
@@ -158,16 +157,18 @@ def read_patients(uri: str, slide_ids: set[str]) -> dict[str, str]:
     text = storage.read_bytes(uri).decode("utf-8-sig")
     rows = list(csv.DictReader(io.StringIO(text)))
     if not rows or not {"slide_id", "patient"} <= set(rows[0]):
-        raise DataError(f"{uri}: expected a CSV with a header 'slide_id,patient' and a row a slide")
+        raise errors.DataError(
+            f"{uri}: expected a CSV with a header 'slide_id,patient' and a row a slide"
+        )
     out = {}
     for i, r in enumerate(rows, start=2):
         sid, patient = (r.get("slide_id") or "").strip(), (r.get("patient") or "").strip()
         if not sid or not patient:
-            raise DataError(f"{uri}, line {i}: empty slide_id or patient")
+            raise errors.DataError(f"{uri}, line {i}: empty slide_id or patient")
         if sid not in slide_ids:
-            raise DataError(f"{uri}, line {i}: slide {sid!r} is not in {IMAGE_DIR}/")
+            raise errors.DataError(f"{uri}, line {i}: slide {sid!r} is not in {IMAGE_DIR}/")
         if out.get(sid, patient) != patient:
-            raise DataError(f"{uri}, line {i}: slide {sid!r} is given two patients")
+            raise errors.DataError(f"{uri}, line {i}: slide {sid!r} is given two patients")
         out[sid] = patient
     return out
 

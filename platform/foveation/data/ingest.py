@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 
 from foveation.config import IngestConfig
 from foveation.data.gleason import (
-    DataError,
     RawSlide,
     assign_splits,
     central_crop,
@@ -39,6 +38,7 @@ from foveation.data.gleason import (
     scan,
 )
 from foveation.data.staple import annotator_confusions, average_expert, staple
+from foveation.errors import DataError, FoveationError
 from foveation.io import storage
 from foveation.io.images import ImageError, decode_image, decode_label, encode_png
 from foveation.io.slides import companion_uri
@@ -67,8 +67,8 @@ MANIFEST_SCHEMA = pa.schema(
 OPTIONAL_COLUMNS = {"patient"}  # added later: a manifest without it reads as all null
 
 
-class IngestError(RuntimeError):
-    pass
+class IngestError(FoveationError, RuntimeError):
+    """An ingest that failed as a whole (too many slides could not be ingested): names them."""
 
 
 @dataclass

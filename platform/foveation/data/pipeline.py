@@ -27,12 +27,13 @@ import numpy as np
 from foveation.config import Config, config_from_dict
 from foveation.data.batches import empty_batch, sample_locations
 from foveation.data.readmetrics import record_banks, record_skipped, record_storage
+from foveation.errors import FoveationError
 from foveation.io import storage
 
 log = logging.getLogger(__name__)
 
 
-class PipelineError(RuntimeError):
+class PipelineError(FoveationError, RuntimeError):
     pass
 
 

@@ -19,7 +19,8 @@ import io
 import posixpath
 import re
 
-from foveation.data.gleason import DataError, RawSlide
+from foveation.data.gleason import RawSlide
+from foveation.errors import DataError
 from foveation.io import storage
 
 LIST_SUFFIXES = (".csv", ".parquet")

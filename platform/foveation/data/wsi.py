@@ -41,7 +41,8 @@ import tempfile
 import numpy as np
 
 from foveation.config import IngestConfig, PipelineConfig
-from foveation.data.gleason import DataError, RawSlide
+from foveation.data.gleason import RawSlide
+from foveation.errors import DataError
 from foveation.io import storage
 
 TILE = 256  # rows of a band, and the side of the temporary TIFFs' tiles

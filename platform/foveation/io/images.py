@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from foveation.errors import InputError
+
 if TYPE_CHECKING:  # torch is imported where used: ingest workers never need it (1 s each)
     import torch
 
 
-class ImageError(ValueError):
-    pass
+class ImageError(InputError):
+    """An image that cannot be decoded or converted: names it and what was expected."""
 
 
 def as_rgb_uint8(image, name: str = "image") -> np.ndarray:

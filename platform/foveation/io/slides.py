@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from foveation.errors import InputError
 from foveation.io import storage
 
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
@@ -35,7 +36,7 @@ PYVIPS_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".svslide")
 
 
-class SlideError(ValueError):
+class SlideError(InputError):
     """A slide that cannot be opened or read: names the slide (and region) and why."""
 
 

@@ -49,6 +49,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from foveation.errors import FoveationError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -60,7 +62,7 @@ _COPY_CHUNK = 8 << 20
 # ----------------------------------------------------------------------------------- errors
 
 
-class StorageError(OSError):
+class StorageError(FoveationError, OSError):
     """A storage operation failed; the message names the URI and what was expected."""
 
 

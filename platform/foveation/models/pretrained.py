@@ -14,12 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from foveation.errors import InputError
+
 _WRAPPERS = ("state_dict", "model", "model_state", "net")
 _PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 
 
-class PretrainedMismatch(ValueError):
-    pass
+class PretrainedMismatch(InputError):
+    """``model.pretrained`` cannot be read, or does not fit the backbone: says which."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

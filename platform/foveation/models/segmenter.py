@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from foveation.config import ConfigError
+
 OUTPUT_STRIDE = 4
 
 
@@ -54,7 +56,7 @@ def create_backbone(name: str) -> nn.Module:
         )
     if name.startswith("timm:"):
         return timm.create_model(name.removeprefix("timm:"), features_only=True, pretrained=False)
-    raise ValueError(
+    raise ConfigError(
         f"model.backbone: unknown backbone {name!r}; known: {sorted(BACKBONES)} or 'timm:<name>'"
     )
 
@@ -69,7 +71,7 @@ class Segmenter(nn.Module):
         reductions = info.reduction()
         self.use = [i for i, r in enumerate(reductions) if r >= OUTPUT_STRIDE]
         if not self.use or reductions[self.use[0]] != OUTPUT_STRIDE:
-            raise ValueError(
+            raise ConfigError(
                 f"model.backbone: {backbone!r} has no stride-{OUTPUT_STRIDE} feature (reductions {reductions})"
             )
         # HRNet's fuse layers upsample by exact factors of 2, so the input side must be a multiple

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from foveation.config import Config, MixConfig
+from foveation.errors import FoveationError
 from foveation.geometry import IGNORE_INDEX
 from foveation.models.foveated import log_mixture
 from foveation.models.mixing import MixContext, is_learned
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(FoveationError, RuntimeError):
     """The loss (or an input) became NaN or infinite; names the step."""
 
 

@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from foveation import monitoring
 from foveation.checkpoint import (
@@ -29,12 +30,14 @@ from foveation.checkpoint import (
     save_checkpoint,
 )
 from foveation.config import Config, what_it_trains
+from foveation.errors import FoveationError
 from foveation.io import storage
+from foveation.training.plan import FAULT_ENV, HistoryTarget, WorkerPlan, fault_steps
 
 RUN_NAME = "train"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FoveationError, RuntimeError):
     """A training run that cannot start (or finish); the message says why and what to do."""
 
 
@@ -86,8 +89,8 @@ def _latest_checkpoint(run_uri: str) -> str | None:
 
 def preflight(cfg: Config, manifest: str, run_uri: str, resume: bool, overwrite: bool) -> dict:
     """All the checks that need no worker; returns the manifest rows by split."""
-    from foveation.data.gleason import DataError
     from foveation.data.ingest import read_manifest
+    from foveation.errors import DataError
     from foveation.models.foveated import check_config
 
     check_config(cfg)  # the model-dependent config checks, before any worker starts
@@ -229,59 +232,99 @@ def fit(
 
     init_ray(cfg.distributed.logical_cpus)
     check_resources(cfg)
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from foveation.data.pipeline import Pipeline, epoch_clock
-    from foveation.data.samples import choose_loader
-    from foveation.training.worker import FAULT_ENV, train_worker
-
-    fs, path = storage.resolve(out)
     if overwrite and _latest_checkpoint(run_uri):
         for stale in (run_uri, storage.join(out, "history")):
             storage.delete(stale, missing_ok=True)
         log(f"--overwrite: removed the previous run in {run_uri}")
-    dc, tc = cfg.distributed, cfg.training
+    data = run_data(cfg, manifest, splits)
+    plan = worker_plan(cfg, out, splits, data)
+    trainer = torch_trainer(plan, data.datasets, out, callbacks)
+    log(start_line(plan, splits, data.loader))
+    result = run_trainer(trainer, plan, log)
+    skipped = data.train_pipe.check() if data.loader == "stream" else {}
+    return export_best(result, cfg, out, log, skipped)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Where a run's batches come from, made on the driver before any worker starts."""
+
+    clock: Any  # the pipeline's epoch clock (``data.pipeline.epoch_clock``)
+    train_pipe: Any  # the training split's ``data.pipeline.Pipeline``
+    loader: str  # "stream" (Ray Data's reader actors) or "memory" (cut in the workers)
+    datasets: dict  # the Ray Data datasets handed to Ray Train, by name
+    val_rows: tuple[dict, ...] | None  # the val rows the workers cut in memory, or None
+
+
+def run_data(cfg: Config, manifest: str, splits: dict) -> RunData:
+    """The training pipeline (streamed, or its rows for the workers to cut in memory) and the
+    validation set: the same locations every epoch, read once, a few MB, and no reader actors
+    to start again for every validation pass. It is cut in the workers when their share fits
+    in memory (materialising it with Ray Data costs seconds of actor start-up for a few MB)."""
+    from foveation.data.pipeline import Pipeline, epoch_clock
+    from foveation.data.samples import choose_loader
+
+    workers = cfg.distributed.num_workers
     clock = epoch_clock(0)
     train_pipe = Pipeline(manifest, "train", cfg)
-    loader = choose_loader(cfg, splits["train"], dc.num_workers)
+    loader = choose_loader(cfg, splits["train"], workers)
     datasets = {"train": train_pipe.epoch(clock)} if loader == "stream" else {}
     val_rows = None
     if splits["val"]:
-        # The same locations every epoch, read once: a few MB, and no reader actors to start
-        # again for every validation pass. Cut in the workers when their share fits in memory
-        # (materialising it with Ray Data costs seconds of actor start-up for a few MB).
         val_pipe = Pipeline(manifest, "val", cfg)
-        if choose_loader(cfg, splits["val"], dc.num_workers) == "memory":
-            val_rows = val_pipe.rows
+        if choose_loader(cfg, splits["val"], workers) == "memory":
+            val_rows = tuple(val_pipe.rows)
         else:
             datasets["val"] = val_pipe.epoch(0).materialize()
             val_pipe.check()  # unreadable val slides fail here, not as a silently smaller set
+    return RunData(clock, train_pipe, loader, datasets, val_rows)
+
+
+def worker_plan(cfg: Config, out: str, splits: dict, data: RunData) -> WorkerPlan:
+    """What every worker is handed: the config, the epoch's steps (the same on every rank:
+    shards are of equal length), where to write progress and history, the rows to cut in
+    memory, and the test's fault injection (``FAULT_ENV``)."""
+    dc, tc = cfg.distributed, cfg.training
     rows = len(splits["train"]) * tc.locations_per_image
     steps_per_epoch = max(
         1, math.ceil(rows / dc.num_workers / (tc.batch_size * tc.locations_per_image))
     )
-    fail_at = os.environ.get(FAULT_ENV)
+    try:
+        fail_at = fault_steps(os.environ.get(FAULT_ENV))
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
     history = storage.join(out, "history")
-    progress = storage.join(history, "epochs")
-    loop_config = {
-        "cfg": cfg.to_dict(),
-        "steps_per_epoch": steps_per_epoch,
-        "clock": clock,
-        "history": _history_target(history, splits["val"][0]) if splits["val"] else None,
-        "fail_at_steps": [int(x) for x in fail_at.split(",")] if fail_at else None,
-        "faults": storage.join(out, "faults") if fail_at else None,
-        "has_val": bool(splits["val"]),
-        "progress": progress,
+    return WorkerPlan(
+        cfg=cfg,
+        steps_per_epoch=steps_per_epoch,
+        clock=data.clock,
+        run=run_label(out),
+        progress=storage.join(history, "epochs"),
+        history=_history_target(history, splits["val"][0]) if splits["val"] else None,
+        has_val=bool(splits["val"]),
         # The pipeline's rows: their URIs are made absolute once, there, for workers elsewhere.
-        "train_rows": train_pipe.rows if loader == "memory" else None,
-        "val_rows": val_rows,
-        "run": run_label(out),
-    }
+        train_rows=tuple(data.train_pipe.rows) if data.loader == "memory" else None,
+        val_rows=data.val_rows,
+        fail_at_steps=fail_at,
+        faults=storage.join(out, "faults") if fail_at else None,
+    )
+
+
+def torch_trainer(plan: WorkerPlan, datasets: dict, out: str, callbacks: list | None):
+    """Ray Train's ``TorchTrainer`` for ``plan``: its workers, datasets, storage under
+    ``out``, failure budget and the checkpoints it keeps (the best K by val mIoU + the
+    latest)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from foveation.training.worker import train_worker
+
+    dc = plan.cfg.distributed
+    fs, path = storage.resolve(out)
     resources = {"CPU": dc.cpus_per_worker} | ({"GPU": dc.gpus_per_worker} if dc.use_gpu else {})
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
-        train_loop_config=loop_config,
+        train_loop_config=plan.loop_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=dc.num_workers, use_gpu=dc.use_gpu, resources_per_worker=resources
         ),
@@ -300,26 +343,40 @@ def fit(
             ),
         ),
     )
-    log(
+
+
+def start_line(plan: WorkerPlan, splits: dict, loader: str) -> str:
+    """The console line that says what is about to train, and how."""
+    cfg = plan.cfg
+    dc, tc = cfg.distributed, cfg.training
+    return (
         f"training {cfg.name!r} ({cfg.model.mix.label}): {len(splits['train'])} train / "
         f"{len(splits['val'])} val slides, {dc.num_workers} worker(s), {tc.epochs} epochs of "
-        f"{steps_per_epoch} steps, precision {tc.precision}, ZeRO {dc.zero_stage}, "
+        f"{plan.steps_per_epoch} steps, precision {tc.precision}, ZeRO {dc.zero_stage}, "
         f"batches {'streamed by Ray Data' if loader == 'stream' else 'cut in memory'}"
     )
+
+
+def run_trainer(trainer, plan: WorkerPlan, log: Callable[[str], None]):
+    """``trainer.fit()``, the workers' epoch lines printed as they come; Ray's wrapped worker
+    error becomes a ``TrainingError`` with its message. However it ends, the run is no longer
+    "running" (the training-stalled alert reads this)."""
     try:
-        with EpochLines(progress, log):
-            result = trainer.fit()
+        with EpochLines(plan.progress, log):
+            return trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error; keep its message, drop the chain
-        raise TrainingError(f"training {cfg.name!r} failed: {exc}") from exc
-    finally:  # ended, however: not "running" (the training-stalled alert reads this)
-        monitoring.record("foveation_train_running", 0.0, run=loop_config["run"])
-    skipped = train_pipe.check() if loader == "stream" else {}
+        raise TrainingError(f"training {plan.cfg.name!r} failed: {exc}") from exc
+    finally:
+        monitoring.record("foveation_train_running", 0.0, run=plan.run)
+
+
+def export_best(result, cfg: Config, out: str, log: Callable[[str], None], skipped: dict):
+    """The best checkpoint Ray Train kept (by val mIoU; ties: the earlier epoch-end one),
+    exported without its DeepSpeed state to ``<out>/model``."""
     best = list(result.best_checkpoints or [])
     if not best:
         raise TrainingError(f"training {cfg.name!r} finished without a checkpoint")
-    ckpt, metrics = max(
-        best, key=lambda cm: (cm[1].get("val_miou", 0.0), -cm[1].get("step", 0))
-    )  # ties: the earlier epoch-end checkpoint
+    ckpt, metrics = max(best, key=lambda cm: (cm[1].get("val_miou", 0.0), -cm[1].get("step", 0)))
     best_uri = _uri_of(out, ckpt.path)
     model, _, meta = load_checkpoint(best_uri)
     model_uri = save_checkpoint(storage.join(out, "model"), model, cfg, meta | {"source": best_uri})
@@ -327,15 +384,15 @@ def fit(
     return FitResult(model_uri, best_uri, dict(metrics), history_of(result, out), skipped)
 
 
-def _history_target(directory: str, row: dict) -> dict:
+def _history_target(directory: str, row: dict) -> HistoryTarget:
     """Where rank 0 writes one validation slide's APSM every epoch, and the slide (with its cue
     map on a synthetic set, so the APSM by cue is a training metric too)."""
     cue = row.get("cue_uri")
-    return {
-        "dir": directory,
-        "image_uri": storage.absolute(row["image_uri"]),
-        "cue_uri": storage.absolute(cue) if cue else None,
-    }
+    return HistoryTarget(
+        dir=directory,
+        image_uri=storage.absolute(row["image_uri"]),
+        cue_uri=storage.absolute(cue) if cue else None,
+    )
 
 
 def run_label(out: str) -> str:

@@ -16,11 +16,12 @@ from typing import Any
 
 from foveation import config as C
 from foveation.config import Config, ConfigError
+from foveation.errors import InputError
 from foveation.models.foveated import check_config
 from foveation.models.mixing import MIXERS, split_label
 
 
-class SpaceError(ValueError):
+class SpaceError(InputError):
     """The search space is empty or one of its points is not a valid config."""
 
 

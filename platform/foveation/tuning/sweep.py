@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 
 from foveation.config import Config, config_from_dict
+from foveation.errors import FoveationError
 from foveation.io import storage
 from foveation.tuning import results, space
 from foveation.tuning.results import SweepResult
@@ -30,7 +31,7 @@ TRIALS = "trials"
 METRIC = "val_miou"
 
 
-class SweepError(RuntimeError):
+class SweepError(FoveationError, RuntimeError):
     """A sweep that cannot start or did not finish; the message says why and what to do."""
 
 
