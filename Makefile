@@ -20,6 +20,7 @@ demo: $(STAMP)   ## generate, ingest, train (Ray Train + DeepSpeed, CPU), evalua
 test: $(STAMP)   ## lint, then every test
 	$(PY) -m ruff check platform jobs tests serve benchmarks
 	$(PY) -m ruff format --check platform jobs tests serve benchmarks
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir .site
 	$(PY) -m pytest --durations=15
 
 bench: $(STAMP)  ## the benchmark suites
