@@ -6,7 +6,8 @@ GeoJSON per slide, written atomically; a rerun skips finished slides.
         --out runs/predict [--workers 2] [--cpus-per-worker 1] [--device auto|cpu|cuda]
 
 --input: an ingest manifest, a slide list (CSV/Parquet with image_uri), or a folder or s3://
-prefix of slide files (SVS, NDPI, MRXS, TIFF, OME-TIFF, PNG, JPEG). Joins RAY_ADDRESS when set
+prefix of slide files (every format of ``foveation.io.formats``: SVS, NDPI, MRXS, TIFF,
+OME-TIFF, PNG, JPEG...). Joins RAY_ADDRESS when set
 (``ray job submit`` runs it on a cluster unchanged), else starts a local Ray. Exit status 1
 when a slide failed (the others are still written), 2 on bad arguments.
 """

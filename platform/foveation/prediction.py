@@ -21,21 +21,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from foveation.io import storage
+from foveation.io.formats import SLIDE_SUFFIXES
 
 DONE_FILE = "summary.json"
 SUMMARY_FILE = "predict-summary.json"
-SLIDE_SUFFIXES = (
-    ".svs",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".bif",
-    ".tif",
-    ".tiff",
-    ".png",
-    ".jpg",
-    ".jpeg",
-)
 
 
 @dataclass(frozen=True)

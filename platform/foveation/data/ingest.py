@@ -242,7 +242,8 @@ def ingest_slide(
     t0 = time.perf_counter()
     sid = raw.slide_id
     try:
-        from foveation.data.wsi import ingest_wsi, is_whole_slide, write_row
+        from foveation.data.wsi import ingest_wsi, write_row
+        from foveation.io.formats import is_whole_slide
 
         if raw.label_kind != "gleason" and is_whole_slide(raw.image_uri):  # out of core
             prev = _previous_row(dest, sid)

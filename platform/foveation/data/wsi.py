@@ -47,11 +47,7 @@ from foveation.io import storage
 
 TILE = 256  # rows of a band, and the side of the temporary TIFFs' tiles
 STAPLE_COLS = 4096  # columns of a block that STAPLE fuses at once (1 MP: tens of MB in ITK)
-WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".tif", ".tiff")
-
-
-def is_whole_slide(uri: str) -> bool:
-    return os.path.splitext(uri.lower().split("?")[0])[1] in WSI_SUFFIXES
+# Which slides come here (``data.ingest``): the formats' table says (io.formats.is_whole_slide).
 
 
 def file_checksum(path: str, chunk: int = 8 << 20) -> str:

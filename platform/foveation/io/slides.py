@@ -2,7 +2,8 @@
 
 - Pyramidal TIFF, plain TIFF, JPEG and PNG open through pyvips; on ``s3://`` through a pyvips
   custom source over ``rangeio.BlockCachedFile`` (ranged GETs through an LRU block cache: the
-  slide is never downloaded whole). Vendor formats (SVS, NDPI, MRXS, ...) open through
+  slide is never downloaded whole). Vendor formats (SVS, NDPI, MRXS, ...: the backend of each
+  suffix is ``io.formats.FORMATS``, the table ingest and prediction read too) open through
   OpenSlide (``openslide-python`` + ``openslide-bin``), from local disk; in S3 they are first
   copied to a local cache directory, since OpenSlide reads only files.
 - ``read_region(centre, fov, out_size)`` reads from the level whose downsample is the largest
@@ -29,11 +30,7 @@ import numpy as np
 
 from foveation.errors import InputError
 from foveation.io import storage
-
-OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
-PYVIPS_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
-# Formats stored as TIFF, whose structure can be checked against the file's length.
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".svslide")
+from foveation.io.formats import OPENSLIDE, SLIDE_SUFFIXES, slide_format, suffix_of
 
 
 class SlideError(InputError):
@@ -78,19 +75,19 @@ class SlideReader:
         self.rgb = rgb
         self.counters = ReadCounters()
         self.range_file = None
-        suffix = os.path.splitext(uri.lower().split("?")[0])[1]
-        if suffix in TIFF_SUFFIXES and not storage.is_remote(uri):
+        fmt, suffix = slide_format(uri), suffix_of(uri)
+        if fmt is None and suffix:
+            raise SlideError(
+                f"{uri}: unsupported slide format {suffix!r}; expected one of {SLIDE_SUFFIXES}"
+            )
+        if fmt is not None and fmt.tiff and not storage.is_remote(uri):
             check_tiff_complete(uri.removeprefix("file://"), uri)
-        if suffix in OPENSLIDE_SUFFIXES:
+        if fmt is not None and fmt.backend == OPENSLIDE:
             self._open_openslide(
                 self._local_copy(uri, cache_dir) if storage.is_remote(uri) else uri
             )
-        elif suffix in PYVIPS_SUFFIXES or not suffix:
+        else:  # pyvips: TIFF, JPEG, PNG, and a file without a suffix (libvips sniffs it)
             self._open_pyvips(uri, block_size, max_blocks)
-        else:
-            raise SlideError(
-                f"{uri}: unsupported slide format {suffix!r}; expected {PYVIPS_SUFFIXES + OPENSLIDE_SUFFIXES}"
-            )
         self.width, self.height = self.levels[0].width, self.levels[0].height
         self._locks = [threading.Lock() for _ in self.levels]
 
