@@ -55,6 +55,7 @@ def ray_train_loop(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from foveation.data.pipeline import epoch_clock
+    from foveation.training.plan import WorkerPlan
     from foveation.training.worker import train_worker
 
     tc = cfg.training
@@ -68,12 +69,7 @@ def ray_train_loop(
     )
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "steps_per_epoch": steps,
-            "clock": clock or epoch_clock(0),
-            "history": None,
-        },
+        train_loop_config=WorkerPlan(cfg, steps, clock or epoch_clock(0)).loop_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=1, use_gpu=False, resources_per_worker={"CPU": float(threads)}
         ),

@@ -108,3 +108,23 @@ def seam_ratio(mask: np.ndarray, row_edges, col_edges) -> dict[str, float]:
     inside = int(dv[~rv].sum() + dh[:, ~ch].sum())
     a, i = across / max(1, across_n), inside / max(1, inside_n)
     return {"across": a, "inside": i, "ratio": a / i if i else float("inf") if a else 1.0}
+
+
+CUE_NAMES = ("context", "texture", "either")  # the synthetic generator's cue map values
+"""What decides a synthetic slide's class at a pixel (its cue map's values 0, 1, 2): the
+context around it, its fine texture, or either. Here, below training and evaluation, because
+both read the APSM by cue (a training metric every epoch; a column of the evaluation report)."""
+
+
+def apsm_cue_sums(
+    apsm: np.ndarray, cue: np.ndarray, xr_scale: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sums and counts of an APSM [h, w] over the x_r cells whose centre the cue map marks as
+    each of ``CUE_NAMES``."""
+    h, w = apsm.shape
+    rows = np.minimum((np.arange(h) + 0.5) * xr_scale, cue.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(w) + 0.5) * xr_scale, cue.shape[1] - 1).astype(int)
+    at = cue[rows[:, None], cols[None, :]]
+    sums = np.array([apsm[at == c].sum() for c in range(len(CUE_NAMES))], np.float64)
+    counts = np.array([(at == c).sum() for c in range(len(CUE_NAMES))], np.float64)
+    return sums, counts

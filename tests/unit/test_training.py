@@ -171,7 +171,7 @@ def test_validation_keeps_the_run_alive(monkeypatch):
     the run's heartbeat (at most every 2 s, rank 0 only), so a long pass is not a stall."""
     from foveation.config import load_config
     from foveation.geometry import OUTPUT_STRIDE, XR_CONTEXT
-    from foveation.training import worker
+    from foveation.training.loop import validate
 
     cfg = load_config("jobs/configs/tiny.toml")
     pc, k, n = cfg.patches, 2 * XR_CONTEXT + 1, 2
@@ -197,7 +197,7 @@ def test_validation_keeps_the_run_alive(monkeypatch):
         for _ in range(3)
     ]
     calls = []
-    summary = worker.validate(
+    summary = validate(
         build_model(cfg), batches, cfg, torch.device("cpu"), on_batch=lambda: calls.append(1)
     )
     assert len(calls) == 3 and 0.0 <= summary["miou"] <= 1.0

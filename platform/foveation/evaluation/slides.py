@@ -19,7 +19,7 @@ import torch
 
 from foveation.config import Config
 from foveation.io import storage
-from foveation.metrics import ConfusionMatrix
+from foveation.metrics import CUE_NAMES, ConfusionMatrix, apsm_cue_sums
 
 EXPERT_RUN = "average expert"
 
@@ -247,9 +247,6 @@ def record_run_metrics(run: str, summary: dict, slides: int) -> None:
     monitoring.record("foveation_eval_slides_total", slides, run=run)
 
 
-CUE_NAMES = ("context", "texture", "either")  # the synthetic generator's cue map values
-
-
 def apsm_by_cue(res: EvaluationResult, run: str) -> dict[str, float] | None:
     """Mean APSM (px) of ``run`` over the x_r cells whose centre the generator's cue map marks
     as context-decided, texture-decided or either (synthetic sets only; None without cue maps).
@@ -270,17 +267,3 @@ def apsm_by_cue(res: EvaluationResult, run: str) -> dict[str, float] | None:
     if not counts.any():
         return None
     return {n: float(sums[i] / counts[i]) for i, n in enumerate(CUE_NAMES) if counts[i]}
-
-
-def apsm_cue_sums(
-    apsm: np.ndarray, cue: np.ndarray, xr_scale: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sums and counts of an APSM [h, w] over the x_r cells whose centre the cue map marks as
-    each of ``CUE_NAMES``."""
-    h, w = apsm.shape
-    rows = np.minimum((np.arange(h) + 0.5) * xr_scale, cue.shape[0] - 1).astype(int)
-    cols = np.minimum((np.arange(w) + 0.5) * xr_scale, cue.shape[1] - 1).astype(int)
-    at = cue[rows[:, None], cols[None, :]]
-    sums = np.array([apsm[at == c].sum() for c in range(len(CUE_NAMES))], np.float64)
-    counts = np.array([(at == c).sum() for c in range(len(CUE_NAMES))], np.float64)
-    return sums, counts

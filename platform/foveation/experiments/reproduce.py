@@ -75,7 +75,7 @@ def train_single(cfg: Config, manifest: str, model_uri: str, log: Callable[[str]
         "epoch": len(res.epochs),
         "run": cfg.model.mix.label,
         "loss": [e.loss for e in res.epochs],
-        "weight_mean": [e.weight_mean for e in res.epochs],
+        "weight_mean": [list(e.weight_mean.values()) for e in res.epochs],  # by FoV, in order
         "weight_entropy": [e.weight_entropy for e in res.epochs],
         "fovnet_grad_norm": [e.fovnet_grad_norm for e in res.epochs],
     }

@@ -7,6 +7,12 @@ engine is ``distributed.LocalEngine``. The Ray Train worker (``training.worker``
 ``run_epoch`` over its shard of the Ray Data pipeline (the same extractor over slide readers,
 the same sampler) with a DeepSpeed engine. So ``jobs.reproduce --trainer single`` and
 ``--trainer ray`` differ only in where the loop runs and where batches come from.
+
+Both validate the same way too, with ``validate``: patch-level scores on fixed validation
+locations (``validation_batches``: epoch 0's, the run's seed), the figure that picks a Ray
+run's best checkpoint. Whole-slide scores are evaluation's (``foveation.evaluation``), after
+training. And both keep one record per epoch (``recorder.EpochMetrics``, ``epoch_record``) and
+print it as one line (``recorder.epoch_line``).
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ import torch
 from foveation.config import Config
 from foveation.data.batches import BatchExtractor, concat, sample_locations, to_torch
 from foveation.data.samples import Sample
+from foveation.metrics import ConfusionMatrix
 from foveation.models.foveated import FoveatedSegmenter, build_model
+from foveation.models.mixing import MixContext
 from foveation.training import distributed
+from foveation.training.recorder import EpochMetrics, epoch_line
 from foveation.training.step import train_step, weight_entropy
 
 
@@ -142,23 +151,120 @@ def run_epoch(
     return stats
 
 
+# -- validation and the epoch's record: both trainers' -----------------------------------------
+@torch.no_grad()
+def validate(
+    model: FoveatedSegmenter,
+    batches: Iterable[dict],
+    cfg: Config,
+    device: torch.device | str,
+    on_batch: Callable[[], None] | None = None,
+) -> dict:
+    """Patch-level scores (``ConfusionMatrix.summary`` plus F's mean weight per FoV) of the
+    validation batches, summed over ranks inside a process group: both trainers' per-epoch
+    validation, and the score that picks a Ray run's best checkpoint. ``on_batch`` is called
+    after every batch (the worker keeps the run's heartbeat with it: a long validation pass is
+    progress, not a stall)."""
+    device = torch.device(device)
+    model.eval()
+    k = cfg.model.num_classes
+    cm = ConfusionMatrix(k, cfg.evaluation.ignore_index)
+    wsum, n = torch.zeros(cfg.patches.depth, dtype=torch.float64), 0
+    ctx = MixContext(cfg.model.mix, training=False)
+    for batch in batches:
+        w = model.location_weights(batch["xr"].to(device))
+        with distributed.autocast(cfg.training.precision, device):
+            logits, _ = model(batch["bank"].to(device), w, ctx)
+        cm.update(logits.argmax(1).cpu().numpy(), batch["label"].numpy())
+        wsum += w.double().sum(0).cpu()
+        n += len(w)
+        if on_batch is not None:
+            on_batch()
+    model.train()
+    counts = torch.from_numpy(cm.matrix.astype(np.float64))
+    packed = distributed.all_reduce_sum(torch.cat([counts.flatten(), wsum, torch.tensor([n])]))
+    cm.matrix = packed[: k * k].reshape(k, k).round().long().numpy()
+    total = max(1.0, float(packed[-1]))
+    summary = cm.summary(cfg.evaluation.kept_classes, cfg.evaluation.class_names)
+    summary["weight_mean"] = (packed[k * k : k * k + cfg.patches.depth] / total).tolist()
+    return summary
+
+
+def validation_batches(cfg: Config, samples: list[Sample]) -> list[dict]:
+    """The validation batches of slides held in memory, cut once: epoch 0's locations of the
+    run's seed (what the streamed "val" dataset holds), the same every epoch, so epochs are
+    compared on one set."""
+    extractors = {s.slide_id: BatchExtractor.from_arrays(cfg, s.image, s.label) for s in samples}
+    return list(in_memory_batches(extractors, cfg, 0))
+
+
+@torch.no_grad()
+def slide_apsm(model: FoveatedSegmenter, source, cfg: Config, device) -> np.ndarray:
+    """The APSM [h, w] (px) of one whole slide (a ``RegionSource``) from its x_r: the FoV F
+    chooses at every x_r cell (the paper's Fig. 4, drawn once per epoch)."""
+    from foveation.inference.wholeslide import xr_from_source
+    from foveation.patches import pad_xr
+
+    model.eval()
+    w = model.weights(pad_xr(xr_from_source(source, cfg))[None].to(device))
+    apsm = model.apsm(w)[0].float().cpu().numpy()
+    model.train()
+    return apsm
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """This rank's peak memory so far: allocated accelerator memory on a GPU, else the process's
+    peak resident set (model, optimiser, activations and the data it holds)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def epoch_record(
+    engine,
+    cfg: Config,
+    epoch: int,
+    step: int,
+    stats: EpochStats,
+    val: dict | None,
+    device,
+    over_ranks: bool = True,
+) -> EpochMetrics:
+    """The epoch's record (``epoch`` epochs done, at ``step``); both trainers keep this one.
+    ``over_ranks`` (the Ray worker): the figures that add up are summed over ranks (through a
+    float32 tensor, as the worker always has); the single-device trainer's stay exact."""
+    totals = [float(stats.rows), float(stats.pixels), stats.loss_sum, stats.steps]
+    if over_ranks:
+        totals = [float(x) for x in distributed.all_reduce_sum(torch.tensor(totals))]
+    rows, pixels, loss_sum, steps = totals
+    seconds = max(stats.seconds, 1e-9)
+    return EpochMetrics(
+        epoch=epoch,
+        step=step,
+        loss=loss_sum / max(1.0, steps),
+        seconds=stats.seconds,
+        samples_per_s=rows / seconds,
+        megapixels_per_s=pixels / seconds / 1e6,
+        world_size=distributed.world_size(),
+        peak_memory_mb=peak_memory_mb(device),
+        lr=distributed.learning_rates(engine),
+        weight_mean=dict(
+            zip([str(f) for f in cfg.patches.fovs], stats.weight_mean(), strict=False)
+        ),
+        weight_entropy=stats.weight_entropy,
+        fovnet_grad_norm=stats.fovnet_grad_norm,
+        val=val,
+    )
+
+
 # -- the single-device trainer ------------------------------------------------------------------
-@dataclass
-class EpochLog:
-    epoch: int
-    step: int
-    loss: float
-    weight_mean: list[float]
-    val: dict | None
-    seconds: float
-    weight_entropy: float = 0.0
-    fovnet_grad_norm: float = 0.0
-
-
 @dataclass
 class TrainResult:
     model: FoveatedSegmenter
-    epochs: list[EpochLog] = field(default_factory=list)
+    epochs: list[EpochMetrics] = field(default_factory=list)  # one record per epoch
     apsm_history: list = field(default_factory=list)  # APSM of the first val image per epoch
 
 
@@ -194,9 +300,10 @@ def train(
     val_samples: list[Sample] | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train on one device over in-memory slides, with ``run_epoch`` and a ``LocalEngine``; a
-    whole-image validation per epoch when ``val_samples`` are given."""
-    from foveation.evaluation.inmemory import evaluate
+    """Train on one device over in-memory slides, with ``run_epoch`` and a ``LocalEngine``; per
+    epoch, when ``val_samples`` are given, the Ray worker's validation (``validate``) and the
+    APSM of the first of them."""
+    from foveation.inference import ArraySource
 
     tc = cfg.training
     device = resolve_device(tc.device)
@@ -207,6 +314,7 @@ def train(
     total = tc.epochs * steps_per_epoch
     torch.manual_seed(tc.seed)  # the same initial weights as a Ray Train run of the same seed
     engine = distributed.LocalEngine(build_model(cfg), cfg, total, device)
+    held = validation_batches(cfg, val_samples) if val_samples else None
     result = TrainResult(engine.module)
     step = 0
     for epoch in range(tc.epochs):
@@ -214,29 +322,12 @@ def train(
             engine, in_memory_batches(extractors, cfg, epoch), cfg, step, total, device
         )
         step += stats.steps
-        val = None
+        val = validate(engine.module, held, cfg, device) if held is not None else None
+        m = epoch_record(engine, cfg, epoch + 1, step, stats, val, device, over_ranks=False)
         if val_samples:
-            val = evaluate(engine.module, val_samples, cfg, device=device, keep_outputs=1)
-            result.apsm_history.append(val["outputs"][0]["apsm"])
-            val = {k: v for k, v in val.items() if k != "outputs"}
-            engine.train()
-        wm = stats.weight_mean()
-        entry = EpochLog(
-            epoch,
-            step,
-            stats.loss,
-            wm,
-            val,
-            stats.seconds,
-            stats.weight_entropy,
-            stats.fovnet_grad_norm,
-        )
-        result.epochs.append(entry)
-        vtxt = f" val mIoU {val['miou']:.3f}" if val else ""
-        log(
-            f"epoch {epoch + 1}/{tc.epochs} step {step} loss {entry.loss:.4f}{vtxt} "
-            f"mean weight per FoV {[round(x, 3) for x in wm]} entropy "
-            f"{entry.weight_entropy:.3f} F grad {entry.fovnet_grad_norm:.2e} ({entry.seconds:.1f}s)"
-        )
+            source = ArraySource(val_samples[0].image, val_samples[0].slide_id)
+            result.apsm_history.append(slide_apsm(engine.module, source, cfg, device))
+        result.epochs.append(m)
+        log(epoch_line(m, tc.epochs))
     engine.eval()
     return result

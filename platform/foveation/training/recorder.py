@@ -4,7 +4,8 @@ and onto the flat keys Ray Train reports, Tune ranks and ``meta.json`` keeps).
 
 An epoch's figures are kept structured (``EpochMetrics``: learning rates by parameter group,
 F's mean weight by FoV, validation IoU by class) and flattened once, by ``flat``, for reports;
-nothing parses names back.
+nothing parses names back. Both trainers keep this record (``loop.epoch_record``) and print it
+as the one line ``epoch_line`` writes.
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ class EpochMetrics:
                 "val_pixel_accuracy": float(self.val["pixel_accuracy"]),
             }
         return out
+
+
+def epoch_line(m: EpochMetrics, epochs: int) -> str:
+    """The one console line of an epoch, whichever trainer ran it (the Ray driver prints the
+    workers' from storage: ``trainer.EpochLines``)."""
+    val = f"val mIoU {m.val_miou:.3f} " if m.val else ""
+    apsm = f" APSM { ({k: round(v) for k, v in m.apsm.items()}) }" if m.apsm else ""
+    return (
+        f"epoch {m.epoch}/{epochs} step {m.step} loss {m.loss:.4f} {val}"
+        f"{m.samples_per_s:.1f} locations/s mean weight per FoV "
+        f"{[round(x, 3) for x in m.weight_mean.values()]} entropy {m.weight_entropy:.3f} "
+        f"F grad {m.fovnet_grad_norm:.2e}{apsm}"
+    )
 
 
 class Recorder:
