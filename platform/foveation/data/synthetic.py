@@ -256,6 +256,27 @@ def block_texture(rng, shape: tuple[int, int], patterns: tuple[int, ...]) -> np.
 # -- the generator --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """A slide's regions and what each one is: what placing the glands and painting start from."""
+
+    regions: np.ndarray  # int32 [H, W], region ids; grade 5's sheets the last one, if any
+    region_class: np.ndarray  # uint8 [R]
+    region_cue: np.ndarray  # uint8 [R]
+    n_tissue: int  # the Voronoi regions (those before grade 5's), where glands are placed
+    g5: np.ndarray  # bool [H, W], grade 5's sheets
+    n5: int  # how many sheets were drawn (0: no grade 5 region)
+
+
+@dataclass(frozen=True)
+class _Glands:
+    """Gland centres [n, 2] (row, col) as placed, before grade 5's sheets cover some."""
+
+    by_class: dict[int, np.ndarray]  # class -> every region's centres
+    dense: list[np.ndarray]  # small glands, per region (informative: context regions)
+    sparse: list[np.ndarray]  # large glands, per region (informative: texture regions)
+
+
 def generate_slide(
     height: int,
     width: int,
@@ -263,109 +284,158 @@ def generate_slide(
     seed: int,
     params: GeneratorParams = GeneratorParams(),
 ) -> SyntheticSlide:
-    """One synthetic slide of ``params.regime``, deterministic in ``seed``."""
+    """One synthetic slide of ``params.regime``, deterministic in ``seed``. Every step draws
+    from one generator, in a fixed order (regions, grade 5, glands, paint, textures and noise):
+    a step drawing differently would change every later one, so a seed's slide would change."""
     if params.regime not in REGIMES:
         raise ValueError(f"regime: must be one of {REGIMES}, got {params.regime!r}")
     informative = params.regime == "informative"
     rng = np.random.default_rng(seed)
-    H, W = height, width
-    shape = (H, W)
+    layout = _layout(rng, (height, width), scales, params, informative)
+    truth = layout.region_class[layout.regions]
+    cue = layout.region_cue[layout.regions]
+    glands = _place_glands(rng, layout, scales, informative)
+    img, gland_pts = _paint(rng, layout, glands, scales, params, informative)
+    image = _textures_and_noise(rng, img, truth, cue, params, informative)
+    return SyntheticSlide(
+        image, truth, cue, layout.regions, layout.region_class, gland_pts, layout.region_cue
+    )
+
+
+def _layout(
+    rng, shape: tuple[int, int], scales: TissueScales, params: GeneratorParams, informative: bool
+) -> _Layout:
+    """Voronoi regions about the middle FoV to twice the largest, their classes and cues, and
+    grade 5's sheets laid over them as one more region."""
+    H, W = shape
     side = float(np.clip(min(H, W) / 2.5, scales.region_min, scales.region_max))
     regions = _voronoi(rng, shape, side, step=max(1, round(scales.gland_spacing / 8)))
     n_reg = int(regions.max()) + 1
+    region_class, region_cue = _region_classes(rng, n_reg, informative)
+    g5, n5 = _grade5_sheets(rng, shape, scales, params)
+    if n5:
+        regions = np.where(g5, n_reg, regions)
+        region_class = np.append(region_class, np.uint8(3))
+        region_cue = np.append(region_cue, np.uint8(CUE_EITHER))
+    return _Layout(regions, region_class, region_cue, n_reg, g5, n5)
+
+
+def _region_classes(rng, n_reg: int, informative: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(class, cue) of each region, uint8 [n_reg] each."""
     if informative:
         # Every (class, cue) pair in turn, shuffled: class and cue balanced and independent.
         pair = (rng.permutation(n_reg) + rng.integers(0, 6)) % 6
         region_class = (pair % 3).astype(np.uint8)
         region_cue = np.where(pair < 3, CUE_CONTEXT, CUE_TEXTURE).astype(np.uint8)
-    else:
-        # Benign, grade 3 and grade 4 in equal shares; at least two classes when there are two
-        # cells.
-        region_class = rng.integers(0, 3, n_reg).astype(np.uint8)
-        if n_reg >= 2 and len(set(region_class.tolist())) == 1:
-            region_class[rng.integers(0, n_reg)] = (region_class[0] + 1 + rng.integers(0, 2)) % 3
-        region_cue = CUE_OF_CLASS[region_class]
-    # Grade 5 sheets: discs whose expected total area is grade5_fraction of the slide.
+        return region_class, region_cue
+    # Benign, grade 3 and grade 4 in equal shares; at least two classes when there are two
+    # cells.
+    region_class = rng.integers(0, 3, n_reg).astype(np.uint8)
+    if n_reg >= 2 and len(set(region_class.tolist())) == 1:
+        region_class[rng.integers(0, n_reg)] = (region_class[0] + 1 + rng.integers(0, 2)) % 3
+    return region_class, CUE_OF_CLASS[region_class]
+
+
+def _grade5_sheets(
+    rng, shape: tuple[int, int], scales: TissueScales, params: GeneratorParams
+) -> tuple[np.ndarray, int]:
+    """Grade 5 sheets: discs whose expected total area is grade5_fraction of the slide; (their
+    mask [H, W], how many)."""
+    H, W = shape
     r5 = scales.grade5_radius
     n5 = rng.poisson(params.grade5_fraction * H * W / (math.pi * r5**2))
     g5 = np.zeros(shape, bool)
     for c in rng.uniform((0, 0), (H, W), size=(n5, 2)):
         _stamp(g5, c[None], r5 * rng.uniform(0.7, 1.3), True, mask=g5)
-    if n5:
-        regions = np.where(g5, n_reg, regions)
-        region_class = np.append(region_class, np.uint8(3))
-        region_cue = np.append(region_cue, np.uint8(CUE_EITHER))
-    truth = region_class[regions]
-    cue = region_cue[regions]
+    return g5, n5
 
-    # Glands. Blind, and context regions: a lattice in grade 3 (grade 4: blind, the lattice;
-    # informative, lattice domains), random at the same density in benign. Informative texture
-    # regions: large sparse glands at random, whatever the class.
-    d = scales.gland_spacing
-    density = 2 / (math.sqrt(3) * d * d)
-    rn = scales.nucleus_radius
-    ds, rls = scales.sparse_spacing, scales.sparse_lumen_radius
-    sparse_density = 2 / (math.sqrt(3) * ds * ds)
-    sparse_min = 2 * (rls + 2.2 * rn) + rn  # rims do not touch
+
+def _place_glands(rng, layout: _Layout, scales: TissueScales, informative: bool) -> _Glands:
+    """Glands, region by region. Blind, and context regions: a lattice in grade 3 (grade 4:
+    blind, the lattice; informative, lattice domains), random at the same density in benign.
+    Informative texture regions: large sparse glands at random, whatever the class."""
+    regions = layout.regions
+    H, W = regions.shape
     glands: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
-    dense: list[np.ndarray] = []  # small glands (informative: context regions)
-    sparse: list[np.ndarray] = []  # large glands (informative: texture regions)
-    for r in range(n_reg):
-        cls = int(region_class[r])
-        sub = max(1, int(d / 4))
-        ys, xs = np.nonzero(regions[::sub, ::sub] == r)
-        if len(ys) == 0:
+    dense: list[np.ndarray] = []
+    sparse: list[np.ndarray] = []
+    for r in range(layout.n_tissue):
+        cls = int(layout.region_class[r])
+        box = _region_box(regions, r, scales.gland_spacing)
+        if box is None:
             continue
-        y0, x0 = max(0, ys.min() * sub - sub), max(0, xs.min() * sub - sub)
-        box = (min(H, ys.max() * sub + 2 * sub) - y0, min(W, xs.max() * sub + 2 * sub) - x0)
-        if informative and region_cue[r] == CUE_TEXTURE:
-            count = int(rng.poisson(sparse_density * box[0] * box[1]))
-            pts = random_hardcore(rng, box, count, sparse_min)
-        elif informative and cls == 2:
-            # 4% tighter: makes up for the glands lost at domain walls, so the density (x_r's
-            # mean tone) matches the other classes'
-            pts = polycrystal(rng, box, 0.96 * d, scales.domain_side, 0.6 * d)
-        elif cls in (1, 2):
-            pts = hex_lattice(box, d, rng.uniform(0, math.pi / 3), rng.uniform(0, d, 2))
-            pts = pts + rng.normal(0, 0.06 * d, pts.shape)
-        else:
-            pts = random_hardcore(rng, box, int(rng.poisson(density * box[0] * box[1])), 0.6 * d)
+        (y0, x0), size = box
+        texture = informative and layout.region_cue[r] == CUE_TEXTURE
+        pts = _region_glands(rng, size, cls, texture, informative, scales)
         pts = pts + np.array([y0, x0])
         pts = pts[(pts[:, 0] >= 0) & (pts[:, 0] < H) & (pts[:, 1] >= 0) & (pts[:, 1] < W)]
         ii = np.clip(pts.astype(np.int64), 0, [H - 1, W - 1])
         pts = pts[(regions[ii[:, 0], ii[:, 1]] == r)]
         glands[cls].append(pts)
-        (sparse if informative and region_cue[r] == CUE_TEXTURE else dense).append(pts)
-    gland_pts = {k: (np.concatenate(v) if v else np.zeros((0, 2))) for k, v in glands.items()}
+        (sparse if texture else dense).append(pts)
+    by_class = {k: (np.concatenate(v) if v else np.zeros((0, 2))) for k, v in glands.items()}
+    return _Glands(by_class, dense, sparse)
 
-    # Paint: stroma with colour drift, stroma nuclei (denser in grade 5), glands.
+
+def _region_box(
+    regions: np.ndarray, r: int, spacing: float
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """((top, left), (height, width)) of a box around region ``r``, found on a grid of a
+    quarter of the gland spacing; None when the grid misses the region."""
+    H, W = regions.shape
+    sub = max(1, int(spacing / 4))
+    ys, xs = np.nonzero(regions[::sub, ::sub] == r)
+    if len(ys) == 0:
+        return None
+    y0, x0 = max(0, ys.min() * sub - sub), max(0, xs.min() * sub - sub)
+    box = (min(H, ys.max() * sub + 2 * sub) - y0, min(W, xs.max() * sub + 2 * sub) - x0)
+    return (y0, x0), box
+
+
+def _region_glands(
+    rng,
+    box: tuple[int, int],
+    cls: int,
+    texture: bool,
+    informative: bool,
+    scales: TissueScales,
+) -> np.ndarray:
+    """Gland centres [n, 2] over a region's ``box`` (in the box's coordinates)."""
+    d, rn = scales.gland_spacing, scales.nucleus_radius
+    if texture:
+        ds, rls = scales.sparse_spacing, scales.sparse_lumen_radius
+        sparse_density = 2 / (math.sqrt(3) * ds * ds)
+        sparse_min = 2 * (rls + 2.2 * rn) + rn  # rims do not touch
+        count = int(rng.poisson(sparse_density * box[0] * box[1]))
+        return random_hardcore(rng, box, count, sparse_min)
+    if informative and cls == 2:
+        # 4% tighter: makes up for the glands lost at domain walls, so the density (x_r's
+        # mean tone) matches the other classes'
+        return polycrystal(rng, box, 0.96 * d, scales.domain_side, 0.6 * d)
+    if cls in (1, 2):
+        pts = hex_lattice(box, d, rng.uniform(0, math.pi / 3), rng.uniform(0, d, 2))
+        return pts + rng.normal(0, 0.06 * d, pts.shape)
+    density = 2 / (math.sqrt(3) * d * d)
+    return random_hardcore(rng, box, int(rng.poisson(density * box[0] * box[1])), 0.6 * d)
+
+
+def _paint(
+    rng,
+    layout: _Layout,
+    glands: _Glands,
+    scales: TissueScales,
+    params: GeneratorParams,
+    informative: bool,
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Stroma with colour drift, stroma nuclei (denser in grade 5), then the glands grade 5's
+    sheets leave: (the image [H, W, 3] float32 before textures and noise, those glands by
+    class)."""
+    shape = layout.regions.shape
+    d, rn = scales.gland_spacing, scales.nucleus_radius
     drift = _smooth_field(rng, shape, 8 * d, 3).transpose(1, 2, 0) * 5.0
     img = STROMA[None, None] + drift
-    spacing = params.stroma_nuclei_spacing * rn
-    n_nuc = rng.poisson(H * W / spacing**2)
-    nuc = rng.uniform((0, 0), (H, W), size=(n_nuc, 2))
-    if n5:
-        extra = rng.uniform(
-            (0, 0), (H, W), size=(rng.poisson(H * W * (params.grade5_density - 1) / spacing**2), 2)
-        )
-        ii = extra.astype(np.int64)
-        nuc = np.concatenate([nuc, extra[g5[ii[:, 0], ii[:, 1]]]])
-
-    def outside_g5(p: np.ndarray) -> np.ndarray:
-        jj = np.clip(p.astype(np.int64), 0, [H - 1, W - 1])
-        return p[~g5[jj[:, 0], jj[:, 1]]]
-
-    all_glands = outside_g5(np.concatenate(list(gland_pts.values())))
-    for k in gland_pts:
-        gland_pts[k] = outside_g5(gland_pts[k])
-    # (centres, lumen radius) of each gland size
-    rl = scales.lumen_radius
-    if informative:
-        big = outside_g5(np.concatenate(sparse)) if sparse else np.zeros((0, 2))
-        small = outside_g5(np.concatenate(dense)) if dense else np.zeros((0, 2))
-        sizes = [(small, rl), (big, rls)]
-    else:
-        sizes = [(all_glands, rl)]
+    nuc = _stroma_nuclei(rng, layout, params.stroma_nuclei_spacing * rn, params.grade5_density)
+    by_class, sizes = _glands_outside_grade5(glands, layout.g5, scales, informative)
     _stamp(img, nuc, rn, NUCLEUS)
     for pts, lr in sizes:
         _stamp(img, pts, lr + 2.2 * rn, STROMA + 8.0)  # a paler rim around each gland
@@ -378,9 +448,58 @@ def generate_slide(
         _stamp(img, ring.reshape(-1, 2), rn, NUCLEUS)
     for pts, lr in sizes:
         _stamp(img, pts, lr, LUMEN)
+    return img, by_class
 
-    # Fine textures: zero mean over every aligned 2x2 block, near the noise level. Blind: grade
-    # 4, all patterns. Informative: texture regions' grade 3 (checkerboard) and grade 4 (stripes).
+
+def _stroma_nuclei(rng, layout: _Layout, spacing: float, grade5_density: float) -> np.ndarray:
+    """Nucleus centres [n, 2]: uniform at ``spacing``, plus grade 5's extra density inside its
+    sheets."""
+    H, W = layout.regions.shape
+    n_nuc = rng.poisson(H * W / spacing**2)
+    nuc = rng.uniform((0, 0), (H, W), size=(n_nuc, 2))
+    if layout.n5:
+        extra = rng.uniform(
+            (0, 0), (H, W), size=(rng.poisson(H * W * (grade5_density - 1) / spacing**2), 2)
+        )
+        ii = extra.astype(np.int64)
+        nuc = np.concatenate([nuc, extra[layout.g5[ii[:, 0], ii[:, 1]]]])
+    return nuc
+
+
+def _glands_outside_grade5(
+    glands: _Glands, g5: np.ndarray, scales: TissueScales, informative: bool
+) -> tuple[dict[int, np.ndarray], list[tuple[np.ndarray, float]]]:
+    """The glands grade 5's sheets do not cover: (by class, and as (centres, lumen radius) of
+    each gland size)."""
+    H, W = g5.shape
+
+    def outside_g5(p: np.ndarray) -> np.ndarray:
+        jj = np.clip(p.astype(np.int64), 0, [H - 1, W - 1])
+        return p[~g5[jj[:, 0], jj[:, 1]]]
+
+    all_glands = outside_g5(np.concatenate(list(glands.by_class.values())))
+    by_class = {k: outside_g5(v) for k, v in glands.by_class.items()}
+    rl = scales.lumen_radius
+    if not informative:
+        return by_class, [(all_glands, rl)]
+    big = outside_g5(np.concatenate(glands.sparse)) if glands.sparse else np.zeros((0, 2))
+    small = outside_g5(np.concatenate(glands.dense)) if glands.dense else np.zeros((0, 2))
+    return by_class, [(small, rl), (big, scales.sparse_lumen_radius)]
+
+
+def _textures_and_noise(
+    rng,
+    img: np.ndarray,
+    truth: np.ndarray,
+    cue: np.ndarray,
+    params: GeneratorParams,
+    informative: bool,
+) -> np.ndarray:
+    """Fine textures (zero mean over every aligned 2x2 block, near the noise level; blind:
+    grade 4, all patterns; informative: texture regions' grade 3, the checkerboard, and grade
+    4, the stripes), then luminance and chroma noise; the image as uint8 [H, W, 3]."""
+    shape = truth.shape
+    H, W = shape
     sigma = params.noise_sigma
     amp = params.texture_contrast * sigma
     if informative:
@@ -392,8 +511,7 @@ def generate_slide(
         img += (amp * block_texture(rng, shape, ALL_PATTERNS) * (truth == 2))[..., None]
     img += rng.normal(0, sigma, (H, W, 1)).astype(np.float32)  # luminance noise
     img += rng.normal(0, 0.4 * sigma, (H, W, 3)).astype(np.float32)  # chroma noise
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return SyntheticSlide(image, truth, cue, regions, region_class, gland_pts, region_cue)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 # -- simulated annotators -------------------------------------------------------------------
