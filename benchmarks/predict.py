@@ -1,4 +1,4 @@
-"""The ``predict`` suite: whole-slide prediction (``serving.outputs.predict_slide``, what
+"""The ``predict`` suite: whole-slide prediction (``inference.outputs.predict_slide``, what
 ``jobs.predict`` and Serve's slide jobs run per slide) on a trained model (default: the demo's,
 ``runs/debug/runs/soft/model``, trained first by ``jobs.demo`` where it is missing;
 ``FOVEATION_PREDICT_MODEL`` to change it), one torch thread.

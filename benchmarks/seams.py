@@ -4,7 +4,7 @@ On a 1024 px informative synthetic slide (drawn like the model's training set, a
 saw), predicted by a trained model (default: the demo's, ``runs/debug/runs/soft/model``, trained
 first by ``jobs.demo`` where it is missing; set ``FOVEATION_SEAMS_MODEL`` to another
 checkpoint), the class-disagreement rate of neighbouring
-pixels across tile edges over that inside tiles (``evaluation.metrics.seam_ratio``; 1 = no
+pixels across tile edges over that inside tiles (``foveation.metrics.seam_ratio``; 1 = no
 seam) with the model's inference settings, against the baseline of abutting tiles averaged
 flat (what inference did before the Gaussian blend), plus the forward cost of each. Target:
 ratio <= 1.2. Seams do not depend on the machine's load, so this is one run, not repetitions.

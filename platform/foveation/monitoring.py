@@ -123,7 +123,7 @@ METRICS: dict[str, MetricDef] = {
         "run",
     ),
     "foveation_train_running": _gauge("1 while a training run is in progress, 0 after", "run"),
-    # -- evaluation: the driver of jobs.evaluate (slide_eval.py) ----------------------------
+    # -- evaluation: the driver of jobs.evaluate (evaluation/slides.py) ----------------------------
     "foveation_eval_iou": _gauge("Per-class IoU of an evaluated run", "run", "class"),
     "foveation_eval_miou": _gauge("mIoU over all classes of an evaluated run", "run"),
     "foveation_eval_pixel_accuracy": _gauge("Pixel accuracy of an evaluated run", "run"),

@@ -5,7 +5,7 @@ Parquet: ``data.slidelist``) or a folder / ``s3://`` prefix of slide files. Slid
 Ray Data dataset mapped by a pool of ``SlidePredictor`` actors (``workers`` of them, each with
 the model loaded once, a GPU each when the cluster has GPUs): each actor reads its slide out of
 core (``io.slides.SlideReader``: pyramid levels, S3 range reads, OpenSlide for vendor formats)
-and writes what a Serve slide job writes (``serving.outputs.predict_slide``: the pyramidal
+and writes what a Serve slide job writes (``inference.outputs.predict_slide``: the pyramidal
 OME-TIFF label map, the class probabilities, the APSM, QuPath GeoJSON) under
 ``<out>/<slide id>/``, then ``summary.json`` last: a slide is finished exactly when its
 summary exists, so a rerun skips finished slides and redoes a slide cut off half-way (each

@@ -1,6 +1,6 @@
 """The Serve app for real: the session's Ray head, Serve on a free port, real HTTP (httpx),
 the checkpoint and a slide in the local S3 endpoint. /v1/segment against in-process
-inference, every bad input of the issue then a good request, a whole-slide job (OME-TIFF,
+inference, every bad input the contract names, then a good request, a whole-slide job (OME-TIFF,
 GeoJSON), cancelling, and a job that survives the job runner's replica being killed."""
 
 from __future__ import annotations

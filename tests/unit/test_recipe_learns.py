@@ -7,7 +7,7 @@ The set: 16 train and 4 test slides of 384 px at the demo's geometry, with the f
 6x its default contrast so that it is learned within the budget (at the default contrast
 nothing is learned in a CI-sized budget, by any mode). The reference numbers were measured
 offline with the same code and set, seeds 0-2 (``OFFLINE`` below). About 65 s on 2 cores (the
-issue's bound is 2 minutes); the earlier 240 steps at 4x contrast took 143 s."""
+target is 2 minutes); the earlier 240 steps at 4x contrast took 143 s."""
 
 import dataclasses
 

@@ -186,7 +186,7 @@ def evaluation_report(
     title: str = "Evaluation",
     n_examples: int = 3,
 ) -> tuple[str, str]:
-    """Write the report of a ``slide_eval.EvaluationResult`` under ``out``: the Table-1
+    """Write the report of a ``evaluation.slides.EvaluationResult`` under ``out``: the Table-1
     analogue (every run and the average expert), the Table-2 form, per-class IoU bars, APSM
     maps of every test slide and of one validation slide across epochs (from ``histories``:
     run -> directory of ``apsm_epoch_*.npy``) for the runs whose F chooses, and every run's

@@ -189,7 +189,7 @@ def criteria(res, seeds: tuple[int, ...], cfg: Config) -> str:
     not: mIoU over the kept classes, per-seed paired differences between the learned mix and
     the best one-hot (best by its mean over seeds), Random and Average; a criterion holds when
     the mean difference minus one standard deviation clears its bar. Empty without a learned
-    run or one-hot baselines. ``res``: ``slide_eval.EvaluationResult``."""
+    run or one-hot baselines. ``res``: ``evaluation.slides.EvaluationResult``."""
     from foveation.evaluation.slides import apsm_by_cue
 
     metrics = res.metrics

@@ -1,6 +1,6 @@
 """Sinks receive whole-image inference outputs row block by row block, so a slide bigger than
 memory never needs a full-size array. ``ArraySink`` keeps everything in memory (small images,
-tests); ``slide_eval.ScoringSink`` scores rows against a label pyramid and
+tests); ``evaluation.slides.ScoringSink`` scores rows against a label pyramid and
 ``inference.outputs.JobSink`` writes a slide job's OME-TIFF / GeoJSON results
 (docs/contracts.md#inference-source-and-sink)."""
 
