@@ -2,13 +2,13 @@
 
 Every check of the config's own values runs in ``__post_init__`` so a bad config fails when it
 is loaded, with a message naming the field (``patches.fovs``, ``model.mix.index``...), never an
-hour into a run. The checks that need the models (a registered mix mode, a known backbone, the
-segmenter's output stride) run where models are built, in
-``foveation.models.foveated.check_config``: this module imports nothing from ``foveation`` but
-the error base (``foveation.errors``), so every other part can import it (docs/contracts.md,
-docs/architecture.md). Configs are passed as
-arguments and never mutated; :func:`replace` derives variants (a baseline, a sweep trial) from a
-base config.
+hour into a run. The tables the checks read and the models build on live here too (the mix
+modes ``MIX_MODES``, the segmenter layouts ``SEGMENTER_LAYOUTS``), so there is one list of each.
+The checks that need the models (a known backbone, the segmenter's output stride) run where
+models are built, in ``foveation.models.foveated.check_config``: this module imports nothing
+from ``foveation`` but the error base (``foveation.errors``), so every other part can import it
+(docs/contracts.md, docs/architecture.md). Configs are passed as arguments and never mutated;
+:func:`replace` derives variants (a baseline, a sweep trial) from a base config.
 
 The typed-TOML loader is public and shared with other settings (``foveation.serving.settings``):
 :func:`read_toml` reads a file, :func:`dataclass_from_dict` builds any frozen dataclass from
@@ -122,14 +122,39 @@ class PatchSetConfig:
 
 
 @dataclass(frozen=True)
+class MixMode:
+    """What callers need to know of a mix mode, besides its function: the one table of modes is
+    ``MIX_MODES`` here, below the models, so the config checks a mode when it loads and
+    ``foveation.models.mixing.MIXERS`` pairs each entry with its function (adding a mode is
+    one entry here and one function there)."""
+
+    learned: bool
+    """F's weights decide the mix, so the mode trains F and its APSM means something; False: a
+    fixed baseline that ignores w (reproductions train one per mode, or per patch if indexed)."""
+    indexed: bool = False
+    """Takes ``model.mix.index`` (a patch, 0 = smallest FoV); its label is "<mode>-<index>"."""
+
+
+# Order matters to readers of ``mixing.fixed_mixes()``: the one-hot baselines, Random, Average.
+MIX_MODES: dict[str, MixMode] = {
+    "soft": MixMode(learned=True),
+    "hard": MixMode(learned=True),
+    "gumbel": MixMode(learned=True),
+    "onehot": MixMode(learned=False, indexed=True),
+    "random": MixMode(learned=False),
+    "average": MixMode(learned=False),
+}
+"""Every mix mode (``model.mix.mode``) and its properties (docs/method.md, "Mix modes")."""
+
+
+@dataclass(frozen=True)
 class MixConfig:
     """How the foveation weights combine the D patches (docs/method.md, "Mix modes")."""
 
     mode: str = "soft"
-    """A name from ``foveation.models.mixing.MIXERS``: soft, hard, gumbel, onehot, average,
-    random (checked against the registry when the model is built)."""
+    """A name of ``MIX_MODES``: soft, hard, gumbel, onehot, random, average."""
     index: int | None = None
-    """For mode "onehot": which patch (0 = smallest FoV)."""
+    """For an indexed mode ("onehot"): which patch (0 = smallest FoV)."""
     straight_through: str = "plain"
     """For "hard": "plain" (onehot + w - sg(w)) or "inverse" (the authors' onehot + log w - sg(log w))."""
     gumbel_hard: bool = False
@@ -142,11 +167,16 @@ class MixConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.mode), "model.mix.mode", "must name a mix mode")
-        if self.mode == "onehot":
+        require(
+            self.mode in MIX_MODES,
+            "model.mix.mode",
+            f"unknown mix mode {self.mode!r}; known: {sorted(MIX_MODES)}",
+        )
+        if MIX_MODES[self.mode].indexed:
             require(
                 self.index is not None and self.index >= 0,
                 "model.mix.index",
-                "onehot mode needs index >= 0",
+                f"{self.mode} mode needs index >= 0",
             )
         require(
             self.straight_through in ("plain", "inverse"),
@@ -158,11 +188,36 @@ class MixConfig:
     @property
     def label(self) -> str:
         """A short run name: "soft", "onehot-2", "average"..."""
-        return f"onehot-{self.index}" if self.mode == "onehot" else self.mode
+        return f"{self.mode}-{self.index}" if MIX_MODES[self.mode].indexed else self.mode
 
 
-SEGMENTERS = ("shared", "per_fov")
-"""``model.segmenters``: one segmenter for the mix, or one per FoV."""
+@dataclass(frozen=True)
+class SegmenterLayout:
+    """How many segmenters a model has and what the mixing coefficients h mix: what the model
+    builds, the optimiser groups and the training step read of ``model.segmenters``."""
+
+    per_fov: bool
+    """One segmenter per FoV, each reading its own patch, h mixing their class probabilities;
+    False: one segmenter reads the mix of the D patches (h mixes inputs)."""
+
+    @property
+    def own_loss(self) -> bool:
+        """Whether it allows ``training.per_fov_loss = "own"`` (each FoV's segmenter trained on
+        its own patch alone); a layout without a segmenter per FoV trains on the mixture, its
+        one loss, whatever ``per_fov_loss`` says."""
+        return self.per_fov
+
+    def count(self, depth: int) -> int:
+        """The segmenters it builds for D = ``depth`` patches: the factor on the segmenter's
+        parameters, memory and (with h dense) compute."""
+        return depth if self.per_fov else 1
+
+
+SEGMENTER_LAYOUTS: dict[str, SegmenterLayout] = {
+    "shared": SegmenterLayout(per_fov=False),
+    "per_fov": SegmenterLayout(per_fov=True),
+}
+"""``model.segmenters``: one segmenter for the mix (the paper's), or one per FoV."""
 
 
 @dataclass(frozen=True)
@@ -190,9 +245,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require(
-            self.segmenters in SEGMENTERS,
+            self.segmenters in SEGMENTER_LAYOUTS,
             "model.segmenters",
-            f"must be one of {SEGMENTERS}, got {self.segmenters!r}",
+            f"must be one of {tuple(SEGMENTER_LAYOUTS)}, got {self.segmenters!r}",
         )
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -207,6 +262,11 @@ class ModelConfig:
                 f"weight file {self.pretrained!r} does not exist (no weights can be downloaded here; "
                 "give a local timm or HRNet ImageNet checkpoint, or leave it unset for random init)",
             )
+
+    @property
+    def layout(self) -> SegmenterLayout:
+        """The layout ``segmenters`` names (``SEGMENTER_LAYOUTS``)."""
+        return SEGMENTER_LAYOUTS[self.segmenters]
 
     @property
     def pad_value(self) -> tuple[int, int, int]:
@@ -622,6 +682,11 @@ class EvaluationConfig:
     """Classes in the second mean ("kept"); the first mean is over all classes, as the paper's
     "Overall" (Grade 5 is ~2% of Gleason2019 pixels and left out of the paper's means)."""
     ignore_index: int = 255
+    """Not a setting: the label value that no loss or metric counts is one constant,
+    ``foveation.geometry.IGNORE_INDEX`` (the value ingest writes for unlabelled pixels, that the
+    label cutter pads with and the loss skips). The field stays so that configs and checkpoints
+    that carry it still load; any other value is a ConfigError when a model is built
+    (``models.foveated.check_config``: this module does not import geometry)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -663,8 +728,8 @@ class TuneConfig:
     xr_scales: tuple[int, ...] = ()
     """Custom: x_r downsampling factors to try; empty: the base config's."""
     mixes: tuple[str, ...] = ("soft",)
-    """Custom: mix modes, names of ``foveation.models.mixing.MIXERS``; one that takes a patch
-    index as "<mode>-N" ("onehot-2")."""
+    """Custom: mix modes, names of ``MIX_MODES``; one that takes a patch index as "<mode>-N"
+    ("onehot-2")."""
     lrs: tuple[float, ...] = ()
     """Learning rates of the segmenter (encoder and decoder) to try; F's keeps the base ratio
     ``lr_fovnet / lr_encoder``. Empty: the base config's."""
@@ -758,7 +823,7 @@ class Config:
     def __post_init__(self) -> None:
         d, k = self.patches.depth, self.model.num_classes
         mix = self.model.mix
-        if mix.mode == "onehot":
+        if MIX_MODES[mix.mode].indexed:
             require(
                 mix.index is not None and mix.index < d,
                 "model.mix.index",

@@ -54,6 +54,9 @@ def test_paper_config_is_the_papers():
         ({"patches": {"xr_scale": 15}}, "patches.xr_scale"),
         ({"patches": {"padding": "wrap"}}, "patches.padding"),
         ({"model": {"mix": {"mode": "onehot", "index": 3}}}, "model.mix.index"),  # D = 3
+        ({"model": {"mix": {"mode": "onehot"}}}, "model.mix.index"),  # an indexed mode
+        ({"model": {"mix": {"mode": "telepathy"}}}, "model.mix.mode"),  # config.MIX_MODES
+        ({"model": {"segmenters": "many"}}, "model.segmenters"),  # config.SEGMENTER_LAYOUTS
         ({"model": {"pretrained": "/nonexistent/hrnet.pth"}}, "model.pretrained"),
         ({"training": {"class_weights": [1.0, 2.0]}}, "training.class_weights"),
         ({"training": {"epochs": "ten"}}, "training.epochs"),
@@ -71,8 +74,9 @@ def test_bad_configs_fail_at_load_naming_the_field(data, field):
     [
         ({"model": {"backbone": "resnet9000"}}, "model.backbone"),
         ({"model": {"backbone": "timm:not_a_model_at_all"}}, "model.backbone"),
-        ({"model": {"mix": {"mode": "telepathy"}}}, "model.mix.mode"),
         ({"patches": {"fovs": [66, 132, 264], "patch_size": 66}}, "patches.patch_size"),
+        # One ignore label (geometry.IGNORE_INDEX): the field only stays for old configs.
+        ({"evaluation": {"ignore_index": 0}}, "evaluation.ignore_index"),
     ],
 )
 def test_configs_the_models_cannot_build_fail_at_build_naming_the_field(data, field):

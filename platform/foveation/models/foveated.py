@@ -14,10 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from foveation.config import Config, ConfigError, MixConfig, in_file
+from foveation.geometry import IGNORE_INDEX, OUTPUT_STRIDE
 from foveation.models.fovnet import FoveationNet
-from foveation.models.mixing import MIXERS, MixContext, mix, mixer
+from foveation.models.mixing import MIXERS, MixContext, mix
 from foveation.models.pretrained import load_pretrained
-from foveation.models.segmenter import BACKBONES, OUTPUT_STRIDE, Segmenter, known_backbone
+from foveation.models.segmenter import BACKBONES, Segmenter, known_backbone
 from foveation.patches import normalise
 
 
@@ -46,19 +47,18 @@ class FoveatedSegmenter(nn.Module):
             "fovs", torch.tensor(cfg.patches.fovs, dtype=torch.float32), persistent=False
         )
         self.fovnet = FoveationNet(cfg.patches.depth, m.fovnet_width)
-        self.segmenter: Segmenter | None = None
-        self.experts: nn.ModuleList | None = None
-        if m.segmenters == "per_fov":
-            self.experts = nn.ModuleList(
-                Segmenter(m.backbone, m.num_classes, m.head_channels)
-                for _ in range(cfg.patches.depth)
-            )
-        else:
-            self.segmenter = Segmenter(m.backbone, m.num_classes, m.head_channels)
+        self.layout = m.layout
+        built = [
+            Segmenter(m.backbone, m.num_classes, m.head_channels)
+            for _ in range(self.layout.count(cfg.patches.depth))
+        ]
+        # The weights' names stay those of checkpoints: "segmenter.*", or "experts.<d>.*".
+        self.segmenter: Segmenter | None = None if self.layout.per_fov else built[0]
+        self.experts: nn.ModuleList | None = nn.ModuleList(built) if self.layout.per_fov else None
 
     def segmenters(self) -> list[Segmenter]:
         """The segmenter, or the D per-FoV ones (for optimiser groups and weight loading)."""
-        return [self.segmenter] if self.experts is None else list(self.experts)
+        return list(self.experts) if self.layout.per_fov else [self.segmenter]
 
     def weights(self, xr: Tensor) -> Tensor:
         """F's softmax weights [B, D, h, w] from x_r zero-padded by 3 [B, 3, h + 6, w + 6]."""
@@ -94,12 +94,12 @@ class FoveatedSegmenter(nn.Module):
         through the engine's forward (and its autocast)."""
         h = self.mixing(w, ctx, mode)
         if per_fov:
-            if self.experts is None:
+            if not self.layout.per_fov:
                 raise ValueError("per_fov=True needs model.segmenters = 'per_fov'")
             return torch.stack(
                 [self._expert(d, bank[:, d]) for d in range(len(self.experts))], 1
             ), h
-        if self.experts is not None:
+        if self.layout.per_fov:
             return self._mix_outputs(bank, h), h
         x = normalise(mix(bank.to(torch.float32), h), self.mean, self.std)
         return self.segmenter(x), h
@@ -136,13 +136,14 @@ class FoveatedSegmenter(nn.Module):
 
 
 def check_config(cfg: Config, source: str | Path | None = None) -> None:
-    """The checks of a config that need the models: its mix mode is registered
-    (``models.mixing.MIXERS``), its backbone is known, and ``patches.patch_size`` is a multiple
-    of the segmenter's output stride. ``foveation.config`` validates everything else when it
-    loads, without importing the models (docs/contracts.md); this runs when a model is built.
-    Raises ConfigError naming the field, and the file when ``source`` is given."""
+    """The checks of a config that need the models: its backbone is known (timm's registry),
+    ``patches.patch_size`` is a multiple of the segmenter's output stride, and
+    ``evaluation.ignore_index`` is the label value the data and the loss skip
+    (``geometry.IGNORE_INDEX``). ``foveation.config`` validates everything else when it loads (its mix mode among them:
+    ``config.MIX_MODES``), without importing the models (docs/contracts.md); this runs when a
+    model is built. Raises ConfigError naming the field, and the file when ``source`` is
+    given."""
     try:
-        mixer(cfg.model.mix.mode)
         if not known_backbone(cfg.model.backbone):
             raise ConfigError(
                 f"model.backbone: unknown backbone {cfg.model.backbone!r}; known: "
@@ -152,6 +153,12 @@ def check_config(cfg: Config, source: str | Path | None = None) -> None:
             raise ConfigError(
                 f"patches.patch_size: must be a multiple of the segmenter's output stride "
                 f"{OUTPUT_STRIDE}, got {cfg.patches.patch_size}"
+            )
+        if cfg.evaluation.ignore_index != IGNORE_INDEX:
+            raise ConfigError(
+                f"evaluation.ignore_index: must be {IGNORE_INDEX}, the label of unlabelled pixels "
+                f"that ingest writes and the loss skips, got {cfg.evaluation.ignore_index} (leave "
+                "it out: it is no longer a setting)"
             )
     except ConfigError as exc:
         if source is None:

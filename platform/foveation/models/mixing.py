@@ -1,12 +1,12 @@
 """Mix modes as data (docs/method.md, "Mix modes"): each maps F's weights w [N, D] to the
 weights h [N, D] actually used to mix the bank, x = sum_d h_d x_d (eq. 1).
 
-Adding a mode is adding one function and one :class:`MixerSpec` to ``MIXERS``, with the
-properties callers read instead of lists of names of their own: whether F's weights decide the
-mix (``learned``: the mode is trained and its APSM means something) or it is a fixed baseline,
-and whether it takes a patch index (``indexed``: one run per patch, labelled "<mode>-<index>").
-The config names a mode (``model.mix.mode``) but does not import this registry;
-:func:`foveation.models.foveated.check_config` checks the name against it when a model is built.
+``MIXERS`` pairs each mode of the config's table (``foveation.config.MIX_MODES``: whether F's
+weights decide the mix, ``learned``, or it is a fixed baseline; whether it takes a patch index,
+``indexed``) with its function: callers read those properties instead of lists of names of
+their own. The table lives with the config, which checks ``model.mix.mode`` when it loads and
+imports no model code; adding a mode is one entry there and one function here (``_FUNCTIONS``),
+and importing this module fails if the two disagree.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from foveation.config import ConfigError, MixConfig
+from foveation.config import MIX_MODES, ConfigError, MixConfig, MixMode
 
 
 @dataclass(frozen=True)
@@ -86,34 +86,45 @@ Mixer = Callable[[Tensor, MixContext], Tensor]
 
 @dataclass(frozen=True)
 class MixerSpec:
-    """A registered mix mode: its function and the properties callers read."""
+    """A registered mix mode: its function and the properties callers read (the config's)."""
 
     fn: Mixer
     """(w [N, D], context) -> h [N, D]."""
-    learned: bool
-    """F's weights decide the mix, so the mode trains F and its APSM means something; False: a
-    fixed baseline that ignores w (reproductions train one per mode, or per patch if indexed)."""
-    indexed: bool = False
-    """Takes ``model.mix.index`` (a patch, 0 = smallest FoV); its label is "<mode>-<index>"."""
+    mode: MixMode
+    """The mode's entry of ``foveation.config.MIX_MODES``."""
+
+    @property
+    def learned(self) -> bool:
+        """``MixMode.learned``: F's weights decide the mix."""
+        return self.mode.learned
+
+    @property
+    def indexed(self) -> bool:
+        """``MixMode.indexed``: takes ``model.mix.index``."""
+        return self.mode.indexed
 
     def __call__(self, w: Tensor, ctx: MixContext) -> Tensor:
         return self.fn(w, ctx)
 
 
-# Order matters to readers of fixed_mixes(): the one-hot baselines, Random, then Average.
-MIXERS: dict[str, MixerSpec] = {
-    "soft": MixerSpec(soft, learned=True),
-    "hard": MixerSpec(hard, learned=True),
-    "gumbel": MixerSpec(gumbel, learned=True),
-    "onehot": MixerSpec(onehot, learned=False, indexed=True),
-    "random": MixerSpec(random, learned=False),
-    "average": MixerSpec(average, learned=False),
+_FUNCTIONS: dict[str, Mixer] = {
+    "soft": soft,
+    "hard": hard,
+    "gumbel": gumbel,
+    "onehot": onehot,
+    "random": random,
+    "average": average,
 }
+if set(_FUNCTIONS) != set(MIX_MODES):  # a mode without a function, or a function without a mode
+    raise ImportError(
+        f"models.mixing: the mixers {sorted(_FUNCTIONS)} are not the config's mix modes "
+        f"{sorted(MIX_MODES)} (foveation.config.MIX_MODES)"
+    )
 
-
-def learned_mixes() -> tuple[str, ...]:
-    """The modes whose mix F's weights decide ("soft", "hard", "gumbel"), in registry order."""
-    return tuple(name for name, spec in MIXERS.items() if spec.learned)
+MIXERS: dict[str, MixerSpec] = {
+    name: MixerSpec(_FUNCTIONS[name], m) for name, m in MIX_MODES.items()
+}
+"""Every mix mode with its function, in the order of ``MIX_MODES``."""
 
 
 def fixed_mixes() -> tuple[str, ...]:

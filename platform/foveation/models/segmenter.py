@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from foveation.config import ConfigError
-
-OUTPUT_STRIDE = 4
+from foveation.geometry import OUTPUT_STRIDE
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,8 @@ def segmentation_loss(
     slide_ids,
     total_steps: int = 1,
 ) -> Tensor:
-    """Cross entropy on the smallest patch's area (ignore index 255), minus the optional entropy
+    """Cross entropy on the smallest patch's area (``IGNORE_INDEX`` pixels skipped: the one
+    constant, which ``evaluation.ignore_index`` must equal), minus the optional entropy
     bonus on F's weights; raises ``TrainingDiverged`` naming the step and slides on NaN/inf."""
     tc = cfg.training
     class_w = torch.tensor(tc.class_weights, device=logits.device) if tc.class_weights else None
@@ -109,7 +110,7 @@ def check_finite(loss: Tensor, step: int, slide_ids, what: str = "loss") -> Tens
 
 def per_location_losses(logits: Tensor, label: Tensor) -> Tensor:
     """[N, D]: each location's mean cross entropy under each of D per-FoV logits
-    [N, D, K, h, w] (ignore index 255)."""
+    [N, D, K, h, w] (``IGNORE_INDEX`` pixels skipped)."""
     valid = (label != IGNORE_INDEX).float()
     count = valid.sum((1, 2)).clamp_min(1.0)
     ce = torch.stack(
@@ -151,7 +152,7 @@ def batch_forward(
     learned = is_learned(cfg.model.mix.mode)  # the recipe's levers never touch a baseline
     slide_ids = batch.get("slide_id", [])
     fov_losses = None
-    if learned and tc.per_fov_loss == "own" and module.experts is not None:
+    if learned and tc.per_fov_loss == "own" and module.layout.own_loss:
         loss, logits, h, fov_losses = own_fov_forward(
             model, bank, label, w, cfg, step, total_steps, warm, slide_ids
         )
