@@ -167,6 +167,24 @@ def locations_near_tissue(xr: torch.Tensor, cfg: Config, threshold: float) -> to
     return near[0, 0] > 0
 
 
+@dataclass(frozen=True)
+class _Band:
+    """A band of location rows whose centres span at most the largest FoV, and the window of
+    the image its patches are cut from."""
+
+    locs: torch.Tensor  # [n, 2] x_r (row, col) of the locations segmented
+    top: int  # the window's first row (same residue as the training canvas)
+    height: int  # the window's rows
+    complete: int  # rows above this are final once the band is in: the next band's first patch row
+
+
+@dataclass(frozen=True)
+class _BandPlan:
+    bands: list[_Band]
+    win_left: int  # every window's first column (left of 0: the canvas' padding)
+    win_width: int
+
+
 @torch.inference_mode()
 def segment(
     model: FoveatedSegmenter,
@@ -185,11 +203,7 @@ def segment(
     default, what evaluation uses) segments every location. The next band's window is read on
     a thread while the segmenter runs on the current one (libvips and OpenSlide decode outside
     the GIL), so reading and the forward overlap."""
-    from concurrent.futures import ThreadPoolExecutor
-
     mode = mode or cfg.inference.mode
-    pc = cfg.patches
-    s, f1, fmax, P = pc.xr_scale, pc.fovs[0], max(pc.fovs), pc.patch_size
     H, W = source.height, source.width
     if H < 1 or W < 1:
         raise ValueError(f"source: empty image ({H} x {W})")
@@ -204,15 +218,16 @@ def segment(
     start_row = int(getattr(sink, "resume_row", 0))
     sink.write_weights(w_map, model.apsm(w_map[None])[0])
     keep = locations_near_tissue(xr, cfg, background) if background is not None else None
+    plan = _plan_bands(H, W, cfg, mode, model.output_stride, keep)
+    window = blend_window(cfg.patches.fovs[0], cfg.inference.blend, device)
+    acc = _RowAccumulator(H, W, k, device, window, start=start_row)
+    n_locs = _run_bands(model, source, cfg, plan, w_map, acc, sink, gaps=keep is not None)
+    sink.close()
+    return InferenceStats(n_locs, n_locs * cfg.patches.patch_size**2, H * W)
 
-    h, w = xr_shape(H, W, s)
-    rows, cols = grid_indices(h, H, cfg, mode), grid_indices(w, W, cfg, mode)
-    r = model.output_stride
-    lead, _, _, right = canvas_pads(H, W, pc, r)
-    align, margin = alignment(pc, r), resample_margin(pc)
-    win_left, win_width = -lead, lead + W + right
 
-    # Bands of location rows whose centres span at most the largest FoV.
+def _row_groups(rows: list[int], s: int, fmax: int) -> list[list[int]]:
+    """Location rows in groups whose centres span at most the largest FoV."""
     groups, group = [], [rows[0]]
     for i in rows[1:]:
         if (i - group[0]) * s > fmax:
@@ -220,9 +235,24 @@ def segment(
             group = []
         group.append(i)
     groups.append(group)
+    return groups
+
+
+def _plan_bands(
+    H: int, W: int, cfg: Config, mode: str, r: int, keep: torch.Tensor | None
+) -> _BandPlan:
+    """Every band's locations (those ``keep`` marks, when given) and window, for an image of
+    ``H`` x ``W`` and a segmenter of output stride ``r``."""
+    pc = cfg.patches
+    s, f1, fmax = pc.xr_scale, pc.fovs[0], max(pc.fovs)
+    h, w = xr_shape(H, W, s)
+    rows, cols = grid_indices(h, H, cfg, mode), grid_indices(w, W, cfg, mode)
+    lead, _, _, right = canvas_pads(H, W, pc, r)
+    align, margin = alignment(pc, r), resample_margin(pc)
+    groups = _row_groups(rows, s, fmax)
     cols_t = torch.tensor(cols)
-    bands = []  # (locations, window top, window height) of each band
-    for group in groups:
+    bands = []
+    for b, group in enumerate(groups):
         need_top = math.floor((group[0] + 0.5) * s - fmax / 2) - margin
         need_bot = math.ceil((group[-1] + 0.5) * s + fmax / 2) + margin
         top = -lead + (need_top + lead) // align * align  # same residue as the training canvas
@@ -231,34 +261,56 @@ def segment(
         )
         if keep is not None:
             locs = locs[keep[locs[:, 0], locs[:, 1]]]
-        bands.append((locs, top, round_up(need_bot - top, align)))
+        # Where the band's rows are complete: the first row of the next band's patches.
+        complete = round((groups[b + 1][0] + 0.5) * s - f1 / 2) if b + 1 < len(groups) else H
+        bands.append(_Band(locs, top, round_up(need_bot - top, align), complete))
+    return _BandPlan(bands, -lead, lead + W + right)
+
+
+def _run_bands(
+    model: FoveatedSegmenter,
+    source: RegionSource,
+    cfg: Config,
+    plan: _BandPlan,
+    w_map: torch.Tensor,
+    acc: _RowAccumulator,
+    sink: Sink,
+    gaps: bool,
+) -> int:
+    """Segment the plan's bands into ``acc``, flushing each band's complete rows to ``sink``,
+    the next band's window read on a thread meanwhile; returns the locations segmented.
+
+    A band's patches end before the band after next begins, so rows from a resumed start row
+    (``acc.floor``) need only the last band complete at or above it, and those after (b0)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pc = cfg.patches
+    s, f1 = pc.xr_scale, pc.fovs[0]
+    bands, start_row = plan.bands, acc.floor
 
     def read(b: int):
-        locs, top, height = bands[b]
-        if not len(locs):
+        band = bands[b]
+        if not len(band.locs):
             return None
         return read_window(
-            source, top, win_left, height, win_width, pc.padding, cfg.model.pad_value
+            source,
+            band.top,
+            plan.win_left,
+            band.height,
+            plan.win_width,
+            pc.padding,
+            cfg.model.pad_value,
         )
 
-    # Where each band's rows are complete: the first row of the next band's patches. A
-    # band's patches end before the band after next begins, so rows from a resumed start_row
-    # need only the last band complete at or above it, and those after (b0).
-    next_tops = [
-        round((groups[b + 1][0] + 0.5) * s - f1 / 2) if b + 1 < len(groups) else H
-        for b in range(len(groups))
-    ]
-    b0 = max([b for b, t in enumerate(next_tops) if t <= start_row], default=0)
-    acc = _RowAccumulator(
-        H, W, k, device, blend_window(f1, cfg.inference.blend, device), start=start_row
-    )
+    b0 = max([b for b, band in enumerate(bands) if band.complete <= start_row], default=0)
     n_locs = 0
     ctx = MixContext(cfg.model.mix, training=False)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="band-reader") as pool:
         ahead = pool.submit(read, b0)
-        for b, (locs, top, _) in enumerate(bands):
-            if b < b0 or start_row >= H:
+        for b, band in enumerate(bands):
+            if b < b0 or start_row >= acc.height:
                 continue
+            locs = band.locs
             if b == b0 and start_row:  # only the locations whose patches reach start_row
                 bottoms = torch.round((locs[:, 0] + 0.5) * s - f1 / 2) + f1
                 locs = locs[bottoms > start_row]
@@ -266,22 +318,36 @@ def segment(
             if b + 1 < len(bands):
                 ahead = pool.submit(read, b + 1)
             if window is not None:
-                ex = PatchExtractor(window, pc, origin=(top, win_left), output_stride=r)
-                for start in range(0, len(locs), cfg.inference.batch_size):
-                    lb = locs[start : start + cfg.inference.batch_size]
-                    bank = ex.bank(lb).to(device)
-                    wb = w_map[:, lb[:, 0].to(device), lb[:, 1].to(device)].T
-                    logits, _ = model(bank, wb, ctx)
-                    probs = torch.softmax(logits.float(), dim=1)
-                    probs = F.interpolate(
-                        probs, size=(f1, f1), mode="bilinear", align_corners=False
-                    )
-                    for (i, j), p in zip(lb.tolist(), probs, strict=True):
-                        acc.add(round((i + 0.5) * s - f1 / 2), round((j + 0.5) * s - f1 / 2), p)
+                origin = (band.top, plan.win_left)
+                ex = PatchExtractor(window, pc, origin=origin, output_stride=model.output_stride)
+                _segment_locations(model, ex, locs, w_map, ctx, acc, cfg)
                 n_locs += len(locs)
-            acc.flush(next_tops[b], sink, gaps=keep is not None)
-    sink.close()
-    return InferenceStats(n_locs, n_locs * P * P, H * W)
+            acc.flush(band.complete, sink, gaps=gaps)
+    return n_locs
+
+
+def _segment_locations(
+    model: FoveatedSegmenter,
+    ex: PatchExtractor,
+    locs: torch.Tensor,
+    w_map: torch.Tensor,
+    ctx: MixContext,
+    acc: _RowAccumulator,
+    cfg: Config,
+) -> None:
+    """The segmenter on ``locs``' patch banks in batches; each location's probabilities, its
+    smallest patch's area upsampled from the output stride, added into ``acc``."""
+    s, f1 = cfg.patches.xr_scale, cfg.patches.fovs[0]
+    device = acc.device
+    for start in range(0, len(locs), cfg.inference.batch_size):
+        lb = locs[start : start + cfg.inference.batch_size]
+        bank = ex.bank(lb).to(device)
+        wb = w_map[:, lb[:, 0].to(device), lb[:, 1].to(device)].T
+        logits, _ = model(bank, wb, ctx)
+        probs = torch.softmax(logits.float(), dim=1)
+        probs = F.interpolate(probs, size=(f1, f1), mode="bilinear", align_corners=False)
+        for (i, j), p in zip(lb.tolist(), probs, strict=True):
+            acc.add(round((i + 0.5) * s - f1 / 2), round((j + 0.5) * s - f1 / 2), p)
 
 
 def tile_edges(length: int, n_xr: int, cfg: Config, mode: str) -> list[int]:
