@@ -110,17 +110,8 @@ def write_tile_pyramid(
         raise ValueError(f"reduce {reduce!r}: expected one of {sorted(REDUCERS)}")
     if compression == "jpeg" and bands != 3:
         raise ValueError(f"jpeg compression needs 3 bands, not {bands}")
-    shrink = REDUCERS[reduce]
     codec = {"jpeg": "jpeg", "deflate": "zlib", "none": None}.get(compression, compression)
-    opts = {
-        "dtype": np.uint8,
-        "tile": (tile, tile),
-        "photometric": "rgb" if bands == 3 else "minisblack",
-        "compression": codec,
-        "metadata": None,
-    }
-    if mpp:
-        opts |= {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    opts = _page_options(bands, tile, codec, mpp)
     sizes = level_sizes(height, width, tile)
     source = iter(tiles)
     tmpdir = tempfile.mkdtemp(prefix=".pyramid-", dir=os.path.dirname(os.path.abspath(path)))
@@ -131,33 +122,19 @@ def write_tile_pyramid(
                 rows, cols = -(-h // tile), -(-w // tile)
                 last = k == len(sizes) - 1
                 cur = None if last else _Scratch(f"{tmpdir}/{k}.raw", rows, cols, tile, bands)
-
-                def tiles(k=k, h=h, w=w, rows=rows, cols=cols, cur=cur, prev=prev) -> Iterator:
-                    for r in range(rows):
-                        for c in range(cols):
-                            if k == 0:
-                                t = next(source, None)
-                                if t is None:
-                                    raise ValueError(f"the tiles ended before tile ({r}, {c})")
-                                if bands == 1 and t.ndim == 3:
-                                    t = t[..., 0]
-                                want = (min(tile, h - r * tile), min(tile, w - c * tile))
-                                if t.shape[:2] != want:
-                                    raise ValueError(
-                                        f"tile ({r}, {c}) is {t.shape[:2]}, expected {want}"
-                                    )
-                                if on_tile is not None:
-                                    on_tile(t)
-                            else:
-                                t = shrink(_block(prev, r, c))
-                            full = cur.append(t) if cur is not None else _padded(t, tile)
-                            yield full
-
+                if k == 0:
+                    level = _level0_tiles(source, h, w, tile, bands, on_tile)
+                else:
+                    level = _reduced_tiles(prev, rows, cols, REDUCERS[reduce])
                 shape = (h, w, bands) if bands > 1 else (h, w)
                 # tifffile adds its own entries to compressionargs: a fresh dict per level.
                 args = {"level": int(quality) if codec == "jpeg" else 6} if codec else {}
                 tw.write(
-                    tiles(), shape=shape, subfiletype=1 if k else 0, compressionargs=args, **opts
+                    _stored(level, cur, tile),
+                    shape=shape,
+                    subfiletype=1 if k else 0,
+                    compressionargs=args,
+                    **opts,
                 )
                 if prev is not None:
                     prev.close()
@@ -168,6 +145,61 @@ def write_tile_pyramid(
         for name in os.listdir(tmpdir):
             os.unlink(os.path.join(tmpdir, name))
         os.rmdir(tmpdir)
+
+
+def _page_options(bands: int, tile: int, codec: str | None, mpp: float | None) -> dict:
+    """tifffile's options shared by every level's page."""
+    opts = {
+        "dtype": np.uint8,
+        "tile": (tile, tile),
+        "photometric": "rgb" if bands == 3 else "minisblack",
+        "compression": codec,
+        "metadata": None,
+    }
+    if mpp:
+        opts |= {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    return opts
+
+
+def _level0_tiles(
+    source: Iterator[np.ndarray],
+    height: int,
+    width: int,
+    tile: int,
+    bands: int,
+    on_tile: Callable[[np.ndarray], None] | None,
+) -> Iterator[np.ndarray]:
+    """Level 0's tiles from ``source``, checked (a tile of the wrong size, or too few, is an
+    error naming it), one band taken from a single-band image's 3-d tiles."""
+    for r in range(-(-height // tile)):
+        for c in range(-(-width // tile)):
+            t = next(source, None)
+            if t is None:
+                raise ValueError(f"the tiles ended before tile ({r}, {c})")
+            if bands == 1 and t.ndim == 3:
+                t = t[..., 0]
+            want = (min(tile, height - r * tile), min(tile, width - c * tile))
+            if t.shape[:2] != want:
+                raise ValueError(f"tile ({r}, {c}) is {t.shape[:2]}, expected {want}")
+            if on_tile is not None:
+                on_tile(t)
+            yield t
+
+
+def _reduced_tiles(
+    prev: _Scratch, rows: int, cols: int, shrink: Callable[[np.ndarray], np.ndarray]
+) -> Iterator[np.ndarray]:
+    """A coarser level's tiles, each reduced from the 2 x 2 finer tiles under it."""
+    for r in range(rows):
+        for c in range(cols):
+            yield shrink(_block(prev, r, c))
+
+
+def _stored(level: Iterator[np.ndarray], cur: _Scratch | None, tile: int) -> Iterator[np.ndarray]:
+    """A level's tiles padded to full tiles, each also kept in ``cur`` (the next level's
+    source; None for the last level)."""
+    for t in level:
+        yield cur.append(t) if cur is not None else _padded(t, tile)
 
 
 def _block(prev: _Scratch, r: int, c: int) -> np.ndarray:
