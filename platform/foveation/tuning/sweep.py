@@ -19,6 +19,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from foveation.config import Config, config_from_dict
 from foveation.errors import FoveationError
@@ -98,20 +99,66 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> SweepResult:
     """Run (or with ``resume``, continue) the sweep of ``cfg.tune`` into ``out``."""
+    manifest, out = storage.absolute(manifest or cfg.data.ingest.dest), storage.absolute(out)
+    points = _checked_points(cfg, out, manifest)
+    exp = _experiment(cfg, out, resume, overwrite)
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=cfg.to_dict(), out=out, manifest=manifest),
+        {"CPU": cfg.tune.trial_cpus},
+    )
+    t = cfg.tune
+    epochs = t.epochs or cfg.training.epochs
+    n_trials = len(points) if t.search == "grid" else t.num_samples
+    if exp.exists:
+        log(f"resuming the sweep in {storage.join(out, SWEEP_NAME)} (finished trials are kept)")
+        tuner = tune.Tuner.restore(
+            exp.path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=exp.fs,
+        )
+    else:
+        tuner = _new_tuner(cfg, trainable, points, epochs, out, exp)
+        log(
+            f"sweep {cfg.name!r} ({t.preset}): {n_trials} trials, {t.max_concurrent_trials} at a time, "
+            f"{epochs} epochs each, scheduler {t.scheduler}, into {out}"
+        )
+    return _collect(cfg, out, tuner.fit(), epochs, n_trials, log)
+
+
+def _checked_points(cfg: Config, out: str, manifest: str) -> list:
+    """The space's points, once the space, the manifest and its splits (once for the sweep:
+    every trial reads the same) and the output's storage are known good."""
     from foveation.training.trainer import TrainingError, preflight
 
-    manifest, out = storage.absolute(manifest or cfg.data.ingest.dest), storage.absolute(out)
     try:
         points = space.points(cfg)
     except space.SpaceError as exc:
         raise SweepError(str(exc)) from None
-    try:  # the manifest and its splits, once for the sweep (every trial reads the same)
+    try:
         probe = storage.join(out, TRIALS, ".preflight")  # no run there: only data checks
         preflight(space.trial_config(cfg, points[0]), manifest, probe, False, False)
     except TrainingError as exc:
         raise SweepError(str(exc)) from None
     check_writable(out)
+    return points
 
+
+@dataclass(frozen=True)
+class _Experiment:
+    """Where Ray Tune keeps the sweep's experiment, and whether one is there to restore."""
+
+    fs: object  # pyarrow filesystem (storage.resolve)
+    path: str
+    exists: bool
+
+
+def _experiment(cfg: Config, out: str, resume: bool, overwrite: bool) -> _Experiment:
+    """The Tune experiment, on a started Ray whose resources fit the asked concurrency; with
+    ``overwrite``, a previous sweep's experiment and trials are gone."""
     from foveation.raycluster import init_ray
 
     init_ray(cfg.distributed.logical_cpus, dashboard=True)
@@ -130,58 +177,53 @@ def run_sweep(
         for stale in (SWEEP_NAME, TRIALS):
             storage.delete(storage.join(out, stale), missing_ok=True)
         exists = False
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), out=out, manifest=manifest),
-        {"CPU": cfg.tune.trial_cpus},
-    )
-    t = cfg.tune
-    epochs = t.epochs or cfg.training.epochs
-    n_trials = len(points) if t.search == "grid" else t.num_samples
-    if exists:
-        log(f"resuming the sweep in {storage.join(out, SWEEP_NAME)} (finished trials are kept)")
-        tuner = tune.Tuner.restore(
-            exp_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
-        )
-    else:
-        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+    return _Experiment(fs, exp_path, exists)
 
-        scheduler = (
-            ASHAScheduler(
-                time_attr="epoch",  # ours, not Tune's iteration count: it survives a resume
-                max_t=epochs,
-                grace_period=min(t.grace_period, epochs),
-                reduction_factor=t.reduction_factor,
-            )
-            if t.scheduler == "asha"
-            else FIFOScheduler()
+
+def _new_tuner(cfg: Config, trainable, points: list, epochs: int, out: str, exp: _Experiment):
+    """A fresh ``Tuner`` over ``points``: grid or random search, ASHA or FIFO."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    t = cfg.tune
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",  # ours, not Tune's iteration count: it survives a resume
+            max_t=epochs,
+            grace_period=min(t.grace_period, epochs),
+            reduction_factor=t.reduction_factor,
         )
-        grid = t.search == "grid"
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"point": tune.grid_search(points) if grid else tune.choice(points)},
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                scheduler=scheduler,
-                num_samples=1 if grid else t.num_samples,
-                # Tune ignores max_concurrent_trials beside a BasicVariantGenerator of ours.
-                search_alg=BasicVariantGenerator(
-                    random_state=t.seed, max_concurrent=t.max_concurrent_trials
-                ),
+        if t.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    grid = t.search == "grid"
+    return tune.Tuner(
+        trainable,
+        param_space={"point": tune.grid_search(points) if grid else tune.choice(points)},
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            scheduler=scheduler,
+            num_samples=1 if grid else t.num_samples,
+            # Tune ignores max_concurrent_trials beside a BasicVariantGenerator of ours.
+            search_alg=BasicVariantGenerator(
+                random_state=t.seed, max_concurrent=t.max_concurrent_trials
             ),
-            run_config=tune.RunConfig(
-                name=SWEEP_NAME,
-                storage_path=exp_path.rsplit("/", 1)[0],
-                storage_filesystem=fs if storage.is_remote(out) else None,
-                verbose=1,
-            ),
-        )
-        log(
-            f"sweep {cfg.name!r} ({t.preset}): {n_trials} trials, {t.max_concurrent_trials} at a time, "
-            f"{epochs} epochs each, scheduler {t.scheduler}, into {out}"
-        )
-    grid_result = tuner.fit()
+        ),
+        run_config=tune.RunConfig(
+            name=SWEEP_NAME,
+            storage_path=exp.path.rsplit("/", 1)[0],
+            storage_filesystem=exp.fs if storage.is_remote(out) else None,
+            verbose=1,
+        ),
+    )
+
+
+def _collect(
+    cfg: Config, out: str, grid_result, epochs: int, n_trials: int, log: Callable[[str], None]
+) -> SweepResult:
+    """The sweep's outputs from Tune's results; an error when every trial failed."""
     rows = results.rows_of(grid_result, epochs)
     # Interrupted (Ctrl-C): trials that did not finish, or that the search never started.
     interrupted = len(rows) < n_trials or any(r["status"] == results.UNFINISHED for r in rows)
