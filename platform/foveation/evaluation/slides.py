@@ -161,12 +161,30 @@ def evaluate_runs(
 ) -> EvaluationResult:
     """Score every run (name -> checkpoint URI) on every slide of ``split`` as Ray tasks."""
     from foveation.checkpoint import load_checkpoint
-    from foveation.data.ingest import read_manifest
-    from foveation.raycluster import ray_map
 
     cfgs = {}
     for name, uri in runs.items():  # fail on a bad checkpoint before any task starts
         _, cfgs[name], _ = load_checkpoint(uri)
+    rows = _split_rows(manifest, split)
+    cfg = next(iter(cfgs.values()))
+    log(f"evaluate: {len(runs)} run(s) x {len(rows)} {split} slides as Ray tasks")
+    scores = _score_all(runs, rows, cfg, experts, task_cpus)
+    metrics, slides = {}, {}
+    for name in runs:
+        mine = [s for s in scores if s.run == name]
+        metrics[name] = _run_summary(mine, cfg, cfgs[name].model.mix.label)
+        slides[name] = {s.slide_id: s for s in mine}
+        record_run_metrics(name, metrics[name], len(mine))
+    expert_scores = [s for s in scores if s.run.startswith(EXPERT_RUN)]
+    if expert_scores:
+        metrics[EXPERT_RUN] = _expert_summary(expert_scores, cfg)
+    return EvaluationResult(cfg, metrics, slides, rows, {})
+
+
+def _split_rows(manifest: str, split: str) -> list[dict]:
+    """The manifest's rows of ``split``, their URIs absolute (the tasks run elsewhere)."""
+    from foveation.data.ingest import read_manifest
+
     rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == split]
     if not rows:
         raise ValueError(f"manifest {manifest!r}: no slides in split {split!r}")
@@ -176,7 +194,16 @@ def evaluate_runs(
             storage.absolute(r["label_uri"]),
         )
         r["annotator_uris"] = [storage.absolute(u) for u in r.get("annotator_uris") or []]
-    cfg = next(iter(cfgs.values()))
+    return rows
+
+
+def _score_all(
+    runs: dict[str, str], rows: list[dict], cfg: Config, experts: bool, task_cpus: float
+) -> list[SlideScore]:
+    """Every (run, slide) and, with ``experts``, every annotated slide's annotators, as Ray
+    tasks; any that fails fails the evaluation, naming every (run, slide) that did."""
+    from foveation.raycluster import ray_map
+
     k, ignore = cfg.model.num_classes, cfg.evaluation.ignore_index
     items = [("run", name, uri, row) for name, uri in runs.items() for row in rows]
     if experts:
@@ -194,7 +221,6 @@ def evaluate_runs(
         failed[f"{item[1] or EXPERT_RUN} / {item[3]['slide_id']}"] = f"{type(exc).__name__}: {exc}"
         return []
 
-    log(f"evaluate: {len(runs)} run(s) x {len(rows)} {split} slides as Ray tasks")
     scores: list[SlideScore] = []
     for part in ray_map(work, items, num_cpus=task_cpus, desc="slides", on_error=on_error):
         scores.extend(part)
@@ -202,37 +228,40 @@ def evaluate_runs(
         raise RuntimeError(
             "evaluation failed on: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
         )
+    return scores
 
-    metrics, slides = {}, {}
+
+def _run_summary(scores: list[SlideScore], cfg: Config, mix: str) -> dict:
+    """One run's scores over its slides (``ConfusionMatrix.summary``), with F's mean weights
+    and the run's mix."""
     ev = cfg.evaluation
-    for name in runs:
-        cm = ConfusionMatrix(k, ignore)
-        mine = [s for s in scores if s.run == name]
-        for s in mine:
-            cm.matrix += s.matrix
-        summary = cm.summary(ev.kept_classes, ev.class_names)
-        summary["weight_mean"] = np.mean([s.weight_mean for s in mine], 0).tolist()
-        summary["mix"] = cfgs[name].model.mix.label
-        metrics[name] = summary
-        slides[name] = {s.slide_id: s for s in mine}
-        record_run_metrics(name, summary, len(mine))
-    expert_scores = [s for s in scores if s.run.startswith(EXPERT_RUN)]
-    if expert_scores:
-        from foveation.data.staple import average_expert
+    cm = ConfusionMatrix(cfg.model.num_classes, ev.ignore_index)
+    for s in scores:
+        cm.matrix += s.matrix
+    summary = cm.summary(ev.kept_classes, ev.class_names)
+    summary["weight_mean"] = np.mean([s.weight_mean for s in scores], 0).tolist()
+    summary["mix"] = mix
+    return summary
 
-        per: dict[str, ConfusionMatrix] = {}
-        for s in expert_scores:
-            per.setdefault(s.run, ConfusionMatrix(k, ignore)).matrix += s.matrix
-        metrics[EXPERT_RUN] = average_expert(per, ev.kept_classes, ev.class_names)
-        metrics[EXPERT_RUN]["class_accuracy"] = {
-            n: float(v)
-            for n, v in zip(
-                ev.class_names,
-                np.mean([cm.class_accuracy() for cm in per.values()], 0),
-                strict=True,
-            )
-        }
-    return EvaluationResult(cfg, metrics, slides, rows, failed)
+
+def _expert_summary(scores: list[SlideScore], cfg: Config) -> dict:
+    """The average-expert row: each annotator's pooled confusion against the fused label,
+    averaged (``data.staple.average_expert``), with the mean per-class accuracy."""
+    from foveation.data.staple import average_expert
+
+    ev = cfg.evaluation
+    per: dict[str, ConfusionMatrix] = {}
+    for s in scores:
+        cm = per.setdefault(s.run, ConfusionMatrix(cfg.model.num_classes, ev.ignore_index))
+        cm.matrix += s.matrix
+    summary = average_expert(per, ev.kept_classes, ev.class_names)
+    summary["class_accuracy"] = {
+        n: float(v)
+        for n, v in zip(
+            ev.class_names, np.mean([cm.class_accuracy() for cm in per.values()], 0), strict=True
+        )
+    }
+    return summary
 
 
 def record_run_metrics(run: str, summary: dict, slides: int) -> None:
