@@ -68,15 +68,6 @@ def apsm_figure(apsms: list[np.ndarray], titles: list[str], fovs: tuple[int, ...
     return data
 
 
-def prediction_figure(image: np.ndarray, label: np.ndarray, mask: np.ndarray) -> bytes:
-    """Image | label | prediction, as one PNG (the paper's Fig. 5 form)."""
-    from foveation.io.images import encode_png
-
-    h = image.shape[0]
-    gap = np.full((h, 4, 3), 255, np.uint8)
-    return encode_png(np.concatenate([image, gap, PALETTE[label], gap, PALETTE[mask]], axis=1))
-
-
 def write_report(
     out: str, title: str, table: str, figures: dict[str, bytes], notes: list[str]
 ) -> str:
@@ -186,65 +177,19 @@ def evaluation_report(
     title: str = "Evaluation",
     n_examples: int = 3,
 ) -> tuple[str, str]:
-    """Write the report of a ``evaluation.slides.EvaluationResult`` under ``out``: the Table-1
+    """Write the report of a ``slide_eval.EvaluationResult`` under ``out``: the Table-1
     analogue (every run and the average expert), the Table-2 form, per-class IoU bars, APSM
     maps of every test slide and of one validation slide across epochs (from ``histories``:
     run -> directory of ``apsm_epoch_*.npy``) for the runs whose F chooses, and every run's
     prediction beside the label on a few slides. Returns (report URI, the Table-1 text).
     Whether F chooses in a run is the registry's word (``models.mixing.is_learned``)."""
-    from foveation.evaluation.slides import CUE_NAMES, apsm_by_cue, thumbnail
-    from foveation.models.mixing import is_learned
-
     cfg = res.cfg
     rows = list(res.metrics.items())
     table = metrics_table(rows, cfg)
     figures: dict[str, bytes] = {"iou_per_class.png": iou_bars(rows, cfg.evaluation.class_names)}
-    for run, m in res.metrics.items():
-        if not is_learned(m.get("mix")):
-            continue
-        scores = list(res.slides[run].values())
-        figures[f"apsm_test_{run}.png"] = apsm_figure(
-            [s.apsm for s in scores], [s.slide_id for s in scores], cfg.patches.fovs
-        )
-        hist = (histories or {}).get(run)
-        files = sorted(u for u in _list(hist) if u.endswith(".npy")) if hist else []
-        if files:
-            picks = sorted({round(i * (len(files) - 1) / 4) for i in range(5)})
-            figures[f"apsm_epochs_{run}.png"] = apsm_figure(
-                [_load_npy(files[i]) for i in picks],
-                [f"epoch {int(files[i].rsplit('_', 1)[1][:3])}" for i in picks],
-                cfg.patches.fovs,
-            )
-    cue_lines = []
-    for run, m in res.metrics.items():
-        by_cue = apsm_by_cue(res, run) if is_learned(m.get("mix")) else None
-        if by_cue:
-            m["apsm_by_cue"] = by_cue
-            cells = " | ".join(f"{by_cue.get(n, float('nan')):.1f}" for n in CUE_NAMES)
-            cue_lines.append(f"| {run} | {cells} |")
-    if cue_lines:
-        extra = [
-            *(extra or []),
-            "## Where foveation looks: mean APSM (px) by the generator's cue",
-            "",
-            "| run | " + " | ".join(CUE_NAMES) + " |",
-            "|---|" + "---|" * len(CUE_NAMES),
-            *cue_lines,
-            "",
-            "Context-decided tissue should get larger FoVs than texture-decided tissue (in the "
-            "blind regime the cue follows the class: benign and grade 3 context, grade 4 "
-            "texture; in the informative regime it is drawn per region, whatever the class).",
-            "",
-        ]
-    runs = [r for r in res.slides]
-    for row in res.rows[:n_examples]:
-        sid = row["slide_id"]
-        image, label = thumbnail(row)
-        masks = [res.slides[r][sid].mask_thumb for r in runs if sid in res.slides[r]]
-        cropped = _crop_same([image, label, *masks])
-        figures[f"predictions_{sid}.png"] = comparison_figure(
-            cropped[0], cropped[1], list(zip(runs, cropped[2:], strict=True))
-        )
+    figures |= _apsm_figures(res, histories or {})
+    cue_lines = _apsm_by_cue_section(res)
+    figures |= _prediction_figures(res, n_examples)
     body = [
         "## Table 1 analogue: IoU per class, mIoU",
         "",
@@ -255,9 +200,83 @@ def evaluation_report(
         accuracy_table(rows, cfg),
         "",
         *(extra or []),
+        *cue_lines,
     ]
     uri = write_report(out, title, "\n".join(body), figures, notes or [])
     return uri, table
+
+
+def _apsm_figures(res, histories: dict[str, str]) -> dict[str, bytes]:
+    """For every run whose F chooses: its APSM maps of the test slides, and of one validation
+    slide at five epochs across training when ``histories`` has the run's directory."""
+    from foveation.models.mixing import is_learned
+
+    fovs = res.cfg.patches.fovs
+    figures: dict[str, bytes] = {}
+    for run, m in res.metrics.items():
+        if not is_learned(m.get("mix")):
+            continue
+        scores = list(res.slides[run].values())
+        figures[f"apsm_test_{run}.png"] = apsm_figure(
+            [s.apsm for s in scores], [s.slide_id for s in scores], fovs
+        )
+        hist = histories.get(run)
+        files = sorted(u for u in _list(hist) if u.endswith(".npy")) if hist else []
+        if files:
+            picks = sorted({round(i * (len(files) - 1) / 4) for i in range(5)})
+            figures[f"apsm_epochs_{run}.png"] = apsm_figure(
+                [_load_npy(files[i]) for i in picks],
+                [f"epoch {int(files[i].rsplit('_', 1)[1][:3])}" for i in picks],
+                fovs,
+            )
+    return figures
+
+
+def _apsm_by_cue_section(res) -> list[str]:
+    """The report's lines on where foveation looks (mean APSM by the generator's cue, synthetic
+    sets only; none without cue maps); each run's figures also go into its metrics
+    (``apsm_by_cue``)."""
+    from foveation.evaluation.slides import CUE_NAMES, apsm_by_cue
+    from foveation.models.mixing import is_learned
+
+    cue_lines = []
+    for run, m in res.metrics.items():
+        by_cue = apsm_by_cue(res, run) if is_learned(m.get("mix")) else None
+        if by_cue:
+            m["apsm_by_cue"] = by_cue
+            cells = " | ".join(f"{by_cue.get(n, float('nan')):.1f}" for n in CUE_NAMES)
+            cue_lines.append(f"| {run} | {cells} |")
+    if not cue_lines:
+        return []
+    return [
+        "## Where foveation looks: mean APSM (px) by the generator's cue",
+        "",
+        "| run | " + " | ".join(CUE_NAMES) + " |",
+        "|---|" + "---|" * len(CUE_NAMES),
+        *cue_lines,
+        "",
+        "Context-decided tissue should get larger FoVs than texture-decided tissue (in the "
+        "blind regime the cue follows the class: benign and grade 3 context, grade 4 "
+        "texture; in the informative regime it is drawn per region, whatever the class).",
+        "",
+    ]
+
+
+def _prediction_figures(res, n_examples: int) -> dict[str, bytes]:
+    """Image | label | every run's prediction on the first ``n_examples`` slides."""
+    from foveation.evaluation.slides import thumbnail
+
+    figures: dict[str, bytes] = {}
+    runs = [r for r in res.slides]
+    for row in res.rows[:n_examples]:
+        sid = row["slide_id"]
+        image, label = thumbnail(row)
+        masks = [res.slides[r][sid].mask_thumb for r in runs if sid in res.slides[r]]
+        cropped = _crop_same([image, label, *masks])
+        figures[f"predictions_{sid}.png"] = comparison_figure(
+            cropped[0], cropped[1], list(zip(runs, cropped[2:], strict=True))
+        )
+    return figures
 
 
 def _list(uri: str) -> list[str]:
