@@ -90,7 +90,8 @@ def test_every_job_refuses_a_foreign_set_and_leaves_it_as_it_was(
     assert "jobs.ingest" in err and "another destination" in err  # how to go on
     assert checksums(foreign) == before  # nothing deleted, nothing rewritten, nothing added
     assert not (tmp_path / f"store-{base}").exists() and not out.exists()
-    assert len(started) == (job == "jobs.demo")  # the demo's own start only, not ensure_store's
+    # ensure_store started nothing; the demo may start its quiet Ray before the data stage
+    assert len(started) <= (job == "jobs.demo")
 
 
 def test_generation_writes_only_where_it_is_empty_or_its_own(foreign, tmp_path, root):
