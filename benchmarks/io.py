@@ -268,7 +268,8 @@ def _loop_banks(cfg, image_uri: str, label_uri: str) -> int:
 
 def _pipeline_vs_loop(config: str, n_slides: int) -> list[Figure]:
     from foveation.config import IngestConfig, SyntheticConfig
-    from foveation.data.ingest import ingest, read_manifest
+    from foveation.data.ingest import ingest
+    from foveation.data.manifest import read_manifest
     from foveation.data.pipeline import Pipeline, torch_batches
     from foveation.data.synthetic import write_synthetic_set
     from foveation.raycluster import init_ray

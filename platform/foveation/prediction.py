@@ -64,7 +64,7 @@ def list_slides(source: str, split: str | None = None) -> list[SlideItem]:
 
         names = pq.read_schema(io.BytesIO(storage.read_bytes(source))).names
         if "label_uri" in names and "schema_version" in names:  # an ingest manifest
-            from foveation.data.ingest import read_manifest
+            from foveation.data.manifest import read_manifest
 
             rows = read_manifest(source).to_pylist()
             rows = [r for r in rows if split is None or r["split"] == split]

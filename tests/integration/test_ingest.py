@@ -8,8 +8,9 @@ import pytest
 
 from foveation.config import IngestConfig, PatchSetConfig, SyntheticConfig
 from foveation.data.gleason import scan
-from foveation.data.ingest import ingest, read_manifest
+from foveation.data.ingest import ingest
 from foveation.data.ingest import ray_tasks as ingest_ray_tasks
+from foveation.data.manifest import read_manifest
 from foveation.data.synthetic import write_synthetic_set
 from foveation.io import storage
 from foveation.raycluster import init_ray

@@ -110,7 +110,8 @@ def workload(prometheus, ray_cluster, s3_endpoint, serve_port, root, tmp_path_fa
     """Everything the dashboards show, small: returns the names it used in labels."""
     import boto3
 
-    from foveation.data.ingest import ingest, read_manifest
+    from foveation.data.ingest import ingest
+    from foveation.data.manifest import read_manifest
     from foveation.data.synthetic import write_synthetic_set
     from foveation.evaluation.slides import evaluate_runs
     from foveation.training.trainer import fit

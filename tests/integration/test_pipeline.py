@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from foveation.config import Config, IngestConfig, PipelineConfig, SyntheticConfig, TrainingConfig
-from foveation.data.ingest import ingest, read_manifest, write_manifest
+from foveation.data.ingest import ingest
+from foveation.data.manifest import read_manifest, write_manifest
 from foveation.data.pipeline import Pipeline, PipelineError, torch_batches
 from foveation.data.synthetic import write_synthetic_set
 from foveation.io import storage

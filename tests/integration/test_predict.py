@@ -77,7 +77,8 @@ def test_a_slide_list_in_s3_is_ingested_trained_on_and_predicted_back_to_its_ann
 
     from foveation.checkpoint import save_checkpoint
     from foveation.config import IngestConfig, load_config
-    from foveation.data.ingest import ingest, read_manifest
+    from foveation.data.ingest import ingest
+    from foveation.data.manifest import read_manifest
     from foveation.data.samples import load_manifest_split
     from foveation.inference import geojson
     from foveation.training.loop import train

@@ -553,7 +553,8 @@ def test_an_s3_outage_of_20_s_during_an_ingest_fails_clearly_and_a_rerun_finishe
     from moto.server import ThreadedMotoServer
 
     from foveation.config import IngestConfig, PatchSetConfig, SyntheticConfig
-    from foveation.data.ingest import IngestError, ingest, read_manifest
+    from foveation.data.ingest import IngestError, ingest
+    from foveation.data.manifest import read_manifest
     from foveation.data.synthetic import write_synthetic_set
     from foveation.io.slides import SlideReader
 

@@ -21,7 +21,8 @@ import torch
 
 from foveation.checkpoint import load_checkpoint
 from foveation.config import DistributedConfig, load_config, read_toml
-from foveation.data.ingest import ingest, read_manifest
+from foveation.data.ingest import ingest
+from foveation.data.manifest import read_manifest
 from foveation.data.synthetic import write_synthetic_set
 from foveation.io import storage
 from foveation.raycluster import init_ray

@@ -9,7 +9,8 @@ import pyvips
 
 from foveation.config import IngestConfig
 from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
-from foveation.data.ingest import ingest, read_manifest
+from foveation.data.ingest import ingest
+from foveation.data.manifest import read_manifest
 from foveation.data.slidelist import scan_list
 from foveation.errors import DataError
 from foveation.inference import geojson

@@ -12,7 +12,8 @@ import pytest
 
 from foveation.config import IngestConfig, PatchSetConfig, SyntheticConfig
 from foveation.data.gleason import assign_splits, central_crop, map_labels, scan
-from foveation.data.ingest import MANIFEST_SCHEMA, IngestError, ingest, ingest_slide, read_manifest
+from foveation.data.ingest import IngestError, ingest, ingest_slide
+from foveation.data.manifest import MANIFEST_SCHEMA, read_manifest
 from foveation.data.synthetic import write_synthetic_set
 from foveation.errors import DataError
 from foveation.io.images import decode_label, encode_png

@@ -10,7 +10,7 @@ import pytest
 
 from foveation.checkpoint import CheckpointError
 from foveation.config import ConfigError, DistributedConfig, config_from_dict
-from foveation.data.ingest import write_manifest
+from foveation.data.manifest import write_manifest
 from foveation.experiments.reproduce import modes, seed_table
 from foveation.io import storage
 from foveation.training.distributed import cpu_threads, deepspeed_config

@@ -11,13 +11,13 @@
 
 Slides run in parallel as Ray tasks (``ingest`` takes any ``map_fn``; the job passes Ray's);
 one bad slide is reported and skipped; a slide already ingested from a source with the same
-checksum is skipped. The manifest schema (``MANIFEST_SCHEMA``) is docs/contracts.md#manifest.
+checksum is skipped. The manifest and the row files are ``data.manifest``'s (the schema:
+docs/contracts.md#manifest); whole-slide images are streamed by ``data.wsi``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -26,45 +26,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from foveation.config import IngestConfig
-from foveation.data.gleason import (
-    RawSlide,
-    assign_splits,
-    central_crop,
-    map_labels,
-    scan,
+from foveation.data.gleason import RawSlide, assign_splits, central_crop, scan
+from foveation.data.manifest import (
+    is_current,
+    manifest_columns,
+    manifest_row,
+    previous_row,
+    source_key,
+    write_manifest,
+    write_row,
 )
 from foveation.data.staple import annotator_confusions, average_expert, staple
+from foveation.data.wsi import ingest_wsi, read_annotator_map
 from foveation.errors import DataError, FoveationError
 from foveation.io import storage
+from foveation.io.formats import is_whole_slide
 from foveation.io.images import ImageError, decode_image, decode_label, encode_png
 from foveation.io.slides import companion_uri
 from foveation.metrics import ConfusionMatrix
-
-SCHEMA_VERSION = 1
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("schema_version", pa.int32()),
-        ("slide_id", pa.string()),
-        ("image_uri", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("mpp", pa.float64()),
-        ("level_downsamples", pa.list_(pa.float64())),
-        ("label_uri", pa.string()),
-        ("annotator_uris", pa.list_(pa.string())),
-        ("truth_uri", pa.string()),
-        ("cue_uri", pa.string()),
-        ("split", pa.string()),
-        ("class_fractions", pa.list_(pa.float64())),
-        ("checksum", pa.string()),
-        ("patient", pa.string()),  # the source's patient (patients.csv), or null
-    ]
-)
-OPTIONAL_COLUMNS = {"patient"}  # added later: a manifest without it reads as all null
 
 
 class IngestError(FoveationError, RuntimeError):
@@ -112,20 +93,6 @@ class IngestSummary:
 
 
 # -- one slide ------------------------------------------------------------------------------
-
-
-def _row_uri(dest: str, sid: str) -> str:
-    return storage.join(dest, "rows", f"{sid}.json")
-
-
-def _previous_row(dest: str, sid: str) -> dict | None:
-    uri = _row_uri(dest, sid)
-    if not storage.exists(uri):
-        return None
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except (ValueError, storage.StorageError):
-        return None
 
 
 def _tiff_bytes(
@@ -180,57 +147,6 @@ def _n_pages(path: str) -> int:
     return im.get("n-pages") if im.get_typeof("n-pages") else 1
 
 
-def _source_key(
-    image_checksum: str, map_bytes: list[bytes], cfg: IngestConfig, extra: tuple = ()
-) -> str:
-    """What decides a slide's outputs: its image, its annotators' maps, and the settings that
-    shape the files (``extra``: what else reading the maps depends on). A change to any
-    re-ingests the slide; anything else is "unchanged"."""
-    h = hashlib.sha256(image_checksum.encode())
-    if extra:
-        h.update(repr(extra).encode())
-    for b in map_bytes:
-        h.update(hashlib.sha256(b).digest())
-    shape = (
-        cfg.crop_size,
-        cfg.tile_size,
-        cfg.sqrt2_levels,
-        cfg.compression,
-        cfg.quality,
-        SCHEMA_VERSION,
-    )
-    h.update(repr(shape).encode())
-    return h.hexdigest()
-
-
-def read_annotator_map(
-    raw: RawSlide, uri: str, data: bytes, shape: tuple[int, int], cfg: IngestConfig, class_names
-) -> np.ndarray:
-    """One annotator's label map (class ids, 255 unlabelled) of ``raw``'s image of ``shape``, by
-    the source's kind; errors name ``uri`` and what was expected."""
-    H, W = shape
-    if raw.label_kind == "qupath":
-        from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
-
-        fill = unannotated_value(cfg.unannotated, class_names)
-        return rasterize(parse_qupath(data, uri, class_names), H, W, fill=fill)
-    m = decode_label(data, uri)
-    if raw.label_kind == "gleason":
-        m = map_labels(m, uri)
-    else:
-        bad = sorted(set(np.unique(m).tolist()) - {*range(len(class_names)), 255})
-        if bad:
-            raise DataError(
-                f"{uri}: label values {bad[:10]} are not class ids 0..{len(class_names) - 1} "
-                "(or 255 for unlabelled)"
-            )
-    if m.shape != (H, W):
-        raise DataError(
-            f"{uri}: label map is {m.shape[1]} x {m.shape[0]}, expected the slide's {W} x {H}"
-        )
-    return m
-
-
 def ingest_slide(
     raw: RawSlide,
     dest: str,
@@ -242,105 +158,148 @@ def ingest_slide(
     t0 = time.perf_counter()
     sid = raw.slide_id
     try:
-        from foveation.data.wsi import ingest_wsi, write_row
-        from foveation.io.formats import is_whole_slide
-
         if raw.label_kind != "gleason" and is_whole_slide(raw.image_uri):  # out of core
-            prev = _previous_row(dest, sid)
-            row, extras, mp = ingest_wsi(raw, dest, cfg, class_names, prev)
-            state = "ingested" if extras is not None else "unchanged"
-            if extras is None:
-                extras = {"annotator_confusion": row.get("annotator_confusion", {})}
-                row = {k: v for k, v in row.items() if k in MANIFEST_SCHEMA.names}
-            else:
-                write_row(dest, row, extras)
-            conf = {int(k): v for k, v in extras["annotator_confusion"].items()}
-            return SlideOutcome(sid, state, row, None, time.perf_counter() - t0, mp, conf)
-        data = storage.read_bytes(raw.image_uri)
-        checksum = hashlib.sha256(data).hexdigest()
-        map_bytes = [storage.read_bytes(uri) for uri in raw.annotator_uris]
-        # QuPath polygons read through the class table and the unannotated label.
-        extra = (cfg.unannotated, tuple(class_names)) if raw.label_kind == "qupath" else ()
-        source_key = _source_key(checksum, map_bytes, cfg, extra)
-        prev = _previous_row(dest, sid)
-        if (
-            prev
-            and prev.get("source_key") == source_key
-            and storage.exists(prev["image_uri"])
-            and storage.exists(prev["label_uri"])
-        ):
-            row = {k: v for k, v in prev.items() if k in MANIFEST_SCHEMA.names}
-            conf = {int(k): v for k, v in prev.get("annotator_confusion", {}).items()}
-            return SlideOutcome(sid, "unchanged", row, None, time.perf_counter() - t0, 0.0, conf)
-        if not raw.annotator_uris:
-            where = "in any MapsK_T folder" if raw.label_kind == "gleason" else "(annotation_uri)"
-            raise DataError(f"{raw.image_uri}: no annotator map for {sid} {where}")
-        image = decode_image(data, raw.image_uri)
-        H, W = image.shape[:2]
-        maps = []
-        for uri, raw_map in zip(raw.annotator_uris, map_bytes, strict=True):
-            m = read_annotator_map(raw, uri, raw_map, (H, W), cfg, class_names)
-            maps.append(central_crop(m, cfg.crop_size))
-        image = central_crop(image, cfg.crop_size)
-        fused = staple(maps, num_classes)
-        confusion = {
-            k: cm.matrix.tolist()
-            for k, cm in zip(
-                raw.annotators, annotator_confusions(maps, fused, num_classes), strict=True
-            )
-        }
-
-        slide_bytes, companion_bytes, downs = _tiff_bytes(image, cfg, label=False)
-        label_bytes, _, _ = _tiff_bytes(fused, cfg, label=True)
-        image_uri = storage.join(dest, "slides", f"{sid}.tif")
-        label_uri = storage.join(dest, "labels", f"{sid}.tif")
-        if companion_bytes is not None:  # first, so a reader never sees the slide without it
-            storage.write_bytes(companion_uri(image_uri), companion_bytes)
-        storage.write_bytes(image_uri, slide_bytes)
-        storage.write_bytes(label_uri, label_bytes)
-        ann_uris = []
-        for k, m in zip(raw.annotators, maps, strict=True):
-            u = storage.join(dest, "annotators", f"{sid}_map{k}.png")
-            storage.write_bytes(u, encode_png(m))
-            ann_uris.append(u)
-        extra = {}
-        for key, src, folder in (
-            ("truth_uri", raw.truth_uri, "truth"),
-            ("cue_uri", raw.cue_uri, "cues"),
-        ):
-            if src is None:
-                extra[key] = None
-                continue
-            a = central_crop(decode_label(storage.read_bytes(src), src), cfg.crop_size)
-            u = storage.join(dest, folder, f"{sid}.png")
-            storage.write_bytes(u, encode_png(a))
-            extra[key] = u
-        fractions = np.bincount(fused.reshape(-1), minlength=num_classes)[:num_classes] / fused.size
-        row = {
-            "schema_version": SCHEMA_VERSION,
-            "slide_id": sid,
-            "image_uri": image_uri,
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
-            "mpp": None,
-            "level_downsamples": downs,
-            "label_uri": label_uri,
-            "annotator_uris": ann_uris,
-            **extra,
-            "split": None,
-            "class_fractions": [float(f) for f in fractions],
-            "checksum": checksum,
-        }
-        # The row file also keeps what a resumed run needs: the key and the annotator scores.
-        record = row | {"source_key": source_key, "annotator_confusion": confusion}
-        storage.write_bytes(_row_uri(dest, sid), json.dumps(record).encode())
-        mp = image.shape[0] * image.shape[1] / 1e6
-        return SlideOutcome(sid, "ingested", row, None, time.perf_counter() - t0, mp, confusion)
+            return _ingest_whole_slide(raw, dest, cfg, class_names, t0)
+        return _ingest_image(raw, dest, cfg, num_classes, class_names, t0)
     except (DataError, ImageError, storage.StorageError) as exc:  # messages already name the file
         return SlideOutcome(sid, "failed", error=str(exc), seconds=time.perf_counter() - t0)
     except Exception as exc:  # anything else still fails only this slide, named
         err = f"{raw.image_uri}: {type(exc).__name__}: {exc}"
         return SlideOutcome(sid, "failed", error=err, seconds=time.perf_counter() - t0)
+
+
+def _ingest_whole_slide(
+    raw: RawSlide, dest: str, cfg: IngestConfig, class_names: tuple[str, ...], t0: float
+) -> SlideOutcome:
+    """A whole-slide image, streamed out of core (``data.wsi``), and its row file."""
+    got = ingest_wsi(raw, dest, cfg, class_names, previous_row(dest, raw.slide_id))
+    if got.source_key is not None:
+        write_row(dest, got.row, got.source_key, got.annotator_confusion)
+    state = "ingested" if got.source_key is not None else "unchanged"
+    conf = {int(k): v for k, v in got.annotator_confusion.items()}
+    seconds = time.perf_counter() - t0
+    return SlideOutcome(raw.slide_id, state, got.row, None, seconds, got.megapixels, conf)
+
+
+def _ingest_image(
+    raw: RawSlide,
+    dest: str,
+    cfg: IngestConfig,
+    num_classes: int,
+    class_names: tuple[str, ...],
+    t0: float,
+) -> SlideOutcome:
+    """An image decoded whole (a Gleason2019 core, a slide list's PNG or JPEG): cropped, its
+    annotators fused by STAPLE, written as pyramids; skipped when its source is unchanged."""
+    sid = raw.slide_id
+    data = storage.read_bytes(raw.image_uri)
+    checksum = hashlib.sha256(data).hexdigest()
+    map_bytes = [storage.read_bytes(uri) for uri in raw.annotator_uris]
+    # QuPath polygons read through the class table and the unannotated label.
+    extra = (cfg.unannotated, tuple(class_names)) if raw.label_kind == "qupath" else ()
+    key = source_key(checksum, map_bytes, cfg, extra)
+    prev = previous_row(dest, sid)
+    if is_current(prev, key):
+        conf = {int(k): v for k, v in prev.get("annotator_confusion", {}).items()}
+        row, seconds = manifest_columns(prev), time.perf_counter() - t0
+        return SlideOutcome(sid, "unchanged", row, None, seconds, 0.0, conf)
+    if not raw.annotator_uris:
+        where = "in any MapsK_T folder" if raw.label_kind == "gleason" else "(annotation_uri)"
+        raise DataError(f"{raw.image_uri}: no annotator map for {sid} {where}")
+    image, maps = _decoded(raw, data, map_bytes, cfg, class_names)
+    fused = staple(maps, num_classes)
+    confusion = {
+        k: cm.matrix.tolist()
+        for k, cm in zip(
+            raw.annotators, annotator_confusions(maps, fused, num_classes), strict=True
+        )
+    }
+    row = _write_image(raw, dest, cfg, image, fused, maps, checksum, num_classes)
+    # The row file also keeps what a resumed run needs: the key and the annotator scores.
+    write_row(dest, row, key, confusion)
+    mp = image.shape[0] * image.shape[1] / 1e6
+    return SlideOutcome(sid, "ingested", row, None, time.perf_counter() - t0, mp, confusion)
+
+
+def _decoded(
+    raw: RawSlide, data: bytes, map_bytes: list[bytes], cfg: IngestConfig, class_names
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The image and each annotator's map (class ids), read at the image's size, then
+    centrally cropped to ``cfg.crop_size``."""
+    image = decode_image(data, raw.image_uri)
+    H, W = image.shape[:2]
+    maps = []
+    for uri, raw_map in zip(raw.annotator_uris, map_bytes, strict=True):
+        m = read_annotator_map(raw, uri, raw_map, (H, W), cfg, class_names)
+        maps.append(central_crop(m, cfg.crop_size))
+    return central_crop(image, cfg.crop_size), maps
+
+
+def _write_image(
+    raw: RawSlide,
+    dest: str,
+    cfg: IngestConfig,
+    image: np.ndarray,
+    fused: np.ndarray,
+    maps: list[np.ndarray],
+    checksum: str,
+    num_classes: int,
+) -> dict:
+    """The slide's files in the store (pyramids, annotators' maps, a synthetic set's truth and
+    cue maps); returns its manifest row."""
+    sid = raw.slide_id
+    image_uri, label_uri, downs = _write_pyramids(dest, sid, image, fused, cfg)
+    ann_uris = []
+    for k, m in zip(raw.annotators, maps, strict=True):
+        u = storage.join(dest, "annotators", f"{sid}_map{k}.png")
+        storage.write_bytes(u, encode_png(m))
+        ann_uris.append(u)
+    truth_uri = _write_cropped_map(raw.truth_uri, dest, "truth", sid, cfg)
+    cue_uri = _write_cropped_map(raw.cue_uri, dest, "cues", sid, cfg)
+    fractions = np.bincount(fused.reshape(-1), minlength=num_classes)[:num_classes] / fused.size
+    return manifest_row(
+        slide_id=sid,
+        image_uri=image_uri,
+        width=int(image.shape[1]),
+        height=int(image.shape[0]),
+        mpp=None,
+        level_downsamples=downs,
+        label_uri=label_uri,
+        annotator_uris=ann_uris,
+        truth_uri=truth_uri,
+        cue_uri=cue_uri,
+        class_fractions=[float(f) for f in fractions],
+        checksum=checksum,
+    )
+
+
+def _write_pyramids(
+    dest: str, sid: str, image: np.ndarray, fused: np.ndarray, cfg: IngestConfig
+) -> tuple[str, str, list[float]]:
+    """The image's pyramid (and its 1/sqrt(2) companion) and the label's; (image URI, label
+    URI, the image's level downsamples)."""
+    slide_bytes, companion_bytes, downs = _tiff_bytes(image, cfg, label=False)
+    label_bytes, _, _ = _tiff_bytes(fused, cfg, label=True)
+    image_uri = storage.join(dest, "slides", f"{sid}.tif")
+    label_uri = storage.join(dest, "labels", f"{sid}.tif")
+    if companion_bytes is not None:  # first, so a reader never sees the slide without it
+        storage.write_bytes(companion_uri(image_uri), companion_bytes)
+    storage.write_bytes(image_uri, slide_bytes)
+    storage.write_bytes(label_uri, label_bytes)
+    return image_uri, label_uri, downs
+
+
+def _write_cropped_map(
+    src: str | None, dest: str, folder: str, sid: str, cfg: IngestConfig
+) -> str | None:
+    """A synthetic set's truth or cue map, cropped like the slide, into ``folder``; its URI
+    (None where the source has none)."""
+    if src is None:
+        return None
+    a = central_crop(decode_label(storage.read_bytes(src), src), cfg.crop_size)
+    u = storage.join(dest, folder, f"{sid}.png")
+    storage.write_bytes(u, encode_png(a))
+    return u
 
 
 # -- the whole set --------------------------------------------------------------------------
@@ -431,33 +390,3 @@ def ingest(
         storage.join(dest, "ingest-summary.json"), json.dumps(asdict(summary), indent=1).encode()
     )
     return summary
-
-
-def write_manifest(dest: str, rows: list[dict]) -> str:
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    uri = storage.join(dest, "manifest.parquet")
-    storage.write_bytes(uri, buf.getvalue())
-    return uri
-
-
-def read_manifest(dest_or_uri: str) -> pa.Table:
-    uri = (
-        dest_or_uri
-        if dest_or_uri.endswith(".parquet")
-        else storage.join(dest_or_uri, "manifest.parquet")
-    )
-    try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-    except storage.StorageError as exc:
-        raise DataError(f"{uri}: no manifest ({exc}); run `python -m jobs.ingest` first") from None
-    for name in OPTIONAL_COLUMNS - set(table.column_names):
-        field = MANIFEST_SCHEMA.field(name)
-        table = table.append_column(field, pa.nulls(len(table), field.type))
-    missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
-    if missing:
-        raise DataError(
-            f"{uri}: not a manifest of this platform (missing columns {sorted(missing)})"
-        )
-    return table

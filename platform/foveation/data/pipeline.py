@@ -190,7 +190,7 @@ class Pipeline:
     """One split of a manifest as a Ray Data pipeline; ``epoch(e)`` gives that epoch's dataset."""
 
     def __init__(self, manifest: str, split: str, cfg: Config, seed: int | None = None) -> None:
-        from foveation.data.ingest import read_manifest
+        from foveation.data.manifest import read_manifest
 
         self.cfg = cfg
         self.seed = cfg.training.seed if seed is None else seed

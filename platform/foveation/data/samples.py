@@ -80,7 +80,7 @@ def load_shard(
 
 
 def load_manifest_split(manifest: str, split: str) -> list[Sample]:
-    from foveation.data.ingest import read_manifest
+    from foveation.data.manifest import read_manifest
 
     rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == split]
     return load_rows(rows, split)

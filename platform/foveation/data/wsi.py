@@ -34,16 +34,18 @@ There is no 1/sqrt(2) companion pyramid for a whole slide.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
 from foveation.config import IngestConfig, PipelineConfig
-from foveation.data.gleason import RawSlide
+from foveation.data.gleason import RawSlide, map_labels
+from foveation.data.manifest import is_current, manifest_columns, manifest_row, source_key
 from foveation.errors import DataError
 from foveation.io import storage
+from foveation.io.images import decode_label
 
 TILE = 256  # rows of a band, and the side of the temporary TIFFs' tiles
 STAPLE_COLS = 4096  # columns of a block that STAPLE fuses at once (1 MP: tens of MB in ITK)
@@ -141,6 +143,35 @@ def check_tissue(reader, uri: str) -> None:
     raise DataError(f"{uri}: no tissue (every pixel of level {k} is background)")
 
 
+def read_annotator_map(
+    raw: RawSlide, uri: str, data: bytes, shape: tuple[int, int], cfg: IngestConfig, class_names
+) -> np.ndarray:
+    """One annotator's label map (class ids, 255 unlabelled) of ``raw``'s image of ``shape``, by
+    the source's kind, whole (an image decoded whole, or a whole slide's mask); errors name
+    ``uri`` and what was expected."""
+    H, W = shape
+    if raw.label_kind == "qupath":
+        from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
+
+        fill = unannotated_value(cfg.unannotated, class_names)
+        return rasterize(parse_qupath(data, uri, class_names), H, W, fill=fill)
+    m = decode_label(data, uri)
+    if raw.label_kind == "gleason":
+        m = map_labels(m, uri)
+    else:
+        bad = sorted(set(np.unique(m).tolist()) - {*range(len(class_names)), 255})
+        if bad:
+            raise DataError(
+                f"{uri}: label values {bad[:10]} are not class ids 0..{len(class_names) - 1} "
+                "(or 255 for unlabelled)"
+            )
+    if m.shape != (H, W):
+        raise DataError(
+            f"{uri}: label map is {m.shape[1]} x {m.shape[0]}, expected the slide's {W} x {H}"
+        )
+    return m
+
+
 def annotator_bands(
     raw: RawSlide, uri: str, data: bytes, shape, cfg: IngestConfig, class_names, rows: int = TILE
 ):
@@ -155,8 +186,6 @@ def annotator_bands(
         for top in range(0, H, rows):
             yield rasterize(anns, min(rows, H - top), W, fill=fill, origin=(top, 0))
         return
-    from foveation.data.ingest import read_annotator_map
-
     m = read_annotator_map(raw, uri, data, shape, cfg, class_names)
     for top in range(0, H, rows):
         yield m[top : top + rows]
@@ -190,15 +219,35 @@ def label_bands(
         yield fused
 
 
-def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: dict | None):
-    """(row, record extras, megapixels) of one whole-slide image written to ``dest``, or
-    (previous row, None, 0) when its source is unchanged. Raises ``DataError`` and friends
-    naming the slide; the caller turns them into a failed outcome."""
-    import pyvips
+@dataclass(frozen=True)
+class WholeSlide:
+    """What ``ingest_wsi`` hands back for one slide."""
 
-    from foveation.data.ingest import SCHEMA_VERSION, _source_key
-    from foveation.io.slides import SlideError, SlideReader
-    from foveation.io.tilepyramid import write_tile_pyramid
+    row: dict  # its manifest columns
+    annotator_confusion: dict  # annotator -> [K, K] matrix (lists) against the fused map
+    megapixels: float  # written (0 when unchanged)
+    source_key: str | None  # what its row file records; None: unchanged, the previous row
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """How a slide goes into the store: its level 0's size and whether it is resampled to the
+    store's mpp (``scale``: store pixels per source pixel)."""
+
+    height: int
+    width: int
+    scale: float
+    resample: bool
+    mpp: float | None  # the store's: the asked one when resampling or none is declared
+
+
+def ingest_wsi(
+    raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: dict | None
+) -> WholeSlide:
+    """One whole-slide image written to ``dest``, or the previous row (``prev``) when its
+    source is unchanged. Raises ``DataError`` and friends naming the slide; the caller turns
+    them into a failed outcome and writes the row file."""
+    import pyvips
 
     # libvips' operation cache keeps finished images and their buffers (100 MB by default):
     # nothing here is read twice, so it would only grow the peak with the slide.
@@ -210,99 +259,134 @@ def ingest_wsi(raw: RawSlide, dest: str, cfg: IngestConfig, class_names, prev: d
         local = _local(raw.image_uri, tmp)
         checksum = file_checksum(local)
         maps = [storage.read_bytes(u) for u in raw.annotator_uris]
-        extra = ("wsi", cfg.unannotated, tuple(class_names))
-        key = _source_key(checksum, maps, cfg, extra)
-        if (
-            prev
-            and prev.get("source_key") == key
-            and storage.exists(prev["image_uri"])
-            and storage.exists(prev["label_uri"])
-        ):
-            return prev, None, 0.0
-        try:
-            reader = SlideReader(local)
-        except SlideError as exc:
-            raise DataError(str(exc).replace(local, raw.image_uri)) from None
-        side = cfg.tile_size
-        try:
-            check_tissue(reader, raw.image_uri)
-            H, W, mpp, backend = reader.height, reader.width, reader.mpp, reader.backend
-            scale = mpp / cfg.mpp if mpp and cfg.mpp else 1.0
-            resample = abs(scale - 1.0) > 0.005  # to the store's mpp
-            out_mpp = cfg.mpp if resample or not mpp else mpp  # none declared: taken as at it
-            if backend == "openslide" and not resample:
-                # Straight from OpenSlide into the store, a tile at a time.
-                slide_path = os.path.join(tmp, "slide.tif")
-                write_tile_pyramid(
-                    slide_path, H, W, 3, slide_tiles(reader, H, W, side), **_store(cfg, out_mpp)
-                )
-            elif backend == "openslide":  # libvips resamples: level 0 as a TIFF it can read
-                level0 = os.path.join(tmp, "level0.tif")
-                write_tiled(level0, H, W, slide_tiles(reader, H, W), 3)
-        finally:
-            reader.close()
-        if backend == "pyvips" or resample:
-            if backend == "pyvips":
-                im = pyvips.Image.new_from_file(local, access="random")
-                im = im.flatten(background=255) if im.hasalpha() else im
-                im = im.colourspace("srgb") if im.bands < 3 else im
-            else:
-                im = pyvips.Image.new_from_file(level0, access="random")
-            if resample:
-                im = area_resize(im, scale)
-            slide_path = os.path.join(tmp, "slide.tif")
-            write_tile_pyramid(
-                slide_path, im.height, im.width, 3, vips_tiles(im, side), **_store(cfg, out_mpp)
+        key = source_key(checksum, maps, cfg, ("wsi", cfg.unannotated, tuple(class_names)))
+        if is_current(prev, key):
+            return WholeSlide(
+                manifest_columns(prev), prev.get("annotator_confusion", {}), 0.0, None
             )
-        counts = np.zeros(256, np.int64)
-
-        def count(t: np.ndarray) -> None:
-            counts[:] += np.bincount(t.reshape(-1), minlength=256)
-
-        confusion: dict = {}
-        label_path = os.path.join(tmp, "labels.tif")
-        labels = dict(tile=side, compression="deflate", mpp=out_mpp, reduce="mode")
-        if not resample:  # rasterised band by band, counted and written tile by tile
-            bands = label_bands(raw, maps, (H, W), cfg, class_names, confusion, rows=side)
-            tiles = tiles_of(bands, W, side)
-            write_tile_pyramid(label_path, H, W, 1, tiles, on_tile=count, **labels)
-        else:  # class ids resampled by nearest (never a blend of two ids) through libvips
-            raw_labels = os.path.join(tmp, "labels0.tif")
-            bands = label_bands(raw, maps, (H, W), cfg, class_names, confusion)
-            write_tiled(raw_labels, H, W, tiles_of(bands, W), 1)
-            lab = pyvips.Image.new_from_file(raw_labels, access="random")
-            lab = lab.resize(scale, kernel="nearest")
-            write_tile_pyramid(
-                label_path, lab.height, lab.width, 1, vips_tiles(lab, side), on_tile=count, **labels
-            )
-        mpp = out_mpp
-        H, W = (im.height, im.width) if resample else (H, W)
-        k = len(class_names)
-        fractions = counts[:k] / max(1, int(counts[:k].sum()))
+        geo, slide_path, (H, W) = _write_slide(raw, local, tmp, cfg)
+        label_path, counts, confusion = _write_labels(raw, maps, geo, tmp, cfg, class_names)
         n_pages = pyvips.Image.new_from_file(slide_path).get("n-pages")
         downs = [W / pyvips.Image.new_from_file(slide_path, page=p).width for p in range(n_pages)]
         image_uri = storage.join(dest, "slides", f"{sid}.tif")
         label_uri = storage.join(dest, "labels", f"{sid}.tif")
         storage.upload_file(slide_path, image_uri)
         storage.upload_file(label_path, label_uri)
-    row = {
-        "schema_version": SCHEMA_VERSION,
-        "slide_id": sid,
-        "image_uri": image_uri,
-        "width": int(W),
-        "height": int(H),
-        "mpp": mpp,
-        "level_downsamples": sorted(downs),
-        "label_uri": label_uri,
-        "annotator_uris": [],
-        "truth_uri": None,
-        "cue_uri": None,
-        "split": None,
-        "class_fractions": [float(f) for f in fractions],
-        "checksum": checksum,
-    }
+    k = len(class_names)
+    fractions = counts[:k] / max(1, int(counts[:k].sum()))
+    row = manifest_row(
+        slide_id=sid,
+        image_uri=image_uri,
+        width=int(W),
+        height=int(H),
+        mpp=geo.mpp,
+        level_downsamples=sorted(downs),
+        label_uri=label_uri,
+        annotator_uris=[],
+        truth_uri=None,
+        cue_uri=None,
+        class_fractions=[float(f) for f in fractions],
+        checksum=checksum,
+    )
     conf = {a: cm.matrix.tolist() for a, cm in confusion.items()}
-    return row, {"source_key": key, "annotator_confusion": conf}, H * W / 1e6
+    return WholeSlide(row, conf, H * W / 1e6, key)
+
+
+def _open_slide(local: str, uri: str):
+    from foveation.io.slides import SlideError, SlideReader
+
+    try:
+        return SlideReader(local)
+    except SlideError as exc:
+        raise DataError(str(exc).replace(local, uri)) from None
+
+
+def _scale(reader, cfg: IngestConfig) -> _Scale:
+    """The slide's scale against the store's mpp, decided once: resampled when the two differ
+    by more than 0.5%; a slide that declares none is taken to be at the store's."""
+    H, W, mpp = reader.height, reader.width, reader.mpp
+    scale = mpp / cfg.mpp if mpp and cfg.mpp else 1.0
+    resample = abs(scale - 1.0) > 0.005  # to the store's mpp
+    out_mpp = cfg.mpp if resample or not mpp else mpp  # none declared: taken as at it
+    return _Scale(H, W, scale, resample, out_mpp)
+
+
+def _write_slide(
+    raw: RawSlide, local: str, tmp: str, cfg: IngestConfig
+) -> tuple[_Scale, str, tuple[int, int]]:
+    """The store's image pyramid of the slide at ``local``, in ``tmp``: straight from
+    OpenSlide a tile at a time, or through libvips when it reads the file or resamples it;
+    (the slide's scale, the pyramid's path, its (height, width))."""
+    import pyvips
+
+    from foveation.io.tilepyramid import write_tile_pyramid
+
+    reader = _open_slide(local, raw.image_uri)
+    side = cfg.tile_size
+    slide_path = os.path.join(tmp, "slide.tif")
+    level0 = os.path.join(tmp, "level0.tif")
+    try:
+        check_tissue(reader, raw.image_uri)
+        geo, backend = _scale(reader, cfg), reader.backend
+        H, W = geo.height, geo.width
+        if backend == "openslide" and not geo.resample:
+            # Straight from OpenSlide into the store, a tile at a time.
+            tiles = slide_tiles(reader, H, W, side)
+            write_tile_pyramid(slide_path, H, W, 3, tiles, **_store(cfg, geo.mpp))
+        elif backend == "openslide":  # libvips resamples: level 0 as a TIFF it can read
+            write_tiled(level0, H, W, slide_tiles(reader, H, W), 3)
+    finally:
+        reader.close()
+    if backend != "pyvips" and not geo.resample:
+        return geo, slide_path, (H, W)
+    if backend == "pyvips":
+        im = pyvips.Image.new_from_file(local, access="random")
+        im = im.flatten(background=255) if im.hasalpha() else im
+        im = im.colourspace("srgb") if im.bands < 3 else im
+    else:
+        im = pyvips.Image.new_from_file(level0, access="random")
+    if geo.resample:
+        im = area_resize(im, geo.scale)
+    write_tile_pyramid(
+        slide_path, im.height, im.width, 3, vips_tiles(im, side), **_store(cfg, geo.mpp)
+    )
+    return geo, slide_path, ((im.height, im.width) if geo.resample else (H, W))
+
+
+def _write_labels(
+    raw: RawSlide, maps: list[bytes], geo: _Scale, tmp: str, cfg: IngestConfig, class_names
+) -> tuple[str, np.ndarray, dict]:
+    """The store's label pyramid, in ``tmp``: rasterised band by band, counted and written tile
+    by tile; when the slide is resampled, class ids resampled by nearest (never a blend of two
+    ids) through libvips. (its path, pixel counts per value [256], annotator -> confusion
+    against the fused map)."""
+    import pyvips
+
+    from foveation.io.tilepyramid import write_tile_pyramid
+
+    counts = np.zeros(256, np.int64)
+
+    def count(t: np.ndarray) -> None:
+        counts[:] += np.bincount(t.reshape(-1), minlength=256)
+
+    H, W, side = geo.height, geo.width, cfg.tile_size
+    confusion: dict = {}
+    label_path = os.path.join(tmp, "labels.tif")
+    labels = dict(tile=side, compression="deflate", mpp=geo.mpp, reduce="mode")
+    if not geo.resample:
+        bands = label_bands(raw, maps, (H, W), cfg, class_names, confusion, rows=side)
+        tiles = tiles_of(bands, W, side)
+        write_tile_pyramid(label_path, H, W, 1, tiles, on_tile=count, **labels)
+        return label_path, counts, confusion
+    raw_labels = os.path.join(tmp, "labels0.tif")
+    bands = label_bands(raw, maps, (H, W), cfg, class_names, confusion)
+    write_tiled(raw_labels, H, W, tiles_of(bands, W), 1)
+    lab = pyvips.Image.new_from_file(raw_labels, access="random")
+    lab = lab.resize(geo.scale, kernel="nearest")
+    write_tile_pyramid(
+        label_path, lab.height, lab.width, 1, vips_tiles(lab, side), on_tile=count, **labels
+    )
+    return label_path, counts, confusion
 
 
 def _store(cfg: IngestConfig, mpp: float | None) -> dict:
@@ -313,9 +397,3 @@ def _store(cfg: IngestConfig, mpp: float | None) -> dict:
         "quality": cfg.quality,
         "mpp": mpp,
     }
-
-
-def write_row(dest: str, row: dict, extras: dict) -> None:
-    from foveation.data.ingest import _row_uri
-
-    storage.write_bytes(_row_uri(dest, row["slide_id"]), json.dumps(row | extras).encode())

@@ -183,7 +183,7 @@ def evaluate_runs(
 
 def _split_rows(manifest: str, split: str) -> list[dict]:
     """The manifest's rows of ``split``, their URIs absolute (the tasks run elsewhere)."""
-    from foveation.data.ingest import read_manifest
+    from foveation.data.manifest import read_manifest
 
     rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == split]
     if not rows:

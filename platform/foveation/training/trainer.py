@@ -89,7 +89,7 @@ def _latest_checkpoint(run_uri: str) -> str | None:
 
 def preflight(cfg: Config, manifest: str, run_uri: str, resume: bool, overwrite: bool) -> dict:
     """All the checks that need no worker; returns the manifest rows by split."""
-    from foveation.data.ingest import read_manifest
+    from foveation.data.manifest import read_manifest
     from foveation.errors import DataError
     from foveation.models.foveated import check_config
 
