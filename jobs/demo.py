@@ -29,15 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     # the output of Ray's workers stays in Ray's log files; the stages and epochs print here.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     cfg = load_job_config(args.config)
+    from foveation.data.prepare import ensure_store, generation_needed
     from foveation.raycluster import init_ray, ray_logs_dir
 
+    raw = args.raw or cfg.data.ingest.source
+    store = args.store or cfg.data.ingest.dest
+    generation_needed(cfg, raw, store)  # a set this platform did not write fails before Ray
     init_ray(cfg.distributed.logical_cpus, quiet=True)
-    from foveation.data.prepare import ensure_store
     from foveation.experiments.reproduce import reproduce
 
     t0 = time.perf_counter()
-    raw = args.raw or cfg.data.ingest.source
-    store = args.store or cfg.data.ingest.dest
     out = args.out or f"runs/{cfg.name}"
 
     def step(msg: str) -> None:
