@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from foveation.config import IngestConfig
+from foveation.data import wsi
 from foveation.data.gleason import RawSlide, assign_splits, central_crop, scan
 from foveation.data.manifest import (
     is_current,
@@ -39,7 +40,6 @@ from foveation.data.manifest import (
     write_row,
 )
 from foveation.data.staple import annotator_confusions, average_expert, staple
-from foveation.data.wsi import ingest_wsi, read_annotator_map
 from foveation.errors import DataError, FoveationError
 from foveation.io import storage
 from foveation.io.formats import is_whole_slide
@@ -172,7 +172,7 @@ def _ingest_whole_slide(
     raw: RawSlide, dest: str, cfg: IngestConfig, class_names: tuple[str, ...], t0: float
 ) -> SlideOutcome:
     """A whole-slide image, streamed out of core (``data.wsi``), and its row file."""
-    got = ingest_wsi(raw, dest, cfg, class_names, previous_row(dest, raw.slide_id))
+    got = wsi.ingest_wsi(raw, dest, cfg, class_names, previous_row(dest, raw.slide_id))
     if got.source_key is not None:
         write_row(dest, got.row, got.source_key, got.annotator_confusion)
     state = "ingested" if got.source_key is not None else "unchanged"
@@ -230,7 +230,7 @@ def _decoded(
     H, W = image.shape[:2]
     maps = []
     for uri, raw_map in zip(raw.annotator_uris, map_bytes, strict=True):
-        m = read_annotator_map(raw, uri, raw_map, (H, W), cfg, class_names)
+        m = wsi.read_annotator_map(raw, uri, raw_map, (H, W), cfg, class_names)
         maps.append(central_crop(m, cfg.crop_size))
     return central_crop(image, cfg.crop_size), maps
 
