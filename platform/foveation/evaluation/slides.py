@@ -18,10 +18,15 @@ import numpy as np
 import torch
 
 from foveation.config import Config
+from foveation.errors import DataError, FoveationError
 from foveation.io import storage
 from foveation.metrics import CUE_NAMES, ConfusionMatrix, apsm_cue_sums
 
 EXPERT_RUN = "average expert"
+
+
+class EvaluationError(FoveationError, RuntimeError):
+    """Slides that could not be evaluated (each named with its cause), after the others were."""
 
 
 @dataclass
@@ -83,7 +88,7 @@ def score_slide(run: str, checkpoint_uri: str, row: dict, thumb_px: int = 256) -
     label = SlideReader(row["label_uri"], rgb=False)
     try:
         if (label.height, label.width) != (image.height, image.width):
-            raise ValueError(
+            raise DataError(
                 f"{row['label_uri']}: label map is {label.width} x {label.height}, the slide "
                 f"{row['image_uri']} is {image.width} x {image.height}; expected the same size"
             )
@@ -112,7 +117,7 @@ def score_experts(row: dict, num_classes: int, ignore_index: int) -> list[SlideS
         m = decode_label(storage.read_bytes(uri), uri)
         cm = ConfusionMatrix(num_classes, ignore_index)
         if m.shape != fused.shape:
-            raise ValueError(f"{uri}: annotator map {m.shape} differs from the label {fused.shape}")
+            raise DataError(f"{uri}: annotator map {m.shape} differs from the label {fused.shape}")
         cm.update(np.where(m < num_classes, m, ignore_index), fused)
         out.append(SlideScore(f"{EXPERT_RUN}:{uri.rsplit('_', 1)[-1]}", row["slide_id"], cm.matrix))
     return out
@@ -187,7 +192,7 @@ def _split_rows(manifest: str, split: str) -> list[dict]:
 
     rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == split]
     if not rows:
-        raise ValueError(f"manifest {manifest!r}: no slides in split {split!r}")
+        raise DataError(f"manifest {manifest!r}: no slides in split {split!r}")
     for r in rows:
         r["image_uri"], r["label_uri"] = (
             storage.absolute(r["image_uri"]),
@@ -225,7 +230,7 @@ def _score_all(
     for part in ray_map(work, items, num_cpus=task_cpus, desc="slides", on_error=on_error):
         scores.extend(part)
     if failed:
-        raise RuntimeError(
+        raise EvaluationError(
             "evaluation failed on: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
         )
     return scores

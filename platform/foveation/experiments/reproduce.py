@@ -21,6 +21,7 @@ import numpy as np
 
 from foveation.checkpoint import META, CheckpointError, read_config, save_checkpoint
 from foveation.config import Config, MixConfig, what_it_trains
+from foveation.errors import InputError
 from foveation.io import storage
 from foveation.models.mixing import is_learned
 
@@ -104,7 +105,7 @@ def reproduce(
     from foveation.evaluation.slides import evaluate_runs
 
     if trainer not in TRAINERS:
-        raise ValueError(f"trainer {trainer!r}: expected one of {TRAINERS}")
+        raise InputError(f"trainer {trainer!r}: expected one of {TRAINERS}")
     t0 = time.perf_counter()
     manifest = storage.absolute(manifest or cfg.data.ingest.dest)
     out = storage.absolute(out)
