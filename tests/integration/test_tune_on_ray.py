@@ -148,6 +148,47 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert (out / "best.toml").exists()
 
 
+def test_a_trial_resumed_with_no_epoch_left_reports_its_last_checkpoint_again(
+    store, root, tmp_path
+):
+    """A sweep interrupted after a trial's last report but before Tune recorded it restarts the
+    trial on --resume; its run resumes with no epoch left. It must report its last checkpoint's
+    metrics again, with that checkpoint: a trial that reports nothing fails Tune's check for
+    the metric the sweep ranks by. Here the run is finished first, then resumed in a trial."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from foveation.training.trainer import fit
+
+    cfg = tiny(root, {}, epochs=1)
+    out = str(tmp_path / "trial")
+    first = fit(cfg, out, store, log=lambda s: None)
+    # The checkpoint as it was: with keep_checkpoints = 1, Ray Train drops it for the new one.
+    kept = {n: _read(first.best_checkpoint_uri, n) for n in ("meta.json", "model.safetensors")}
+
+    def trial(config: dict) -> None:
+        fit(cfg, out, store, resume=True, log=lambda s: None, callbacks=[TuneReportCallback()])
+
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"CPU": cfg.tune.trial_cpus}),
+        tune_config=tune.TuneConfig(metric="val_miou", mode="max", num_samples=1),
+        run_config=tune.RunConfig(name="again", storage_path=str(tmp_path / "tune")),
+    )
+    (result,) = tuner.fit()
+    assert result.error is None, result.error
+    assert result.metrics["val_miou"] == first.metrics["val_miou"]
+    # With that checkpoint (Tune is told its path): the finished run's weights and metadata.
+    again = result.metrics["checkpoint_path"]
+    assert again != first.best_checkpoint_uri and result.metrics["epoch"] == 1
+    assert (tmp_path / "trial" / "train").samefile(os.path.dirname(again))
+    assert {n: _read(again, n) for n in kept} == kept
+
+
+def _read(directory: str, name: str) -> bytes:
+    with open(os.path.join(directory, name), "rb") as f:
+        return f.read()
+
+
 def _lines(path: str) -> int:
     with open(path) as f:
         return f.read().count("\n")
