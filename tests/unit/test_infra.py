@@ -296,8 +296,15 @@ def test_the_rayservice_runs_the_local_serve_app_with_gpu_autoscaling():
     cluster = doc["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     (gpu,) = cluster["workerGroupSpecs"]
-    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= settings.autoscaling.max_replicas
-    assert int(from_template(gpu)[0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    per_pod = int(from_template(gpu)[0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert per_pod >= 1 and gpu["minReplicas"] == 0
+    # At full load every model replica and every concurrent slide task holds its GPUs at once:
+    # the GPU pods the autoscaler may add must hold them all.
+    needed = (
+        settings.autoscaling.max_replicas * settings.model.num_gpus
+        + settings.jobs.max_concurrent * settings.jobs.task_gpus * (settings.jobs.run_as == "tasks")
+    )
+    assert gpu["maxReplicas"] * per_pod >= needed, (gpu["maxReplicas"], per_pod, needed)
 
 
 def test_the_cluster_launcher_yaml_passes_rays_schema_and_has_gpu_workers():
@@ -309,5 +316,9 @@ def test_the_cluster_launcher_yaml_passes_rays_schema_and_has_gpu_workers():
     types = conf["available_node_types"]
     gpu = [t for t in types.values() if t["node_config"]["InstanceType"].startswith(("g", "p"))]
     assert gpu and all(t["max_workers"] > 0 for t in gpu)
+    # The dashboard (and its job API) is reached through `ray dashboard`'s SSH tunnel, so the
+    # head binds it to loopback, never to every interface.
+    (head,) = [c for c in conf["head_start_ray_commands"] if "ray start --head" in c]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     starts = " ".join(conf["head_start_ray_commands"] + conf["worker_start_ray_commands"])
     assert starts.count("--metrics-export-port=8080") == 2
