@@ -17,22 +17,25 @@ from typing import Any
 DEFAULT_LOGICAL_CPUS = 4
 
 
-# Storage settings the driver has and its tasks need (the S3 endpoint and credentials): passed
-# to every worker of the job through its runtime_env, never logged.
+# Storage settings the driver has and its tasks need (where the S3 endpoint is, which region,
+# no EC2 metadata look-ups): passed to every worker of the job through its runtime_env. Only
+# settings: a runtime_env is readable by anyone holding the cluster's token (the job API, the
+# state API, the dashboard), so credentials never travel in it (SECRET_ENV).
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
-    "AWS_PROFILE",
+    "AWS_PROFILE",  # a profile's name; its keys are in the node's ~/.aws
     "AWS_EC2_METADATA_DISABLED",
     # Not storage, but the same need: a job that turns Ray Data's progress bars off (the demo)
     # turns them off in the Train workers and actors that execute its datasets too.
     "RAY_DATA_DISABLE_PROGRESS_BARS",
 )
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+"""Credentials a worker reads from its own node: the environment its raylet was started with
+(a local Ray started here inherits this process's), an instance role, or files the cluster's
+manifests mount. Never forwarded (docs/operations.md#credentials)."""
 
 
 def init_ray(
