@@ -179,36 +179,89 @@ class EpochLines:
                     self.seen.discard(name)  # retried at the next poll
 
 
-def run_resources(cfg: Config) -> dict[str, float]:
-    """Logical resources a training run holds: its Ray Train workers and its reader actors."""
+def run_resources(cfg: Config, loader: str | None = None) -> dict[str, float]:
+    """Logical resources a training run holds: its Ray Train workers and, when its batches
+    stream, its reader actors. ``loader``: the loader the run uses ("memory": no readers);
+    None: as configured ("auto" may stream, so a Tune trial reserves them)."""
     dc, pc = cfg.distributed, cfg.data.pipeline
-    readers = 0 if pc.loader == "memory" else pc.reader_actors  # "auto" may stream
+    readers = 0 if (loader or pc.loader) == "memory" else pc.reader_actors
     cpu = dc.num_workers * dc.cpus_per_worker + readers * pc.actor_cpus
     return {"CPU": cpu} | ({"GPU": dc.num_workers * dc.gpus_per_worker} if dc.use_gpu else {})
 
 
-def check_resources(cfg: Config) -> None:
-    """GPUs asked for must exist in the cluster, and the workers must fit at all."""
+@dataclass(frozen=True)
+class Shortfall:
+    """A resource the run needs more of than the cluster has now. ``most``: what the cluster's
+    autoscaler can grow it to (None: no autoscaler, or Ray does not say)."""
+
+    name: str
+    need: float
+    have: float
+    most: float | None
+
+    @property
+    def fatal(self) -> bool:
+        """No autoscaler can close it: the run would wait for ever."""
+        return self.most is None or self.most < self.need
+
+
+def shortfalls(
+    needs: dict[str, float], have: dict[str, float], most: dict[str, float] | None
+) -> list[Shortfall]:
+    """What ``needs`` lacks in ``have``, with what the autoscaler can add (``most``: the node
+    types' maxima, None without an autoscaler). An autoscaled cluster with GPU workers at
+    ``min_workers = 0`` has no GPU until a run asks: that is a wait, not an error."""
+    out = []
+    for name, need in needs.items():
+        now = have.get(name, 0.0)
+        if now < need:
+            cap = None if most is None else max(float(most.get(name, 0)), now)
+            out.append(Shortfall(name, need, now, cap))
+    return out
+
+
+def autoscaler_maxima() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler can provide (its node types' maxima),
+    or None on a cluster without one (a laptop, a fixed cluster) or when Ray does not say."""
+    try:  # Ray Train v2 reads the same (a private API: a missing one means "do not know")
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
+
+
+def check_resources(cfg: Config, loader: str, log: Callable[[str], None] = print) -> None:
+    """The run must fit the cluster, now or once its autoscaler has added nodes: a shortfall no
+    autoscaler can close is an error before any worker starts; one it can close is said."""
     import ray
 
-    dc = cfg.distributed
-    have = ray.cluster_resources()
-    needs = run_resources(cfg)
-    if dc.use_gpu:
-        need = needs["GPU"]
-        if have.get("GPU", 0) < need:
+    dc, pc = cfg.distributed, cfg.data.pipeline
+    for short in shortfalls(
+        run_resources(cfg, loader), ray.cluster_resources(), autoscaler_maxima()
+    ):
+        if not short.fatal:
+            log(
+                f"distributed: the run needs {short.need:g} {short.name}; the cluster has "
+                f"{short.have:g} now and its autoscaler can add up to {short.most:g}: waiting"
+            )
+        elif short.name == "GPU":
             raise TrainingError(
                 f"distributed.use_gpu: {dc.num_workers} workers x {dc.gpus_per_worker} GPUs need "
-                f"{need} GPUs; the Ray cluster has {have.get('GPU', 0)}. Set distributed.use_gpu "
-                "= false to train on CPU"
+                f"{short.need:g} GPUs; the Ray cluster has {short.have:g}"
+                f"{_autoscaled(short)}. Set distributed.use_gpu = false to train on CPU"
             )
-    need_cpu = needs["CPU"]
-    if have.get("CPU", 0) < need_cpu:
-        raise TrainingError(
-            f"distributed: {dc.num_workers} workers x {dc.cpus_per_worker} CPUs plus "
-            f"{cfg.data.pipeline.reader_actors} reader actors x {cfg.data.pipeline.actor_cpus} CPUs "
-            f"need {need_cpu} logical CPUs; the Ray cluster has {have.get('CPU', 0)}"
-        )
+        else:
+            readers = f" plus {pc.reader_actors} reader actors x {pc.actor_cpus} CPUs"
+            raise TrainingError(
+                f"distributed: {dc.num_workers} workers x {dc.cpus_per_worker} CPUs"
+                f"{readers if loader == 'stream' else ''} need {short.need:g} logical "
+                f"{short.name}s; the Ray cluster has {short.have:g}{_autoscaled(short)}"
+            )
+
+
+def _autoscaled(short: Shortfall) -> str:
+    return "" if short.most is None else f" and its autoscaler can add up to {short.most:g}"
 
 
 def fit(
@@ -231,7 +284,9 @@ def fit(
     from foveation.raycluster import init_ray
 
     init_ray(cfg.distributed.logical_cpus)
-    check_resources(cfg)
+    from foveation.data.samples import choose_loader
+
+    check_resources(cfg, choose_loader(cfg, splits["train"], cfg.distributed.num_workers), log)
     if overwrite and _latest_checkpoint(run_uri):
         for stale in (run_uri, storage.join(out, "history")):
             storage.delete(stale, missing_ok=True)
