@@ -128,3 +128,9 @@ def apsm_cue_sums(
     sums = np.array([apsm[at == c].sum() for c in range(len(CUE_NAMES))], np.float64)
     counts = np.array([(at == c).sum() for c in range(len(CUE_NAMES))], np.float64)
     return sums, counts
+
+
+def apsm_cue_means(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    """Mean APSM (px) by cue name from ``apsm_cue_sums``' sums and counts (added over slides,
+    or of one); a cue with no cell is left out."""
+    return {n: float(sums[i] / counts[i]) for i, n in enumerate(CUE_NAMES) if counts[i]}

@@ -26,8 +26,8 @@ from foveation.data.manifest import read_manifest
 from foveation.data.synthetic import write_synthetic_set
 from foveation.io import storage
 from foveation.raycluster import init_ray
+from foveation.training.plan import FAULT_ENV
 from foveation.training.trainer import TrainingError, fit
-from foveation.training.worker import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 

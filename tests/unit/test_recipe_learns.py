@@ -17,7 +17,7 @@ import pytest
 from foveation.data.samples import Sample
 from foveation.data.synthetic import GeneratorParams, TissueScales, generate_slide
 from foveation.evaluation.inmemory import evaluate
-from foveation.evaluation.slides import CUE_NAMES, apsm_cue_sums
+from foveation.metrics import CUE_NAMES, apsm_cue_sums
 from foveation.training.loop import train
 
 STEPS, N_TRAIN, N_TEST, SIZE, CONTRAST = 128, 16, 4, 384, 6.0

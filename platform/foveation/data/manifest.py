@@ -148,21 +148,27 @@ def is_current(prev: dict | None, key: str) -> bool:
 # -- the manifest -------------------------------------------------------------------------------
 
 
+MANIFEST_FILE = "manifest.parquet"
+
+
+def manifest_uri(dest_or_uri: str) -> str:
+    """The manifest of the store ``dest_or_uri`` (or ``dest_or_uri`` itself, a ``.parquet``)."""
+    if dest_or_uri.endswith(".parquet"):
+        return dest_or_uri
+    return storage.join(dest_or_uri, MANIFEST_FILE)
+
+
 def write_manifest(dest: str, rows: list[dict]) -> str:
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    uri = storage.join(dest, "manifest.parquet")
+    uri = storage.join(dest, MANIFEST_FILE)
     storage.write_bytes(uri, buf.getvalue())
     return uri
 
 
 def read_manifest(dest_or_uri: str) -> pa.Table:
-    uri = (
-        dest_or_uri
-        if dest_or_uri.endswith(".parquet")
-        else storage.join(dest_or_uri, "manifest.parquet")
-    )
+    uri = manifest_uri(dest_or_uri)
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     except storage.StorageError as exc:

@@ -103,6 +103,7 @@ def generation_needed(cfg: Config, raw: str, store: str | None = None) -> str | 
     deliberately, so it is used as it is. A regenerated set with fewer slides than the old one
     would leave stale slides, so that is an error naming the folder."""
     from foveation.data import gleason
+    from foveation.data.manifest import manifest_uri
     from foveation.data.synthetic import generator_settings, stored_settings
 
     if not has_files(raw):
@@ -111,7 +112,7 @@ def generation_needed(cfg: Config, raw: str, store: str | None = None) -> str | 
     if stored is None:
         if not has_files(storage.join(raw, gleason.TRUTH_DIR)):
             return None  # real slides: used as they are
-        if storage.exists(storage.join(store or cfg.data.ingest.dest, "manifest.parquet")):
+        if storage.exists(manifest_uri(store or cfg.data.ingest.dest)):
             return None  # a set from elsewhere, already ingested on purpose: used as it is
         truth = f"a slide set with truth maps ({gleason.TRUTH_DIR}/)"
         raise ForeignSetError(foreign_set_message(raw, truth, "generating would overwrite it"))

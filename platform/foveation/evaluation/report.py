@@ -236,7 +236,8 @@ def _apsm_by_cue_section(res) -> list[str]:
     """The report's lines on where foveation looks (mean APSM by the generator's cue, synthetic
     sets only; none without cue maps); each run's figures also go into its metrics
     (``apsm_by_cue``)."""
-    from foveation.evaluation.slides import CUE_NAMES, apsm_by_cue
+    from foveation.evaluation.slides import apsm_by_cue
+    from foveation.metrics import CUE_NAMES
     from foveation.models.mixing import is_learned
 
     cue_lines = []

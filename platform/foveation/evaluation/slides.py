@@ -20,7 +20,7 @@ import torch
 from foveation.config import Config
 from foveation.errors import DataError, FoveationError
 from foveation.io import storage
-from foveation.metrics import CUE_NAMES, ConfusionMatrix, apsm_cue_sums
+from foveation.metrics import CUE_NAMES, ConfusionMatrix, apsm_cue_means, apsm_cue_sums
 
 EXPERT_RUN = "average expert"
 
@@ -300,4 +300,4 @@ def apsm_by_cue(res: EvaluationResult, run: str) -> dict[str, float] | None:
         counts += c_
     if not counts.any():
         return None
-    return {n: float(sums[i] / counts[i]) for i, n in enumerate(CUE_NAMES) if counts[i]}
+    return apsm_cue_means(sums, counts)

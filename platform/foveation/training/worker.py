@@ -29,7 +29,7 @@ import torch
 from foveation.checkpoint import META, write_files
 from foveation.config import Config
 from foveation.io import storage
-from foveation.metrics import CUE_NAMES, apsm_cue_sums
+from foveation.metrics import apsm_cue_means, apsm_cue_sums
 from foveation.models.foveated import FoveatedSegmenter, build_model
 from foveation.training import distributed
 from foveation.training.loop import (
@@ -41,12 +41,7 @@ from foveation.training.loop import (
     validate,
     validation_batches,
 )
-from foveation.training.plan import (
-    FAULT_ENV,  # noqa: F401  (the fault-injection tests name it from here)
-    HistoryTarget,
-    WorkerPlan,
-    from_loop_config,
-)
+from foveation.training.plan import HistoryTarget, WorkerPlan, from_loop_config
 from foveation.training.recorder import Recorder, epoch_line
 
 DEEPSPEED_DIR = "deepspeed"
@@ -197,13 +192,8 @@ def training_batches(plan: WorkerPlan, rank: int) -> Callable[[int], Iterable[di
     (``data.pipeline.loader`` memory), else streamed from this rank's "train" dataset shard."""
     if plan.train_rows is not None:
         return memory_batches(plan.cfg, list(plan.train_rows), rank)
-    import ray.train
-
-    from foveation.data.pipeline import torch_batches
-
-    shard = ray.train.get_dataset_shard("train")
-    rows = plan.cfg.training.batch_size * plan.cfg.training.locations_per_image
-    return lambda epoch: torch_batches(shard, rows)
+    stream = shard_batches(plan, "train")
+    return lambda epoch: stream()
 
 
 def validation_data(plan: WorkerPlan, rank: int) -> Callable[[], Iterable[dict]] | None:
@@ -214,11 +204,17 @@ def validation_data(plan: WorkerPlan, rank: int) -> Callable[[], Iterable[dict]]
         return lambda: iter(held)
     if not plan.has_val:  # Ray Train 2.60 raises KeyError for a dataset it was not given
         return None
+    return shard_batches(plan, "val")
+
+
+def shard_batches(plan: WorkerPlan, name: str) -> Callable[[], Iterable[dict]]:
+    """A fresh pass over this rank's shard of the Ray Train dataset ``name``, in training
+    batches of ``batch_size`` images' locations, at every call."""
     import ray.train
 
     from foveation.data.pipeline import torch_batches
 
-    shard = ray.train.get_dataset_shard("val")
+    shard = ray.train.get_dataset_shard(name)
     rows = plan.cfg.training.batch_size * plan.cfg.training.locations_per_image
     return lambda: torch_batches(shard, rows)
 
@@ -371,6 +367,5 @@ def write_apsm(
     means = {"all": float(apsm.mean())}
     if history.cue_uri:
         cue = decode_label(storage.read_bytes(history.cue_uri), history.cue_uri)
-        sums, counts = apsm_cue_sums(apsm, cue, cfg.patches.xr_scale)
-        means |= {n: float(sums[i] / counts[i]) for i, n in enumerate(CUE_NAMES) if counts[i]}
+        means |= apsm_cue_means(*apsm_cue_sums(apsm, cue, cfg.patches.xr_scale))
     return means
