@@ -598,6 +598,10 @@ class TrainingConfig:
         )
 
 
+PLACEMENTS: dict[str, str] = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
+"""``distributed.placement`` -> Ray's placement-group strategy for the Train workers."""
+
+
 @dataclass(frozen=True)
 class DistributedConfig:
     """How ``jobs.train`` spreads training over a Ray cluster (``foveation.training.trainer``):
@@ -631,8 +635,25 @@ class DistributedConfig:
     (the demo: 1.38x the steps/s of one thread on 2 cores, ``jobs.benchmark threads``); not for
     Tune sweeps, whose concurrent trials would each take every core. N: N threads."""
 
+    placement: str = "pack"
+    """Where Ray puts the workers (``PLACEMENTS``): "pack" fills a node first (the default,
+    and all a laptop has); "spread" one worker per node where there are enough nodes, so a
+    node lost costs one rank, and the process group really crosses machines (best effort: after
+    a node loss the restarted group may pack onto the nodes left); "strict_spread" always one
+    worker per node, waiting for enough nodes (a replacement, or the autoscaler's) to start."""
+    shared_filesystem: bool = False
+    """Every node mounts the same disk (NFS, a laptop's one disk): local paths may then be
+    handed to workers on other nodes. Without it, a run on a cluster of more than one node must
+    read its slides from and write its outputs to object storage (an s3:// URI), and a local
+    path is refused before any worker starts (``trainer.check_paths``)."""
+
     def __post_init__(self) -> None:
         w = "distributed"
+        require(
+            self.placement in PLACEMENTS,
+            f"{w}.placement",
+            f"must be one of {sorted(PLACEMENTS)}, not {self.placement!r}",
+        )
         require(self.num_workers >= 1, f"{w}.num_workers", "must be >= 1")
         require(self.gpus_per_worker > 0, f"{w}.gpus_per_worker", "must be > 0")
         require(self.cpus_per_worker > 0, f"{w}.cpus_per_worker", "must be > 0")

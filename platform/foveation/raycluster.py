@@ -94,6 +94,25 @@ def _quiet_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def cluster_nodes() -> int:
+    """Live nodes of the Ray cluster this process has joined (1 on a laptop's local Ray)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def on_this_node() -> dict:
+    """Ray options that keep an actor on the node of the process creating it (the driver): a
+    driver-side helper (the pipeline's epoch clock, its error log) must not sit on a worker
+    node whose loss would kill it and fail the run; the driver's own node dying ends the run
+    anyway. Ray Train places its controller the same way."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
 def ray_logs_dir() -> str | None:
     """Where this Ray session writes its logs (every worker's stdout and stderr), if known."""
     try:

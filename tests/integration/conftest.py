@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -241,3 +245,88 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def multinode(s3_endpoint, root) -> Iterator[MultiNode]:
+    """A multi-node Ray cluster on this machine for one test module (``foveation.localcluster``):
+    a head with no CPUs and two worker nodes of 2 logical CPUs, each at its own loopback
+    address, in its own directory, with its own ports; token auth on; only S3 (the session's
+    moto server) shared. The driver gets a directory of its own, and every node's Ray processes
+    refuse to touch it (``tests/guard/sitecustomize.py``): a local path handed from the driver
+    to a worker fails here as it would on separate machines. Killed nodes are found by the
+    health check in about 3 s instead of Ray's 15 (its GCS reads these from its environment)."""
+    from foveation.localcluster import LocalCluster, wait_for_nodes
+
+    cluster = LocalCluster.create(tempfile.mkdtemp(prefix="fovc-", dir="/tmp"))
+    mn = MultiNode(cluster, root)
+    os.makedirs(mn.driver_dir)
+    cluster.start_head(cpus=0, env=mn.node_env())
+    for _ in range(2):
+        mn.add_node()
+    wait_for_nodes(cluster, 3)
+    try:
+        yield mn
+    finally:
+        cluster.down()
+        import shutil
+
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class MultiNode:
+    """The module's local cluster, the driver's directory and the guard's record."""
+
+    cluster: Any
+    root: Any  # the repository
+
+    @property
+    def driver_dir(self) -> str:
+        return os.path.join(self.cluster.root, "driver")
+
+    @property
+    def violations(self) -> str:
+        return os.path.join(self.cluster.root, "violations.log")
+
+    def node_env(self) -> dict[str, str]:
+        """What every node's processes get on top of this one's (which holds the S3
+        credentials: a node's own, never a job's runtime_env)."""
+        code = f"{self.root}/platform:{self.root}"
+        return {
+            "PYTHONPATH": f"{self.root}/tests/guard:{code}",
+            "FOVEATION_FORBIDDEN_DIR": self.driver_dir,
+            "FOVEATION_VIOLATIONS": self.violations,
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_timeout_ms": "1000",
+        }
+
+    def add_node(self):
+        return self.cluster.add_node(cpus=2, env=self.node_env())
+
+    def driver(self, *args: str) -> subprocess.Popen:
+        """``python -m <args>`` as a driver of the cluster, run in the driver's directory."""
+        return self.python("-m", *args)
+
+    def python(self, *args: str) -> subprocess.Popen:
+        """This interpreter with ``args``, joining the cluster, in the driver's directory."""
+        env = self.cluster.driver_env()
+        env["PYTHONPATH"] = f"{self.root}/platform:{self.root}"
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=self.driver_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def node_of_ip(self, ip: str) -> str:
+        return next(n.name for n in self.cluster.nodes.values() if n.ip == ip)
+
+    def assert_no_violations(self) -> None:
+        if os.path.exists(self.violations):
+            with open(self.violations) as f:
+                record = f.read()
+            raise AssertionError(f"workers opened paths under the driver's directory:\n{record}")

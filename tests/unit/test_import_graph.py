@@ -21,6 +21,7 @@ ORDER = (
     "monitoring",
     "io",
     "raycluster",
+    "localcluster",
     "patches",
     "models",
     "data",

@@ -152,7 +152,9 @@ def epoch_clock(epoch: int = 0):
     """An actor holding the current epoch. One Ray Data dataset handed to Ray Train is executed
     again for every epoch; its reader actors read the epoch from this clock when each execution
     starts, so every epoch samples fresh locations while the dataset (and its sharding across
-    workers) stays the same object. Rank 0 sets it before the workers iterate their shards."""
+    workers) stays the same object. Rank 0 sets it before the workers iterate their shards.
+    It lives on the driver's node (``raycluster.on_this_node``): losing a worker node never
+    takes it with it."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -166,7 +168,9 @@ def epoch_clock(epoch: int = 0):
         def get(self) -> int:
             return self.epoch
 
-    return EpochClock.remote(epoch)
+    from foveation.raycluster import on_this_node
+
+    return EpochClock.options(**on_this_node()).remote(epoch)
 
 
 def _error_log_class():
@@ -206,7 +210,9 @@ class Pipeline:
             }
             for r in rows
         ]
-        self.errors = _error_log_class().remote()
+        from foveation.raycluster import on_this_node
+
+        self.errors = _error_log_class().options(**on_this_node()).remote()
 
     def epoch(self, epoch=0):
         """The dataset of one epoch: ``epoch`` is an int, or an ``epoch_clock`` read each time

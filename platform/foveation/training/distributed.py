@@ -182,6 +182,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank_hosts(host: str) -> list[str]:
+    """Every rank's host (``host`` is this rank's), by rank: the machines the process group
+    spans, as the checkpoint's metadata records them ([host] outside a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [host]
+    hosts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, host)
+    return [str(h) for h in hosts]
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

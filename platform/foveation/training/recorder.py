@@ -33,6 +33,7 @@ class EpochMetrics:
     megapixels_per_s: float
     world_size: int
     peak_memory_mb: float
+    nodes: int = 1  # machines the ranks ran on, as Ray Train grouped them (by node IP)
     lr: dict[str, float] = field(default_factory=dict)  # by parameter group
     weight_mean: dict[str, float] = field(default_factory=dict)  # F's mean weight by FoV (px)
     weight_entropy: float = 0.0  # mean per-location entropy of F's weights (nats)
@@ -55,6 +56,7 @@ class EpochMetrics:
             "megapixels_per_s": self.megapixels_per_s,
             "seconds": self.seconds,
             "world_size": self.world_size,
+            "nodes": self.nodes,
             "peak_memory_mb": self.peak_memory_mb,
         }
         out |= {f"lr_{k}": float(v) for k, v in self.lr.items()}

@@ -29,7 +29,7 @@ from foveation.checkpoint import (
     read_config,
     save_checkpoint,
 )
-from foveation.config import Config, what_it_trains
+from foveation.config import PLACEMENTS, Config, what_it_trains
 from foveation.errors import FoveationError
 from foveation.io import storage
 from foveation.training.plan import FAULT_ENV, HistoryTarget, WorkerPlan, fault_steps
@@ -74,17 +74,30 @@ def _existing(uri: str) -> list[str]:
         return []
 
 
-def _latest_checkpoint(run_uri: str) -> str | None:
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of a run's registered checkpoints, in ``<run>/<RUN_NAME>/``."""
+
+
+def registered_checkpoints(run_uri: str) -> tuple[list[str], str | None]:
+    """The run's registered checkpoints (URIs) and the latest of them, from Ray Train's own
+    snapshot: a checkpoint whose files were uploaded but whose report never completed (its node
+    died mid-report) is not in it, so it is never resumed from, never half-used. ``([], None)``
+    before the first registration."""
+    base = storage.join(run_uri, RUN_NAME)
+    uri = storage.join(base, SNAPSHOT)
+    if not storage.exists(uri):
+        return [], None
     try:
-        metas = [u for u in storage.list_files(run_uri) if u.endswith("/" + META)]
-    except storage.StorageError:
-        return None
-    best, best_step = None, -1
-    for m in metas:
-        step = json.loads(storage.read_bytes(m)).get("step", -1)
-        if step > best_step:
-            best, best_step = m[: -len(META) - 1], step
-    return best
+        snapshot = json.loads(storage.read_bytes(uri))
+    except ValueError as exc:
+        raise CheckpointError(f"{uri}: not Ray Train's checkpoint snapshot ({exc})") from None
+    every = [storage.join(base, r["checkpoint_dir_name"]) for r in snapshot["checkpoint_results"]]
+    latest = snapshot.get("latest_checkpoint_result")
+    return every, storage.join(base, latest["checkpoint_dir_name"]) if latest else None
+
+
+def _latest_checkpoint(run_uri: str) -> str | None:
+    return registered_checkpoints(run_uri)[1]
 
 
 def preflight(cfg: Config, manifest: str, run_uri: str, resume: bool, overwrite: bool) -> dict:
@@ -260,6 +273,42 @@ def check_resources(cfg: Config, loader: str, log: Callable[[str], None] = print
             )
 
 
+def check_paths(cfg: Config, manifest: str, out: str, splits: dict) -> None:
+    """On a cluster of more than one node (or one an autoscaler can grow), every path a worker
+    opens must reach it from any node (``path_problem``); refused before any worker starts."""
+    from foveation.raycluster import cluster_nodes
+
+    problem = path_problem(cfg, manifest, out, splits, cluster_nodes(), autoscaler_maxima())
+    if problem:
+        raise TrainingError(problem)
+
+
+def path_problem(
+    cfg: Config, manifest: str, out: str, splits: dict, nodes: int, maxima: dict | None
+) -> str | None:
+    """Why a run on ``nodes`` nodes (``maxima``: what the autoscaler can add, None without one)
+    cannot use these paths, or None. The run's output, the manifest and every slide must be
+    object-storage URIs, unless ``distributed.shared_filesystem`` says every node mounts the same
+    disk. A local path would be read or written on whichever node a worker landed on: files
+    written that no other node sees, slides not found on another machine."""
+    if cfg.distributed.shared_filesystem or (nodes == 1 and maxima is None):
+        return None
+    local = [("--out", out), ("--manifest", manifest)]
+    local += [(f"slide {r['slide_id']}", r["image_uri"]) for rows in splits.values() for r in rows]
+    local = [(what, uri) for what, uri in local if uri and not storage.is_remote(uri)]
+    if not local:
+        return None
+    what, uri = local[0]
+    grows = "" if nodes > 1 else " (its autoscaler can add more)"
+    return (
+        f"{what}: {uri!r} is a local path, and the Ray cluster has {nodes} nodes{grows}: "
+        "workers on other nodes cannot see this machine's disk. Expected an object-storage "
+        "URI (s3://bucket/...: ingest the slides there with jobs.ingest --dest s3://...), or "
+        "distributed.shared_filesystem = true if every node mounts this path"
+        + (f" ({len(local) - 1} more local paths)" if len(local) > 1 else "")
+    )
+
+
 def _autoscaled(short: Shortfall) -> str:
     return "" if short.most is None else f" and its autoscaler can add up to {short.most:g}"
 
@@ -287,6 +336,7 @@ def fit(
     from foveation.data.samples import choose_loader
 
     check_resources(cfg, choose_loader(cfg, splits["train"], cfg.distributed.num_workers), log)
+    check_paths(cfg, manifest, out, splits)
     if overwrite and _latest_checkpoint(run_uri):
         for stale in (run_uri, storage.join(out, "history")):
             storage.delete(stale, missing_ok=True)
@@ -381,7 +431,10 @@ def torch_trainer(plan: WorkerPlan, datasets: dict, out: str, callbacks: list | 
         train_worker,
         train_loop_config=plan.loop_config(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=dc.num_workers, use_gpu=dc.use_gpu, resources_per_worker=resources
+            num_workers=dc.num_workers,
+            use_gpu=dc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=PLACEMENTS[dc.placement],
         ),
         torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
         datasets=datasets,

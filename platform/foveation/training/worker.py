@@ -122,6 +122,7 @@ class Worker:
     device: torch.device
     engine: Any  # a DeepSpeed engine (``distributed.init_engine``)
     recorder: Recorder
+    hosts: tuple[str, ...] = ()  # every rank's node IP, by rank (``distributed.rank_hosts``)
     pos: Position = field(default_factory=Position)
     train_batches: Callable[[int], Iterable[dict]] | None = None  # epoch -> its batches
     val_batches: Callable[[], Iterable[dict]] | None = None  # None: no validation split
@@ -160,6 +161,7 @@ class Worker:
                 "best_val_miou": pos.best,
                 "partial": True,
                 "epoch_batches": i + 1,  # batch indices count the skipped ones too
+                "hosts": list(self.hosts),
                 "history": pos.history,
             }
             # Unvalidated weights: a score below any real one, so never kept as the best.
@@ -172,6 +174,7 @@ def set_up(plan: WorkerPlan) -> Worker:
     rank)."""
     import ray.train
     import ray.train.torch
+    import ray.util
 
     cfg = plan.cfg
     ctx = ray.train.get_context()
@@ -184,7 +187,8 @@ def set_up(plan: WorkerPlan) -> Worker:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
     engine = distributed.init_engine(build_model(cfg), cfg, plan.total_steps, device)
-    return Worker(plan, rank, device, engine, Recorder(plan.run or cfg.name, rank))
+    hosts = tuple(distributed.rank_hosts(ray.util.get_node_ip_address()))
+    return Worker(plan, rank, device, engine, Recorder(plan.run or cfg.name, rank), hosts)
 
 
 def training_batches(plan: WorkerPlan, rank: int) -> Callable[[int], Iterable[dict]]:
@@ -260,6 +264,7 @@ def finish_epoch(w: Worker, stats: EpochStats, val: dict | None) -> None:
     plan, pos = w.plan, w.pos
     pos.epoch += 1
     m = epoch_record(w.engine, w.cfg, pos.epoch, pos.step, stats, val, w.device)
+    m.nodes = len(set(w.hosts))
     if w.rank == 0 and plan.history:
         m.apsm = write_apsm(w.engine.module, w.cfg, plan.history, pos.epoch, w.device)
     pos.best = max(pos.best, m.val_miou)
@@ -275,6 +280,7 @@ def finish_epoch(w: Worker, stats: EpochStats, val: dict | None) -> None:
         "metrics": metrics,
         "resumed_from_step": pos.resumed_from,
         "run": w.cfg.model.mix.label,
+        "hosts": list(w.hosts),  # which node each rank ran on, by rank (this attempt's)
         "history": pos.history,  # every epoch's metrics so far, resumed runs included
     }
     report(w.engine, w.cfg, metrics, meta, w.rank)

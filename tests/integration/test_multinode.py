@@ -1,0 +1,219 @@
+"""The platform on a multi-node Ray cluster on this machine (``foveation.localcluster``): a head
+with no CPUs and worker nodes at their own loopback addresses and directories, S3 the only
+thing shared, the driver's directory out of every node's reach (``tests/guard``). Training is
+``python -m jobs.train`` run as a user would, with the cluster's address: no code changes.
+Nodes are killed by their own PIDs mid-run and replaced."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import tomli_w
+
+from foveation.config import load_config
+from foveation.data.ingest import ingest
+from foveation.data.synthetic import write_synthetic_set
+from foveation.io import storage
+from foveation.localcluster import HEAD, state
+from foveation.training.trainer import registered_checkpoints
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "multinode"
+RUN_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def store(multinode, s3_endpoint, root, tmp_path_factory) -> str:
+    """The tiny synthetic set, ingested once into S3 (here, without Ray): the only place the
+    cluster's nodes can read it from."""
+    cfg = load_config(root / "jobs/configs/tiny.toml")
+    raw = str(tmp_path_factory.mktemp("raw"))
+    write_synthetic_set(raw, cfg.data.synthetic, cfg.patches, log=lambda s: None)
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=BUCKET
+    )
+    dest = f"s3://{BUCKET}/store"
+    ingest(raw, dest, cfg.data.ingest, log=lambda s: None)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def config(multinode, root) -> str:
+    """tiny.toml on two workers, one per node (``placement = "spread"``), 4 epochs of 2 steps,
+    a checkpoint each epoch; written in the driver's directory (the driver reads it; no worker
+    does)."""
+    cfg = load_config(root / "jobs/configs/tiny.toml")
+    cfg = dataclasses.replace(
+        cfg,
+        training=dataclasses.replace(cfg.training, epochs=4),
+        distributed=dataclasses.replace(
+            cfg.distributed,
+            num_workers=2,
+            cpus_per_worker=1.0,
+            placement="spread",
+            max_failures=4,
+            keep_checkpoints=2,
+        ),
+    )
+    path = os.path.join(multinode.driver_dir, "spread.toml")
+    with open(path, "w") as f:
+        f.write(tomli_w.dumps(cfg.to_dict()))
+    return path
+
+
+def _train(multinode, config: str, store: str, out: str):
+    return multinode.driver(
+        "jobs.train", "--config", config, "--manifest", store, "--out", out, "--overwrite"
+    )
+
+
+def _finish(proc, timeout: float = RUN_TIMEOUT_S) -> str:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(
+            f"the driver did not finish in {timeout} s:\n{output[-5000:]}"
+        ) from None
+    assert proc.returncode == 0, output[-5000:]
+    return output
+
+
+def _latest_meta(out: str) -> dict | None:
+    """The meta.json of the run's latest registered checkpoint, or None before the first."""
+    latest = registered_checkpoints(out)[1]
+    return json.loads(storage.read_bytes(storage.join(latest, "meta.json"))) if latest else None
+
+
+def _wait_for_epoch(out: str, epoch: int, proc, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = _latest_meta(out)
+        if meta and meta["epoch"] >= epoch and not meta.get("partial"):
+            return meta
+        assert proc.poll() is None, (
+            f"the run ended before epoch {epoch}: " + proc.stdout.read()[-4000:]
+        )
+        time.sleep(0.5)
+    raise AssertionError(f"no registered checkpoint of epoch {epoch} in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def unkilled(multinode, config, store) -> dict:
+    out = f"s3://{BUCKET}/runs/unkilled"
+    t0 = time.monotonic()
+    output = _finish(_train(multinode, config, store, out))
+    multinode.assert_no_violations()
+    return {
+        "out": out,
+        "meta": _latest_meta(out),
+        "output": output,
+        "seconds": time.monotonic() - t0,
+    }
+
+
+def test_the_guard_refuses_a_worker_that_opens_a_path_under_the_drivers_directory(multinode):
+    """The guard itself: without it the other tests could not fail on a local path."""
+    probe = os.path.join(multinode.driver_dir, "probe.txt")
+    with open(probe, "w") as f:
+        f.write("the driver's own file")
+    code = (
+        "import ray\n"
+        "@ray.remote(num_cpus=0.1, resources={'node_1': 0.01})\n"
+        "def peek(path):\n"
+        "    try:\n"
+        "        open(path).read()\n"
+        "        return 'read'\n"
+        "    except PermissionError as e:\n"
+        "        return f'refused: {e}'\n"
+        f"print(ray.get(peek.remote({probe!r})))\n"
+    )
+    proc = multinode.python("-c", code)
+    output, _ = proc.communicate(timeout=120)
+    assert "refused:" in output, output[-3000:]
+    with open(multinode.violations) as f:
+        assert probe in f.read()
+    os.remove(multinode.violations)  # the other tests start from a clean record
+
+
+def test_a_local_output_path_is_refused_on_a_cluster_of_several_nodes(multinode, config, store):
+    proc = multinode.driver(
+        "jobs.train", "--config", config, "--manifest", store, "--out", "runs/x"
+    )
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1, output[-3000:]
+    assert "error: --out:" in output and "s3://" in output and "3 nodes" in output, output[-3000:]
+
+
+def test_two_workers_on_two_nodes_train_across_machines(unkilled):
+    meta = unkilled["meta"]
+    assert meta["epoch"] == 4
+    hosts = meta["hosts"]
+    # Two ranks at two node IPs: Ray Train (and so DeepSpeed's process group) sees two machines,
+    # local rank 0 on each; neither rank on the head, which has no CPUs.
+    assert len(hosts) == 2 and len(set(hosts)) == 2, hosts
+    assert all(h.startswith("127.0.0.1") and h != "127.0.0.10" for h in hosts), hosts
+    assert all(h["nodes"] == 2 and h["world_size"] == 2 for h in meta["history"])
+    print(f"unkilled run on {hosts}: {unkilled['seconds']:.0f} s, val mIoU "
+          f"{meta['history'][-1]['val_miou']:.4f}")  # fmt: skip
+
+
+def test_losing_the_node_of_either_rank_resumes_from_a_checkpoint_like_an_unkilled_run(
+    multinode, config, store, unkilled
+):
+    """Kill the node of rank 1 after epoch 1's checkpoint, then the node of rank 0 after epoch
+    2's, each by its own PIDs, a replacement node joining after each. Recovery: seconds from
+    the kill to the next registered checkpoint (the restart plus one epoch)."""
+    out = f"s3://{BUCKET}/runs/killed"
+    proc = _train(multinode, config, store, out)
+    kills = []
+    meta = _wait_for_epoch(out, 1, proc)
+    for epoch, rank in ((1, 1), (2, 0)):
+        # The driver-side helpers (the pipeline's epoch clock and error log) sit on the driver's
+        # node, the head: no worker node's loss takes them along.
+        _assert_helpers_on_head(multinode)
+        victim = multinode.node_of_ip(meta["hosts"][rank])
+        t0 = time.monotonic()
+        assert multinode.cluster.kill_node(victim) > 0
+        multinode.add_node()  # the replacement machine joins
+        meta_after = _wait_for_epoch(out, epoch + 1, proc)
+        kills.append((epoch, rank, victim, meta["step"], time.monotonic() - t0))
+        meta = meta_after
+    _finish(proc)
+    multinode.assert_no_violations()
+    final = _latest_meta(out)
+    assert final["epoch"] == 4
+    # It resumed from the checkpoint registered before the last kill, not from step 0.
+    assert final["resumed_from_step"] == kills[-1][3] > 0, (final["resumed_from_step"], kills)
+    killed_miou = final["history"][-1]["val_miou"]
+    unkilled_miou = unkilled["meta"]["history"][-1]["val_miou"]
+    assert abs(killed_miou - unkilled_miou) <= 0.02, (killed_miou, unkilled_miou)
+    # Two ranks after every restart ("spread" is best effort: the restarted group may pack onto
+    # the nodes left before the replacement joins).
+    assert all(h["world_size"] == 2 for h in final["history"]), final["history"]
+    epoch_s = [h["seconds"] for h in unkilled["meta"]["history"]]
+    print(
+        f"killed {[(k[1], k[2]) for k in kills]} (rank, node): recovery "
+        f"{', '.join(f'{k[4]:.1f}' for k in kills)} s to the next checkpoint (an unkilled epoch: "
+        f"{min(epoch_s):.1f}-{max(epoch_s):.1f} s); val mIoU {killed_miou:.4f} vs unkilled "
+        f"{unkilled_miou:.4f}; final ranks on {final['hosts']}"
+    )
+
+
+def _assert_helpers_on_head(multinode) -> None:
+    head = multinode.cluster.nodes[HEAD]
+    nodes = {n["node_id"]: n["node_ip"] for n in state(multinode.cluster, "nodes")}
+    actors = state(multinode.cluster, "actors", state="ALIVE")
+    names = sorted({a["class_name"] for a in actors})
+    helpers = [a for a in actors if a["class_name"].split(".")[-1] in ("EpochClock", "_ErrorLog")]
+    assert {a["class_name"].split(".")[-1] for a in helpers} == {"EpochClock", "_ErrorLog"}, names
+    assert {nodes[a["node_id"]] for a in helpers} == {head.ip}, helpers
