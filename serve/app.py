@@ -76,7 +76,7 @@ def _error(
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
     if exc.status == 503:
-        headers = {"Retry-After": "1"}
+        headers = {"Retry-After": str(exc.retry_after_s)}
     if exc.status in (401, 408, 413):
         # The body may be unread (refused before reading it, or stalled): close the
         # connection rather than parse what follows as the next request.
@@ -290,6 +290,7 @@ class Ingress:
         )
 
         try:
+            await self._assigned(call)
             return await call
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "overloaded", "server busy; retry shortly") from None
@@ -304,6 +305,28 @@ class Ingress:
             log.warning("replica lost during a request: %s", type(exc).__name__)
             raise RequestError(
                 503, "replica_lost", "the model replica restarted during the request; retry"
+            ) from None
+
+    async def _assigned(self, call) -> None:
+        """Wait at most ``limits.replica_wait_s`` for a replica to take ``call`` (a Serve
+        ``DeploymentResponse``); with none alive (its node lost, the autoscaler still adding
+        one) Serve would queue it for as long as that lasts. The wait for the work itself is
+        not bounded here."""
+        assigned = getattr(call, "_fetch_future_result_async", None)  # Ray 2.60's handle
+        if assigned is None:
+            return
+        wait_s = self.settings.limits.replica_wait_s
+        try:
+            await asyncio.wait_for(asyncio.shield(assigned()), timeout=wait_s)
+        except TimeoutError:
+            call.cancel()
+            log.warning("no replica took a request in %.0f s", wait_s)
+            raise RequestError(
+                503,
+                "no_replica",
+                f"no replica is available to take the request (none took it in {wait_s:g} s: "
+                "one is starting or its node was lost); retry",
+                retry_after_s=max(1, round(wait_s)),
             ) from None
 
     # -- endpoints -----------------------------------------------------------------------
@@ -400,6 +423,22 @@ class AppArgs(BaseModel):
     name_prefix: str = Field("", description="prefix of the deployment names")
 
 
+def _check_store(cfg) -> None:
+    """The job store must reach every node that runs a replica (``serve.jobs.store``)."""
+    import ray
+
+    from foveation.config import ConfigError
+    from foveation.raycluster import local_paths_problem
+
+    if cfg.jobs.shared_filesystem or not ray.is_initialized():
+        return
+    problem = local_paths_problem(
+        [("serve.jobs.store", cfg.jobs.store)], "serve.jobs.shared_filesystem"
+    )
+    if problem:
+        raise ConfigError(problem)
+
+
 def build_app(args: AppArgs) -> serve.Application:
     """The app: Ingress(ModelServer, SlideJobRunner), each with its options from the config.
     Nothing is loaded here: replicas load the checkpoint in their constructors."""
@@ -409,6 +448,7 @@ def build_app(args: AppArgs) -> serve.Application:
     if args.device:
         overrides["device"] = args.device
     cfg = load_serve_config(args.config, overrides)
+    _check_store(cfg)
     settings = _settings_dict(cfg)
     p = args.name_prefix
     model = ModelServer.options(

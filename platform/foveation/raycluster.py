@@ -101,6 +101,45 @@ def cluster_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
+def autoscaler_maxima() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler can provide (its node types' maxima),
+    or None on a cluster without one (a laptop, a fixed cluster) or when Ray does not say."""
+    try:  # Ray Train v2 reads the same (a private API: a missing one means "do not know")
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
+
+
+def local_paths_problem(paths: list[tuple[str, str]], shared: str) -> str | None:
+    """Why ``paths`` (``(what, uri)``) cannot be handed to processes on other nodes of the
+    cluster this process has joined, or None: on one node without an autoscaler anything goes;
+    on more (or where an autoscaler can add one) each must be an object-storage URI, unless the
+    ``shared`` setting (named in the message) says every node mounts the same disk."""
+    from foveation.io import storage
+
+    local = [(what, uri) for what, uri in paths if uri and not storage.is_remote(uri)]
+    if not local:
+        return None
+    nodes, maxima = cluster_nodes(), autoscaler_maxima()
+    if nodes == 1 and maxima is None:
+        return None
+    return describe_local_paths(local, nodes, shared)
+
+
+def describe_local_paths(local: list[tuple[str, str]], nodes: int, shared: str) -> str:
+    """The refusal of local paths (``(what, uri)``, the first named) on ``nodes`` nodes."""
+    what, uri = local[0]
+    grows = "" if nodes > 1 else " (its autoscaler can add more)"
+    return (
+        f"{what}: {uri!r} is a local path, and the Ray cluster has {nodes} nodes{grows}: "
+        "processes on other nodes cannot see this machine's disk. Expected an object-storage "
+        f"URI (s3://bucket/...), or {shared} = true if every node mounts this path"
+        + (f" ({len(local) - 1} more local paths)" if len(local) > 1 else "")
+    )
+
+
 def on_this_node() -> dict:
     """Ray options that keep an actor on the node of the process creating it (the driver): a
     driver-side helper (the pipeline's epoch clock, its error log) must not sit on a worker

@@ -9,13 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 
 import pytest
 import tomli_w
 
-from foveation.config import load_config
+from foveation.config import Config, load_config
 from foveation.data.ingest import ingest
 from foveation.data.synthetic import write_synthetic_set
 from foveation.io import storage
@@ -45,15 +47,15 @@ def store(multinode, s3_endpoint, root, tmp_path_factory) -> str:
     return dest
 
 
-@pytest.fixture(scope="module")
-def config(multinode, root) -> str:
-    """tiny.toml on two workers, one per node (``placement = "spread"``), 4 epochs of 2 steps,
-    a checkpoint each epoch; written in the driver's directory (the driver reads it; no worker
-    does)."""
+def _spread_config(root, name: str, epochs: int, loader: str) -> Config:
     cfg = load_config(root / "jobs/configs/tiny.toml")
     cfg = dataclasses.replace(
         cfg,
-        training=dataclasses.replace(cfg.training, epochs=4),
+        name=name,
+        training=dataclasses.replace(cfg.training, epochs=epochs),
+        data=dataclasses.replace(
+            cfg.data, pipeline=dataclasses.replace(cfg.data.pipeline, loader=loader)
+        ),
         distributed=dataclasses.replace(
             cfg.distributed,
             num_workers=2,
@@ -63,10 +65,33 @@ def config(multinode, root) -> str:
             keep_checkpoints=2,
         ),
     )
-    path = os.path.join(multinode.driver_dir, "spread.toml")
+    return cfg
+
+
+def _write(multinode, cfg) -> str:
+    path = os.path.join(multinode.driver_dir, f"{cfg.name}.toml")
     with open(path, "w") as f:
         f.write(tomli_w.dumps(cfg.to_dict()))
     return path
+
+
+@pytest.fixture(scope="module")
+def config(multinode, root) -> str:
+    """tiny.toml on two workers, one per node (``placement = "spread"``), 4 epochs of 2 steps,
+    a checkpoint each epoch, each worker cutting its shard's batches in memory; written in the
+    driver's directory (the driver reads it; no worker does)."""
+    return _write(multinode, _spread_config(root, "spread", 4, "memory"))
+
+
+@pytest.fixture(scope="module")
+def streamed(multinode, root, store) -> dict:
+    """The same on 2 epochs with the batches streamed from S3 by Ray Data's reader actors, out
+    of core (slower on 2 cores: its reads compete with the trainers)."""
+    config = _write(multinode, _spread_config(root, "streamed", 2, "stream"))
+    out = f"s3://{BUCKET}/runs/streamed"
+    output = _finish(_train(multinode, config, store, out))
+    multinode.assert_no_violations()
+    return {"config": config, "out": out, "output": output, "meta": _latest_meta(out)}
 
 
 def _train(multinode, config: str, store: str, out: str):
@@ -154,6 +179,28 @@ def test_a_local_output_path_is_refused_on_a_cluster_of_several_nodes(multinode,
     assert "error: --out:" in output and "s3://" in output and "3 nodes" in output, output[-3000:]
 
 
+def test_a_local_serve_job_store_is_refused_on_a_cluster_of_several_nodes(multinode):
+    """Serve's job store is written by the runner on one node and read by the ingress on
+    another: on several nodes a local one is refused when the app is built."""
+    code = (
+        "import ray\n"
+        "ray.init()\n"
+        "from serve.app import AppArgs, build_app\n"
+        "try:\n"
+        "    build_app(AppArgs(checkpoint='s3://multinode/none'))\n"
+        "    print('built')\n"
+        "except Exception as e:\n"
+        "    print(f'refused: {type(e).__name__}: {e}')\n"
+        "build_app(AppArgs(checkpoint='s3://multinode/none', "
+        "settings={'jobs': {'store': 's3://multinode/serve/jobs'}}))\n"
+        "print('built with s3')\n"
+    )
+    output, _ = multinode.python("-c", code).communicate(timeout=120)
+    assert "refused: ConfigError: serve.jobs.store: 'runs/serve/jobs' is a local path" in output
+    assert "3 nodes" in output and "serve.jobs.shared_filesystem" in output, output[-3000:]
+    assert "built with s3" in output, output[-3000:]
+
+
 def test_two_workers_on_two_nodes_train_across_machines(unkilled):
     meta = unkilled["meta"]
     assert meta["epoch"] == 4
@@ -163,8 +210,58 @@ def test_two_workers_on_two_nodes_train_across_machines(unkilled):
     assert len(hosts) == 2 and len(set(hosts)) == 2, hosts
     assert all(h.startswith("127.0.0.1") and h != "127.0.0.10" for h in hosts), hosts
     assert all(h["nodes"] == 2 and h["world_size"] == 2 for h in meta["history"])
+    losses = [h["loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0], losses
     print(f"unkilled run on {hosts}: {unkilled['seconds']:.0f} s, val mIoU "
           f"{meta['history'][-1]['val_miou']:.4f}")  # fmt: skip
+
+
+def test_the_streamed_batches_are_read_on_the_worker_nodes(streamed):
+    """Ray Data's reader actors ran on worker nodes (never the CPU-less head), and the run says
+    what each node read."""
+    meta = streamed["meta"]
+    assert meta["epoch"] == 2 and len(set(meta["hosts"])) == 2
+    losses = [h["loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0], losses
+    (line,) = [x for x in streamed["output"].splitlines() if "training reads by node:" in x]
+    nodes = re.findall(r"(127\.0\.0\.\d+): (\d+) slide reads, (\d+) locations", line)
+    assert nodes and all(ip != "127.0.0.10" for ip, _, _ in nodes), line
+    # 2 epochs of the 4 training slides (16 locations each), every read counted once.
+    assert sum(int(s) for _, s, _ in nodes) == 2 * 4, line
+    assert sum(int(n) for _, _, n in nodes) == 2 * 4 * 16, line
+    print(line)
+
+
+def test_checkpoints_and_the_model_are_in_s3_and_a_cluster_evaluation_reads_them(
+    multinode, store, streamed
+):
+    out, config = streamed["out"], streamed["config"]
+    files = storage.list_files(storage.join(out, "train"))
+    assert any(f.endswith("/model.safetensors") for f in files)
+    assert any("/deepspeed/" in f for f in files), "no DeepSpeed state for --resume"
+    every, _ = registered_checkpoints(out)
+    assert 1 <= len(every) <= 3, every  # keep_checkpoints = 2, plus the best by val mIoU
+    report = f"{out}/report"
+    proc = multinode.driver(
+        "jobs.evaluate", "--config", config, "--manifest", store,
+        "--run", f"soft={out}/model", "--out", report,
+    )  # fmt: skip
+    output = _finish(proc)
+    multinode.assert_no_violations()
+    text = storage.read_bytes(storage.join(report, "report.md")).decode()
+    assert "| soft |" in text and "| average expert |" in text, output[-3000:]
+
+
+def test_jobs_cluster_status_describes_the_cluster(multinode, root):
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cluster", "--root", multinode.cluster.root, "status"],
+        cwd=root, env={**os.environ, "PYTHONPATH": f"{root}/platform:{root}"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for name, node in multinode.cluster.nodes.items():
+        assert re.search(rf"^{name} +{re.escape(node.ip)} .* \d+ processes$", done.stdout, re.M)
+    assert f"RAY_ADDRESS={multinode.cluster.address}" in done.stdout
 
 
 def test_losing_the_node_of_either_rank_resumes_from_a_checkpoint_like_an_unkilled_run(
@@ -178,7 +275,7 @@ def test_losing_the_node_of_either_rank_resumes_from_a_checkpoint_like_an_unkill
     kills = []
     meta = _wait_for_epoch(out, 1, proc)
     for epoch, rank in ((1, 1), (2, 0)):
-        # The driver-side helpers (the pipeline's epoch clock and error log) sit on the driver's
+        # The driver-side helpers (the pipeline's epoch clock and read log) sit on the driver's
         # node, the head: no worker node's loss takes them along.
         _assert_helpers_on_head(multinode)
         victim = multinode.node_of_ip(meta["hosts"][rank])
@@ -214,6 +311,6 @@ def _assert_helpers_on_head(multinode) -> None:
     nodes = {n["node_id"]: n["node_ip"] for n in state(multinode.cluster, "nodes")}
     actors = state(multinode.cluster, "actors", state="ALIVE")
     names = sorted({a["class_name"] for a in actors})
-    helpers = [a for a in actors if a["class_name"].split(".")[-1] in ("EpochClock", "_ErrorLog")]
-    assert {a["class_name"].split(".")[-1] for a in helpers} == {"EpochClock", "_ErrorLog"}, names
+    helpers = [a for a in actors if a["class_name"].split(".")[-1] in ("EpochClock", "_ReadLog")]
+    assert {a["class_name"].split(".")[-1] for a in helpers} == {"EpochClock", "_ReadLog"}, names
     assert {nodes[a["node_id"]] for a in helpers} == {head.ip}, helpers

@@ -628,3 +628,41 @@ def test_metrics_reach_rays_prometheus_endpoint(served):
     assert any('status="499"' in ln for ln in lines), lines
     errors = [ln for ln in lines if 'status="500"' in ln]
     assert not errors, errors
+
+
+def test_a_route_whose_deployment_has_no_replica_answers_503_in_bounded_time(served):
+    """The slide-job runner with no live replica (here: it asks for a resource no node has, as
+    when its node is lost and no other can host it): ``POST /v1/jobs`` answers 503
+    ``no_replica`` with ``Retry-After`` within ``limits.replica_wait_s``, never hangs; the
+    model's routes on the same ingress still answer."""
+    import copy
+
+    from ray import serve
+    from ray.serve.api import _run  # serve.run without waiting for the app to be RUNNING
+
+    from serve.app import AppArgs, build_app
+
+    settings = copy.deepcopy(served["settings"])
+    settings["limits"]["replica_wait_s"] = 3
+    settings["runner"] = {"num_cpus": 0.5, "resources": {"foveation_no_such_node": 1}}
+    _run(
+        build_app(AppArgs(checkpoint=served["checkpoint"], settings=settings)),
+        name="norunner",
+        route_prefix="/norunner",
+        _blocking=False,
+    )
+    c = served["client"]
+    try:
+        deadline = time.monotonic() + 180
+        while c.get("/norunner/healthz").status_code != 200:  # the ingress and model are up
+            assert time.monotonic() < deadline, "the app's ingress never answered"
+            time.sleep(1)
+        t0 = time.monotonic()
+        r = c.post("/norunner/v1/jobs", json={"slide_uri": "s3://serving/slides/small.tif"})
+        took = time.monotonic() - t0
+        err = _error_of(r, 503, "no_replica")
+        assert r.headers["Retry-After"] == "3" and "retry" in err["message"]
+        assert 3 <= took < 3 + 5, took  # the bound, not a hang (35 s and more before)
+        assert c.get("/norunner/healthz").status_code == 200
+    finally:
+        serve.delete("norunner")

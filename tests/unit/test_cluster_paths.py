@@ -82,7 +82,7 @@ def test_a_half_reported_checkpoint_is_ignored_for_the_last_registered_one(tmp_p
 def test_files_without_any_registration_are_no_checkpoint(tmp_path):
     run = str(tmp_path / "run")
     _checkpoint(run, "checkpoint_1", 2)  # the first report never completed
-    assert _latest_checkpoint(run) is None
+    assert _latest_checkpoint(os.path.join(run, RUN_NAME)) is None
     assert registered_checkpoints(str(tmp_path / "nothing")) == ([], None)
 
 

@@ -8,6 +8,7 @@ The real Prometheus scraping a running platform is tests/integration/test_monito
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from foveation import monitoring
@@ -322,3 +324,39 @@ def test_the_cluster_launcher_yaml_passes_rays_schema_and_has_gpu_workers():
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     starts = " ".join(conf["head_start_ray_commands"] + conf["worker_start_ray_commands"])
     assert starts.count("--metrics-export-port=8080") == 2
+
+
+def _pods(doc: dict) -> list[dict]:
+    """Every pod template (head and worker groups) of a RayJob or RayService."""
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [g["template"]["spec"] for g in groups]
+
+
+@pytest.mark.parametrize("name", ["rayjob-train", "rayjob-tune", "rayservice"])
+def test_secrets_are_mounted_files_never_a_ray_process_environment(name):
+    """A Ray process's environment is what its workers inherit and what job and state APIs can
+    show: the manifests mount the secrets read-only and point at the files instead."""
+    doc = yaml.safe_load((INFRA / f"kuberay/{name}.yaml").read_text())
+    for pod in _pods(doc):
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        (container,) = pod["containers"]
+        assert "envFrom" not in container, container["name"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FOVEATION_SERVE_TOKEN"} & set(
+            env
+        )
+        assert all("valueFrom" not in e for e in env.values()), env
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        creds = env["AWS_SHARED_CREDENTIALS_FILE"]["value"]
+        mount = mounts[os.path.dirname(creds)]
+        assert (
+            mount["readOnly"] and volumes[mount["name"]]["secret"]["secretName"] == "foveation-s3"
+        )
+        assert volumes[mount["name"]]["secret"]["defaultMode"] == 0o400
+    if name == "rayservice":
+        app = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]
+        token = app["args"]["settings"]["auth"]["token_file"]
+        for pod in _pods(doc):
+            (container,) = pod["containers"]
+            assert os.path.dirname(token) in {m["mountPath"] for m in container["volumeMounts"]}

@@ -36,6 +36,8 @@ def test_shipped_serve_config_and_yaml_load(root):
         ({"device": "cuda"}, "num_gpus"),
         ({"batching": {"wait_timeout_s": "soon"}}, "serve.batching.wait_timeout_s"),
         ({"nonsense": 1}, "unknown key"),
+        ({"limits": {"replica_wait_s": 0}}, "serve.limits.replica_wait_s"),
+        ({"runner": {"resources": {"gpu_node": -1}}}, "serve.<deployment>.resources"),
     ],
 )
 def test_bad_settings_name_the_field(data, field):
@@ -108,3 +110,9 @@ def test_serve_calls_the_builder_with_typed_arguments(tmp_path):
     assert isinstance(app, Application)
     with pytest.raises(Exception, match=r"[Ee]xtra"):
         call_user_app_builder_with_args_if_necessary(build_app, {"checkpoint": "x", "typo": 1})
+
+
+def test_a_replica_asks_for_its_custom_resources():
+    cfg = serve_config_from_dict({"runner": {"num_cpus": 0.5, "resources": {"gpu_node": 1}}})
+    assert cfg.runner.actor_options() == {"num_cpus": 0.5, "resources": {"gpu_node": 1.0}}
+    assert "resources" not in cfg.model.actor_options()

@@ -14,7 +14,7 @@ from foveation.data.manifest import write_manifest
 from foveation.experiments.reproduce import modes, seed_table
 from foveation.io import storage
 from foveation.training.distributed import cpu_threads, deepspeed_config
-from foveation.training.trainer import TrainingError, preflight
+from foveation.training.trainer import SNAPSHOT, TrainingError, preflight
 
 
 def test_deepspeed_config_comes_from_ours(debug_cfg):
@@ -98,9 +98,13 @@ def test_preflight_refuses_an_empty_train_split(debug_cfg, tmp_path):
 
 
 def _fake_checkpoint(run, cfg, step=4):
+    """A checkpoint Ray Train registered in the run directory ``run`` (``<out>/train``)."""
     ck = storage.join(run, "checkpoint_x")
     storage.write_bytes(storage.join(ck, "config.toml"), cfg.to_toml().encode())
     storage.write_bytes(storage.join(ck, "meta.json"), json.dumps({"step": step}).encode())
+    result = {"checkpoint_dir_name": "checkpoint_x", "metrics": {}}
+    snapshot = {"checkpoint_results": [result], "latest_checkpoint_result": result}
+    storage.write_bytes(storage.join(run, SNAPSHOT), json.dumps(snapshot).encode())
 
 
 def test_preflight_refuses_to_start_over_a_run_and_resume_of_another_architecture(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,6 +57,9 @@ class BankReader:
             epoch = ray.get(epoch.get.remote())
         self.epoch, self.seed = epoch, seed
         self.errors = errors
+        import ray
+
+        self.node = ray.util.get_node_ip_address()
         self.cache: OrderedDict[str, object] = OrderedDict()
         self.cache_slides = cache_slides
 
@@ -93,7 +97,7 @@ class BankReader:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Slide rows in, training-batch rows out (``locations_per_image`` per slide)."""
-        parts = []
+        t0, parts = time.perf_counter(), []
         for sid, image_uri, label_uri in zip(
             batch["slide_id"], batch["image_uri"], batch["label_uri"], strict=True
         ):
@@ -116,7 +120,10 @@ class BankReader:
                         self._evict(image_uri)
         if not parts:
             return empty_batch(self.cfg)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        n = len(next(iter(out.values())))
+        _wait(self.errors.read.remote(self.node, len(parts), n, time.perf_counter() - t0))
+        return out
 
 
 class _ReadMetrics:
@@ -173,21 +180,48 @@ def epoch_clock(epoch: int = 0):
     return EpochClock.options(**on_this_node()).remote(epoch)
 
 
-def _error_log_class():
+@dataclass(frozen=True)
+class NodeReads:
+    """What the reader actors of one node read over a run: the slides' reads, the training
+    locations they cut, and the seconds spent on them (so locations per second per node)."""
+
+    node: str  # the node's IP, as Ray names it
+    slides: int
+    locations: int
+    seconds: float
+
+    @property
+    def locations_per_s(self) -> float:
+        return self.locations / self.seconds if self.seconds > 0 else 0.0
+
+
+def _read_log_class():
     import ray
 
     @ray.remote(num_cpus=0)
-    class _ErrorLog:
+    class _ReadLog:
+        """The pipeline's record of skipped slides and of reads by node (``NodeReads``)."""
+
         def __init__(self) -> None:
             self.errors: dict[str, list[str]] = {}
+            self.reads: dict[str, list[float]] = {}
 
         def record(self, slide_id: str, stage: str, error: str) -> None:
             self.errors.setdefault(slide_id, []).append(f"{stage}: {error}")
 
+        def read(self, node: str, slides: int, locations: int, seconds: float) -> None:
+            total = self.reads.setdefault(node, [0, 0, 0.0])
+            total[0] += slides
+            total[1] += locations
+            total[2] += seconds
+
         def get(self) -> dict[str, list[str]]:
             return self.errors
 
-    return _ErrorLog
+        def by_node(self) -> dict[str, list[float]]:
+            return self.reads
+
+    return _ReadLog
 
 
 class Pipeline:
@@ -212,7 +246,7 @@ class Pipeline:
         ]
         from foveation.raycluster import on_this_node
 
-        self.errors = _error_log_class().options(**on_this_node()).remote()
+        self.errors = _read_log_class().options(**on_this_node()).remote()
 
     def epoch(self, epoch=0):
         """The dataset of one epoch: ``epoch`` is an int, or an ``epoch_clock`` read each time
@@ -244,6 +278,15 @@ class Pipeline:
         import ray
 
         return ray.get(self.errors.get.remote())
+
+    def reads_by_node(self) -> list[NodeReads]:
+        """Where the reader actors ran and what each node read, over every epoch so far."""
+        import ray
+
+        reads = ray.get(self.errors.by_node.remote())
+        return [
+            NodeReads(node, int(s), int(n), float(t)) for node, (s, n, t) in sorted(reads.items())
+        ]
 
     def check(self) -> dict[str, list[str]]:
         """Raise with a summary when too many slides were skipped; else return the skipped."""

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 
 class RequestError(ValueError):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.retry_after_s = retry_after_s  # a 503's ``Retry-After``
 
     def to_dict(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, "status": self.status}}

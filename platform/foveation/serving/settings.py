@@ -34,6 +34,11 @@ class LimitsConfig:
     """Longest wait for the next chunk of a request body; beyond it the request gets 408 and
     its connection is closed (a slow or stalled client cannot hold the ingress). Not an
     end-to-end limit: a 40 MP upload that keeps arriving takes as long as it takes."""
+    replica_wait_s: float = 10.0
+    """Longest wait for a deployment's replica to take a request (the model's or the slide-job
+    runner's); beyond it 503 ``no_replica`` with ``Retry-After``, never a hang. It bounds the
+    wait for a replica, not the work: none is alive while its node is lost, or while the
+    cluster's autoscaler adds one. A request a replica took runs as long as it runs."""
     max_in_flight: int = 512
     """Requests one ingress replica holds at once (being received, waiting or answered);
     beyond it 503 at once. It bites only below ``serve.ingress.max_ongoing_requests`` (Ray
@@ -46,6 +51,7 @@ class LimitsConfig:
         require(self.max_job_body_bytes >= 256, f"{w}.max_job_body_bytes", "must be >= 256")
         require(self.body_idle_timeout_s > 0, f"{w}.body_idle_timeout_s", "must be > 0")
         require(self.max_in_flight >= 1, f"{w}.max_in_flight", "must be >= 1")
+        require(self.replica_wait_s > 0, f"{w}.replica_wait_s", "must be > 0")
         require(self.max_pixels >= 1, f"{w}.max_pixels", "must be >= 1")
         require(self.max_slide_pixels >= 1, f"{w}.max_slide_pixels", "must be >= 1")
 
@@ -84,7 +90,12 @@ class JobsConfig:
     """Whole-slide jobs: where their state and results live, which slides they may read."""
 
     store: str = "runs/serve/jobs"
-    """Path or s3:// prefix: ``<store>/<job id>/state.json`` and the job's result files."""
+    """Path or s3:// prefix: ``<store>/<job id>/state.json`` and the job's result files. On a
+    cluster of more than one node it must be s3:// (the runner writes it on one node, the
+    ingress reads it on another), unless ``shared_filesystem``."""
+    shared_filesystem: bool = False
+    """Every node mounts the same disk at ``store``: a local store is then allowed on a
+    cluster of several nodes."""
     allowed_prefixes: tuple[str, ...] = ("runs/data/",)
     """Slide URIs must lie under one of these (paths resolved, symlinks followed; s3://
     prefixes compared by bucket and key). Anything else is refused with 403."""
@@ -213,6 +224,9 @@ class ReplicaConfig:
     """Requests waiting for a replica; beyond it callers get 503 at once (-1: no bound)."""
     torch_threads: int | None = None
     """torch intra-op threads in the replica; None: Ray's default (from num_cpus)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per replica (a node type's label, e.g. ``{"gpu_node": 0.01}``),
+    so its replicas land only on nodes that advertise them."""
 
     def __post_init__(self) -> None:
         w = "serve.<deployment>"
@@ -229,11 +243,22 @@ class ReplicaConfig:
             f"{w}.torch_threads",
             "must be >= 1",
         )
+        require(
+            isinstance(self.resources, dict)
+            and all(
+                isinstance(k, str) and isinstance(v, int | float) and v >= 0
+                for k, v in self.resources.items()
+            ),
+            f"{w}.resources",
+            f"must be a table of resource names to amounts >= 0, got {self.resources!r}",
+        )
 
     def actor_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             opts["num_gpus"] = self.num_gpus
+        if self.resources:
+            opts["resources"] = {k: float(v) for k, v in self.resources.items()}
         return opts
 
 

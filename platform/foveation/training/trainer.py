@@ -18,7 +18,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from foveation import monitoring
@@ -48,6 +48,7 @@ class FitResult:
     metrics: dict  # the best checkpoint's reported metrics
     history: list[dict]  # every report, in order
     skipped_slides: dict
+    reads_by_node: list = field(default_factory=list)  # data.pipeline.NodeReads (streamed)
 
 
 def _uri_of(out: str, fs_path: str) -> str:
@@ -78,26 +79,31 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's record of a run's registered checkpoints, in ``<run>/<RUN_NAME>/``."""
 
 
-def registered_checkpoints(run_uri: str) -> tuple[list[str], str | None]:
-    """The run's registered checkpoints (URIs) and the latest of them, from Ray Train's own
-    snapshot: a checkpoint whose files were uploaded but whose report never completed (its node
-    died mid-report) is not in it, so it is never resumed from, never half-used. ``([], None)``
-    before the first registration."""
-    base = storage.join(run_uri, RUN_NAME)
-    uri = storage.join(base, SNAPSHOT)
+def registered_checkpoints(out: str) -> tuple[list[str], str | None]:
+    """The registered checkpoints (URIs) of the run in ``out`` and the latest of them, from Ray
+    Train's own snapshot: a checkpoint whose files were uploaded but whose report never
+    completed (its node died mid-report) is not in it, so it is never resumed from, never
+    half-used. ``([], None)`` before the first registration."""
+    return _registered(storage.join(out, RUN_NAME))
+
+
+def _registered(run_uri: str) -> tuple[list[str], str | None]:
+    uri = storage.join(run_uri, SNAPSHOT)
     if not storage.exists(uri):
         return [], None
     try:
         snapshot = json.loads(storage.read_bytes(uri))
     except ValueError as exc:
         raise CheckpointError(f"{uri}: not Ray Train's checkpoint snapshot ({exc})") from None
-    every = [storage.join(base, r["checkpoint_dir_name"]) for r in snapshot["checkpoint_results"]]
+    names = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
     latest = snapshot.get("latest_checkpoint_result")
-    return every, storage.join(base, latest["checkpoint_dir_name"]) if latest else None
+    every = [storage.join(run_uri, n) for n in names]
+    return every, storage.join(run_uri, latest["checkpoint_dir_name"]) if latest else None
 
 
 def _latest_checkpoint(run_uri: str) -> str | None:
-    return registered_checkpoints(run_uri)[1]
+    """The latest registered checkpoint in ``run_uri`` (``<out>/train``), or None."""
+    return _registered(run_uri)[1]
 
 
 def preflight(cfg: Config, manifest: str, run_uri: str, resume: bool, overwrite: bool) -> dict:
@@ -233,21 +239,12 @@ def shortfalls(
     return out
 
 
-def autoscaler_maxima() -> dict[str, float] | None:
-    """The most of each resource the cluster's autoscaler can provide (its node types' maxima),
-    or None on a cluster without one (a laptop, a fixed cluster) or when Ray does not say."""
-    try:  # Ray Train v2 reads the same (a private API: a missing one means "do not know")
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config()
-    except Exception:
-        return None
-
-
 def check_resources(cfg: Config, loader: str, log: Callable[[str], None] = print) -> None:
     """The run must fit the cluster, now or once its autoscaler has added nodes: a shortfall no
     autoscaler can close is an error before any worker starts; one it can close is said."""
     import ray
+
+    from foveation.raycluster import autoscaler_maxima
 
     dc, pc = cfg.distributed, cfg.data.pipeline
     for short in shortfalls(
@@ -276,7 +273,7 @@ def check_resources(cfg: Config, loader: str, log: Callable[[str], None] = print
 def check_paths(cfg: Config, manifest: str, out: str, splits: dict) -> None:
     """On a cluster of more than one node (or one an autoscaler can grow), every path a worker
     opens must reach it from any node (``path_problem``); refused before any worker starts."""
-    from foveation.raycluster import cluster_nodes
+    from foveation.raycluster import autoscaler_maxima, cluster_nodes
 
     problem = path_problem(cfg, manifest, out, splits, cluster_nodes(), autoscaler_maxima())
     if problem:
@@ -298,14 +295,10 @@ def path_problem(
     local = [(what, uri) for what, uri in local if uri and not storage.is_remote(uri)]
     if not local:
         return None
-    what, uri = local[0]
-    grows = "" if nodes > 1 else " (its autoscaler can add more)"
-    return (
-        f"{what}: {uri!r} is a local path, and the Ray cluster has {nodes} nodes{grows}: "
-        "workers on other nodes cannot see this machine's disk. Expected an object-storage "
-        "URI (s3://bucket/...: ingest the slides there with jobs.ingest --dest s3://...), or "
-        "distributed.shared_filesystem = true if every node mounts this path"
-        + (f" ({len(local) - 1} more local paths)" if len(local) > 1 else "")
+    from foveation.raycluster import describe_local_paths
+
+    return describe_local_paths(local, nodes, "distributed.shared_filesystem") + (
+        "; put the slides there with jobs.ingest --dest s3://..."
     )
 
 
@@ -347,7 +340,20 @@ def fit(
     log(start_line(plan, splits, data.loader))
     result = run_trainer(trainer, plan, log)
     skipped = data.train_pipe.check() if data.loader == "stream" else {}
-    return export_best(result, cfg, out, log, skipped)
+    fitted = export_best(result, cfg, out, log, skipped)
+    if data.loader == "stream":
+        fitted.reads_by_node = data.train_pipe.reads_by_node()
+        log(reads_line(fitted.reads_by_node))
+    return fitted
+
+
+def reads_line(reads: list) -> str:
+    """Where Ray Data's reader actors ran, node by node (``data.pipeline.NodeReads``)."""
+    parts = [
+        f"{r.node}: {r.slides} slide reads, {r.locations} locations, {r.locations_per_s:.1f}/s"
+        for r in reads
+    ]
+    return "training reads by node: " + ("; ".join(parts) or "none")
 
 
 @dataclass(frozen=True)
