@@ -34,11 +34,14 @@ class LimitsConfig:
     """Longest wait for the next chunk of a request body; beyond it the request gets 408 and
     its connection is closed (a slow or stalled client cannot hold the ingress). Not an
     end-to-end limit: a 40 MP upload that keeps arriving takes as long as it takes."""
-    replica_wait_s: float = 10.0
+    replica_wait_s: float = 30.0
     """Longest wait for a deployment's replica to take a request (the model's or the slide-job
     runner's); beyond it 503 ``no_replica`` with ``Retry-After``, never a hang. It bounds the
     wait for a replica, not the work: none is alive while its node is lost, or while the
-    cluster's autoscaler adds one. A request a replica took runs as long as it runs."""
+    cluster's autoscaler adds one. A request a replica took runs as long as it runs. It must
+    cover one replica's start: Serve's rolling update of a one-replica deployment stops the
+    old replica before the new one runs, and a CPU replica starts in 5 to 15 s (at 10 s, 4 of
+    43 requests of a redeploy under load got 503 on the landing machine)."""
     max_in_flight: int = 512
     """Requests one ingress replica holds at once (being received, waiting or answered);
     beyond it 503 at once. It bites only below ``serve.ingress.max_ongoing_requests`` (Ray
