@@ -457,18 +457,21 @@ def build_app(args: AppArgs) -> serve.Application:
         autoscaling_config=cfg.autoscaling.to_serve(),
         max_ongoing_requests=cfg.model.max_ongoing_requests,
         max_queued_requests=cfg.model.max_queued_requests,
+        max_surge_percent=cfg.model.surge_percent(100),
     ).bind(args.checkpoint, settings)
     runner = SlideJobRunner.options(
         name=f"{p}SlideJobRunner",
         ray_actor_options=cfg.runner.actor_options(),
         max_ongoing_requests=cfg.runner.max_ongoing_requests,
         max_queued_requests=cfg.runner.max_queued_requests,
+        max_surge_percent=cfg.runner.surge_percent(0),
     ).bind(args.checkpoint, settings)
     return Ingress.options(
         name=f"{p}Ingress",
         ray_actor_options=cfg.ingress.actor_options(),
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         max_queued_requests=cfg.ingress.max_queued_requests,
+        max_surge_percent=cfg.ingress.surge_percent(100),
     ).bind(model, runner, settings)
 
 

@@ -536,9 +536,8 @@ def test_a_model_replica_killed_under_load_loses_no_request(served):
 
 def test_deploying_a_new_checkpoint_under_load_fails_no_request(served, root):
     """`serve deploy` of another checkpoint (here serve.run of the same app with it) while 8
-    clients send requests: Serve's rolling update of the one model replica stops the old one
-    before the new one runs; the requests of that gap wait for it (within
-    ``limits.replica_wait_s``), so every request gets a 200."""
+    clients send requests: the rolling update surges (``max_surge_percent``), so the old model
+    and ingress replicas serve until their replacements run, and every request gets a 200."""
     import torch
     from ray import serve
 

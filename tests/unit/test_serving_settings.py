@@ -38,6 +38,8 @@ def test_shipped_serve_config_and_yaml_load(root):
         ({"nonsense": 1}, "unknown key"),
         ({"limits": {"replica_wait_s": 0}}, "serve.limits.replica_wait_s"),
         ({"runner": {"resources": {"gpu_node": -1}}}, "serve.<deployment>.resources"),
+        ({"model": {"max_surge_percent": 101}}, "serve.<deployment>.max_surge_percent"),
+        ({"runner": {"max_surge_percent": 100}}, "serve.runner.max_surge_percent"),
     ],
 )
 def test_bad_settings_name_the_field(data, field):

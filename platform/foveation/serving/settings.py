@@ -39,9 +39,8 @@ class LimitsConfig:
     runner's); beyond it 503 ``no_replica`` with ``Retry-After``, never a hang. It bounds the
     wait for a replica, not the work: none is alive while its node is lost, or while the
     cluster's autoscaler adds one. A request a replica took runs as long as it runs. It must
-    cover one replica's start: Serve's rolling update of a one-replica deployment stops the
-    old replica before the new one runs, and a CPU replica starts in 5 to 15 s (at 10 s, 4 of
-    43 requests of a redeploy under load got 503 on the landing machine)."""
+    cover one replica's start (5 to 15 s on CPU): a replica the autoscaler or a lost node's
+    replacement brings."""
     max_in_flight: int = 512
     """Requests one ingress replica holds at once (being received, waiting or answered);
     beyond it 503 at once. It bites only below ``serve.ingress.max_ongoing_requests`` (Ray
@@ -230,6 +229,15 @@ class ReplicaConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources per replica (a node type's label, e.g. ``{"gpu_node": 0.01}``),
     so its replicas land only on nodes that advertise them."""
+    max_surge_percent: int | None = None
+    """Extra replicas (percent of the target, rounded up) Serve may start during a rolling
+    update (a redeploy with another checkpoint or settings): the replacements start, and the
+    old replicas keep serving until they run. None: 100 for the model and the ingress, 0 for
+    the runner (which must not surge). 0 is Serve's default, which stops the old
+    replica first: with one replica every request of the gap waits for the new one to start
+    (and an ingress stopped meanwhile kills the requests it held after its graceful timeout:
+    4 of 40 answered 500 on the landing machine). It costs one more replica's resources for
+    the rollout; on a full GPU node the replacement waits and the old one keeps serving."""
 
     def __post_init__(self) -> None:
         w = "serve.<deployment>"
@@ -247,6 +255,11 @@ class ReplicaConfig:
             "must be >= 1",
         )
         require(
+            self.max_surge_percent is None or 0 <= self.max_surge_percent <= 100,
+            f"{w}.max_surge_percent",
+            "must be in [0, 100]",
+        )
+        require(
             isinstance(self.resources, dict)
             and all(
                 isinstance(k, str) and isinstance(v, int | float) and v >= 0
@@ -255,6 +268,9 @@ class ReplicaConfig:
             f"{w}.resources",
             f"must be a table of resource names to amounts >= 0, got {self.resources!r}",
         )
+
+    def surge_percent(self, default: int) -> int:
+        return default if self.max_surge_percent is None else self.max_surge_percent
 
     def actor_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus}
@@ -289,9 +305,15 @@ class ServeConfig:
             num_cpus=0.5, max_ongoing_requests=64, max_queued_requests=64
         )
     )
-    """The whole-slide job runner (one replica: it owns the jobs it runs)."""
+    """The whole-slide job runner (one replica: it owns the jobs it runs, and a new one resumes
+    those left running, so it never surges: two runners would run one job twice)."""
 
     def __post_init__(self) -> None:
+        require(
+            not self.runner.max_surge_percent,
+            "serve.runner.max_surge_percent",
+            "must be 0 (a second runner would resume the jobs the first still runs)",
+        )
         require(
             self.device == "cpu" or self.device.startswith("cuda"),
             "serve.device",
