@@ -453,25 +453,14 @@ def build_app(args: AppArgs) -> serve.Application:
     p = args.name_prefix
     model = ModelServer.options(
         name=f"{p}ModelServer",
-        ray_actor_options=cfg.model.actor_options(),
         autoscaling_config=cfg.autoscaling.to_serve(),
-        max_ongoing_requests=cfg.model.max_ongoing_requests,
-        max_queued_requests=cfg.model.max_queued_requests,
-        max_surge_percent=cfg.model.surge_percent(100),
+        **cfg.model.deployment_options(surge_default=100),
     ).bind(args.checkpoint, settings)
     runner = SlideJobRunner.options(
-        name=f"{p}SlideJobRunner",
-        ray_actor_options=cfg.runner.actor_options(),
-        max_ongoing_requests=cfg.runner.max_ongoing_requests,
-        max_queued_requests=cfg.runner.max_queued_requests,
-        max_surge_percent=cfg.runner.surge_percent(0),
+        name=f"{p}SlideJobRunner", **cfg.runner.deployment_options(surge_default=0)
     ).bind(args.checkpoint, settings)
     return Ingress.options(
-        name=f"{p}Ingress",
-        ray_actor_options=cfg.ingress.actor_options(),
-        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-        max_queued_requests=cfg.ingress.max_queued_requests,
-        max_surge_percent=cfg.ingress.surge_percent(100),
+        name=f"{p}Ingress", **cfg.ingress.deployment_options(surge_default=100)
     ).bind(model, runner, settings)
 
 

@@ -3,9 +3,11 @@ test images and slides, crafted bad inputs, and starting the app on a free port.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import struct
+import threading
 import time
 import zlib
 
@@ -104,3 +106,40 @@ def wait_for(fn, timeout: float, interval: float = 0.25, what: str = "condition"
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def segment_load(port: int, token: str | None = None, clients: int = 8):
+    """``clients`` threads posting a small PNG to /v1/segment until the block ends; yields
+    the list of outcomes (status codes, or the httpx error's name: a hang ends as a
+    timeout). On exit every client must have stopped: none hung."""
+    import httpx
+
+    body = png_bytes(tissue(64, 64))
+    stop = threading.Event()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    headers = {"Content-Type": "image/png"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
+    def client():
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    got = str(c.post("/v1/segment", content=body).status_code)
+                except httpx.HTTPError as exc:
+                    got = type(exc).__name__
+                with lock:
+                    outcomes.append(got)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+    assert not any(t.is_alive() for t in threads), "a client hung"

@@ -314,3 +314,101 @@ def _assert_helpers_on_head(multinode) -> None:
     helpers = [a for a in actors if a["class_name"].split(".")[-1] in ("EpochClock", "_ReadLog")]
     assert {a["class_name"].split(".")[-1] for a in helpers} == {"EpochClock", "_ReadLog"}, names
     assert {nodes[a["node_id"]] for a in helpers} == {head.ip}, helpers
+
+
+SERVE_APP = "mn"
+
+
+@pytest.fixture(scope="module")
+def served_across(multinode, unkilled, store):
+    """The Serve app on the cluster, deployed by a driver that then exits (as ``serve deploy``
+    does): two model replicas on two nodes (``max_replicas_per_node = 1``), the job store and
+    the slides in S3, the HTTP proxy on the head only (every node shares 127.0.0.1 here)."""
+    from serve_helpers import free_port, tissue, write_slide
+
+    port = free_port()
+    slide = os.path.join(multinode.cluster.root, "slide.tif")
+    write_slide(tissue(256, 320, seed=3), slide)
+    with open(slide, "rb") as f:
+        storage.write_bytes(f"s3://{BUCKET}/slides/one.tif", f.read())
+    settings = {
+        "jobs": {
+            "store": f"s3://{BUCKET}/serve/jobs",
+            "allowed_prefixes": [f"s3://{BUCKET}/slides/"],
+            "progress_interval_s": 0.2,
+        },
+        "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+        "model": {"num_cpus": 0.5, "max_replicas_per_node": 1},
+    }
+    code = (
+        "import ray\n"
+        "from ray import serve\n"
+        "from serve.app import AppArgs, build_app\n"
+        "ray.init()\n"
+        f"serve.start(proxy_location='HeadOnly', http_options={{'host': '127.0.0.1', "
+        f"'port': {port}}})\n"
+        f"app = build_app(AppArgs(checkpoint={unkilled['out'] + '/model'!r}, "
+        f"settings={settings!r}))\n"
+        f"serve.run(app, name={SERVE_APP!r}, route_prefix='/')\n"
+        "print('deployed')\n"
+    )
+    output = _finish(multinode.python("-c", code), timeout=300)
+    assert "deployed" in output, output[-3000:]
+    return {"port": port}
+
+
+def _replica_nodes(multinode, deployment: str) -> list[str]:
+    """The IPs of the ALIVE replicas of ``deployment`` of the app (one entry per replica)."""
+    nodes = {n["node_id"]: n["node_ip"] for n in state(multinode.cluster, "nodes")}
+    actors = state(multinode.cluster, "actors", state="ALIVE")
+    name = f"ServeReplica:{SERVE_APP}:{deployment}"
+    return sorted(nodes[a["node_id"]] for a in actors if a["class_name"] == name)
+
+
+def test_serve_across_nodes_runs_a_slide_job_through_s3_and_loses_no_request_with_a_node(
+    multinode, served_across
+):
+    """A slide job (its runner on one node, the ingress reading its state from S3), then 8
+    clients while the node of one model replica (not the ingress's) is killed by its PIDs
+    and a replacement joins: no 500, at least 99% 200 or 503, none hangs."""
+    import httpx
+    from serve_helpers import segment_load, wait_for
+
+    port = served_across["port"]
+    models = _replica_nodes(multinode, "ModelServer")
+    assert len(models) == 2 and len(set(models)) == 2, models
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        r = c.post("/v1/jobs", json={"slide_uri": f"s3://{BUCKET}/slides/one.tif"})
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+
+        def final():
+            rec = c.get(f"/v1/jobs/{job}").json()
+            return rec if rec["state"] in ("succeeded", "failed", "cancelled") else None
+
+        assert wait_for(final, 180, 0.5, f"slide job {job}")["state"] == "succeeded"
+    assert storage.list_files(f"s3://{BUCKET}/serve/jobs/{job}")
+    (ingress,) = _replica_nodes(multinode, "Ingress")
+    victim_ip = next(ip for ip in models if ip != ingress)
+    victim = multinode.node_of_ip(victim_ip)
+    with segment_load(port) as outcomes:
+        wait_for(lambda: outcomes.count("200") >= 8, 60, 0.5, "answers before the kill")
+        t0 = time.monotonic()
+        assert multinode.cluster.kill_node(victim) > 0
+        killed_at = len(outcomes)
+        multinode.add_node()
+
+        def replaced() -> bool:  # the lost replica seen dead and another one running
+            now = _replica_nodes(multinode, "ModelServer")
+            return len(now) == 2 and victim_ip not in now
+
+        wait_for(replaced, 180, 1, "a replacement model replica")
+        back_s = time.monotonic() - t0
+        wait_for(lambda: outcomes[killed_at:].count("200") >= 8, 60, 0.5, "answers after")
+    counts = {k: outcomes.count(k) for k in set(outcomes)}
+    served_or_retry = counts.get("200", 0) + counts.get("503", 0)
+    assert "500" not in counts and served_or_retry >= 0.99 * len(outcomes), counts
+    print(
+        f"model replicas on {models}, ingress on {ingress}; killed {victim} ({victim_ip}) "
+        f"under 8 clients: {counts}; two replicas again {back_s:.1f} s after the kill"
+    )

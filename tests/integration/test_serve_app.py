@@ -5,7 +5,6 @@ GeoJSON), cancelling, and a job that survives the job runner's replica being kil
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -19,6 +18,7 @@ import pytest
 from serve_helpers import (
     png_bytes,
     png_zero_size,
+    segment_load,
     tiff_declaring,
     tissue,
     wait_for,
@@ -477,44 +477,6 @@ def test_a_job_survives_a_restart_of_the_job_runner(served):
     assert resumed["class_fractions"] == whole["class_fractions"]
 
 
-@contextlib.contextmanager
-def _segment_load(port: int, clients: int = 8):
-    """``clients`` threads posting a small PNG to /v1/segment until the block ends; yields
-    the list of outcomes (status codes, or the httpx error's name: a hang ends as a
-    timeout). On exit every client must have stopped: none hung."""
-    import threading
-
-    body = png_bytes(tissue(64, 64))
-    stop = threading.Event()
-    outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def client():
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}",
-            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "image/png"},
-            timeout=60,
-        ) as c:
-            while not stop.is_set():
-                try:
-                    got = str(c.post("/v1/segment", content=body).status_code)
-                except httpx.HTTPError as exc:
-                    got = type(exc).__name__
-                with lock:
-                    outcomes.append(got)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    try:
-        yield outcomes
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(90)
-    assert not any(t.is_alive() for t in threads), "a client hung"
-
-
 def test_a_model_replica_killed_under_load_loses_no_request(served):
     """8 clients send requests while the model replica is killed (SIGKILL) and Serve starts
     another: every request gets 200 or 503 (retry), none hangs, none gets a 500."""
@@ -522,7 +484,7 @@ def test_a_model_replica_killed_under_load_loses_no_request(served):
 
     model = serve.get_deployment_handle("ModelServer", app_name=APP)
     pid = model.pid.remote().result(timeout_s=30)
-    with _segment_load(served["port"]) as outcomes:
+    with segment_load(served["port"], TOKEN) as outcomes:
         time.sleep(2)
         os.kill(pid, signal.SIGKILL)
         killed_at = len(outcomes)
@@ -549,7 +511,7 @@ def test_deploying_a_new_checkpoint_under_load_fails_no_request(served, root):
     cfg = load_config(root / "jobs/configs/tiny.toml")
     torch.manual_seed(7)
     new = save_checkpoint("s3://serving/models/tiny-v2", build_model(cfg), cfg, {"step": 1})
-    with _segment_load(served["port"]) as outcomes:
+    with segment_load(served["port"], TOKEN) as outcomes:
         time.sleep(1)
         serve.run(
             build_app(AppArgs(checkpoint=new, settings=served["settings"])),

@@ -40,6 +40,7 @@ def test_shipped_serve_config_and_yaml_load(root):
         ({"runner": {"resources": {"gpu_node": -1}}}, "serve.<deployment>.resources"),
         ({"model": {"max_surge_percent": 101}}, "serve.<deployment>.max_surge_percent"),
         ({"runner": {"max_surge_percent": 100}}, "serve.runner.max_surge_percent"),
+        ({"model": {"max_replicas_per_node": 0}}, "serve.<deployment>.max_replicas_per_node"),
     ],
 )
 def test_bad_settings_name_the_field(data, field):

@@ -229,6 +229,10 @@ class ReplicaConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources per replica (a node type's label, e.g. ``{"gpu_node": 0.01}``),
     so its replicas land only on nodes that advertise them."""
+    max_replicas_per_node: int | None = None
+    """At most this many of the deployment's replicas on one node (None: no bound; Serve
+    spreads them anyway where it can). 1 keeps the model's replicas on different machines,
+    so one node's loss leaves the others serving."""
     max_surge_percent: int | None = None
     """Extra replicas (percent of the target, rounded up) Serve may start during a rolling
     update (a redeploy with another checkpoint or settings): the replacements start, and the
@@ -255,6 +259,11 @@ class ReplicaConfig:
             "must be >= 1",
         )
         require(
+            self.max_replicas_per_node is None or self.max_replicas_per_node >= 1,
+            f"{w}.max_replicas_per_node",
+            "must be >= 1",
+        )
+        require(
             self.max_surge_percent is None or 0 <= self.max_surge_percent <= 100,
             f"{w}.max_surge_percent",
             "must be in [0, 100]",
@@ -271,6 +280,18 @@ class ReplicaConfig:
 
     def surge_percent(self, default: int) -> int:
         return default if self.max_surge_percent is None else self.max_surge_percent
+
+    def deployment_options(self, surge_default: int) -> dict[str, Any]:
+        """The Serve deployment options these settings give (``.options(**...)``)."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": self.actor_options(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "max_surge_percent": self.surge_percent(surge_default),
+        }
+        if self.max_replicas_per_node is not None:
+            opts["max_replicas_per_node"] = self.max_replicas_per_node
+        return opts
 
     def actor_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus}
