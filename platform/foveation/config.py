@@ -783,6 +783,10 @@ class TuneConfig:
     trial_cpus: float = 0.25
     """Logical CPUs of each trial's driver (its Ray Train workers and reader actors take
     ``[distributed]`` and ``[data.pipeline]``'s on top)."""
+    max_failures: int = 2
+    """Restarts of a trial whose driver was lost (its process killed, its node gone); a
+    restarted trial resumes its run from the last checkpoint Ray Train registered. Losing
+    only a trial's Train workers is ``distributed.max_failures``' to retry, inside the trial."""
 
     def __post_init__(self) -> None:
         w = "tune"
@@ -825,6 +829,7 @@ class TuneConfig:
         require(self.reduction_factor > 1, f"{w}.reduction_factor", "must be > 1")
         require(self.max_concurrent_trials >= 1, f"{w}.max_concurrent_trials", "must be >= 1")
         require(self.trial_cpus > 0, f"{w}.trial_cpus", "must be > 0")
+        require(self.max_failures >= 0, f"{w}.max_failures", "must be >= 0")
 
 
 @dataclass(frozen=True)

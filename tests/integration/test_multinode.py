@@ -7,6 +7,7 @@ Nodes are killed by their own PIDs mid-run and replaced."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -314,6 +315,78 @@ def _assert_helpers_on_head(multinode) -> None:
     helpers = [a for a in actors if a["class_name"].split(".")[-1] in ("EpochClock", "_ReadLog")]
     assert {a["class_name"].split(".")[-1] for a in helpers} == {"EpochClock", "_ReadLog"}, names
     assert {nodes[a["node_id"]] for a in helpers} == {head.ip}, helpers
+
+
+def _sweep_config(root) -> Config:
+    """Two trials of tiny.toml (two patch sets), both at once, 4 epochs each (an epoch is 1-2 s:
+    the kill after the first must land before the trial ends) with a checkpoint per epoch, one
+    Train worker each; a lost trial driver or worker is restarted."""
+    from foveation.config import DistributedConfig, TuneConfig
+
+    cfg = load_config(root / "jobs/configs/tiny.toml")
+    return dataclasses.replace(
+        cfg,
+        name="sweep",
+        training=dataclasses.replace(cfg.training, epochs=4),
+        distributed=DistributedConfig(
+            num_workers=1, cpus_per_worker=0.5, keep_checkpoints=1, max_failures=2
+        ),
+        data=dataclasses.replace(
+            cfg.data, pipeline=dataclasses.replace(cfg.data.pipeline, loader="memory")
+        ),
+        tune=TuneConfig(fov_sets=((1, 2, 4), (1, 4)), scheduler="fifo", max_concurrent_trials=2),
+    )
+
+
+def _trial_metas(out: str) -> dict[str, dict]:
+    """Each trial's latest registered checkpoint's meta.json, by trial id."""
+    if not storage.exists(f"{out}/trials"):
+        return {}
+    ids = {f.split("/trials/")[1].split("/")[0] for f in storage.list_files(f"{out}/trials")}
+    metas = {t: _latest_meta(f"{out}/trials/{t}") for t in ids if not t.startswith(".")}
+    return {t: m for t, m in metas.items() if m}
+
+
+def test_a_sweep_across_nodes_loses_a_node_and_every_trial_finishes_from_its_checkpoint(
+    multinode, root, store
+):
+    """``python -m jobs.tune`` with the cluster's address: once a trial has registered its
+    first epoch, the node of its Train worker is killed by its PIDs and a replacement joins.
+    No trial fails for good: the one hit resumes from that checkpoint (on another node)."""
+    import pyarrow.parquet as pq
+
+    config = _write(multinode, _sweep_config(root))
+    out = f"s3://{BUCKET}/sweep"
+    proc = multinode.driver("jobs.tune", "--config", config, "--manifest", store, "--out", out)
+    deadline = time.monotonic() + 300
+    while not (metas := _trial_metas(out)):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "no trial registered a checkpoint in 300 s"
+        time.sleep(0.5)
+    trial, meta = next(iter(metas.items()))
+    seen = {h for m in metas.values() for h in m["hosts"]}
+    victim = multinode.node_of_ip(meta["hosts"][0])
+    t0 = time.monotonic()
+    assert multinode.cluster.kill_node(victim) > 0
+    meta = _latest_meta(f"{out}/trials/{trial}")  # what was registered when the node died
+    multinode.add_node()
+    output = _finish(proc)
+    sweep_s = time.monotonic() - t0
+    multinode.assert_no_violations()
+    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/results.parquet"))).to_pylist()
+    assert [r["status"] for r in table] == ["finished", "finished"], (table, output[-3000:])
+    final = _trial_metas(out)
+    assert final[trial]["epoch"] == 4 and meta["epoch"] < 4, (final[trial], meta)
+    # The trial hit resumed from its registered checkpoint, not from step 0.
+    assert final[trial]["resumed_from_step"] == meta["step"] > 0, (final[trial], meta)
+    seen |= {h for m in final.values() for h in m["hosts"]}
+    assert len(seen) >= 2, seen  # the trials ran on more than one node
+    print(
+        f"sweep across nodes: trial {trial} rank 0 on {meta['hosts'][0]} ({victim}) killed "
+        f"after epoch {meta['epoch']}; resumed from step {final[trial]['resumed_from_step']} on "
+        f"{final[trial]['hosts']}; trials ran on {sorted(seen)}; the sweep ended "
+        f"{sweep_s:.1f} s after the kill"
+    )
 
 
 SERVE_APP = "mn"

@@ -78,9 +78,11 @@ def _trial(config: dict, base: dict, out: str, manifest: str) -> None:
 
     from foveation.training.trainer import fit
 
-    # Tune runs a trial in its own directory; the manifest's relative paths are relative to the
-    # job's directory, which Tune keeps in TUNE_ORIG_WORKING_DIR.
-    os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))
+    # Tune runs a trial in its own directory; a local manifest's relative paths are relative
+    # to the job's directory, which Tune keeps in TUNE_ORIG_WORKING_DIR. On a cluster the
+    # manifest is in S3 and the trial may run on a machine without that directory.
+    if not storage.is_remote(manifest):
+        os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))
     import ray.data
 
     # Several trials' progress bars in one terminal are noise; Tune's table says the progress.
@@ -215,6 +217,8 @@ def _new_tuner(cfg: Config, trainable, points: list, epochs: int, out: str, exp:
             name=SWEEP_NAME,
             storage_path=exp.path.rsplit("/", 1)[0],
             storage_filesystem=exp.fs if storage.is_remote(out) else None,
+            # A trial whose driver is lost (its node gone) starts again and resumes its run.
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
             verbose=1,
         ),
     )
