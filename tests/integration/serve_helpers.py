@@ -143,3 +143,14 @@ def segment_load(port: int, token: str | None = None, clients: int = 8):
         for t in threads:
             t.join(90)
     assert not any(t.is_alive() for t in threads), "a client hung"
+
+
+def wait_for_job(client, job_id: str, timeout: float = 90) -> dict:
+    """The record of slide job ``job_id`` once it is final (``GET /v1/jobs/<id>``)."""
+    from foveation.serving.jobstore import FINAL
+
+    def final():
+        rec = client.get(f"/v1/jobs/{job_id}").json()
+        return rec if rec["state"] in FINAL else None
+
+    return wait_for(final, timeout, 0.3, f"job {job_id}")

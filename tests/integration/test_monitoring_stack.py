@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import free_port, png_bytes, tissue, wait_for, write_slide
+from serve_helpers import free_port, png_bytes, tissue, wait_for, wait_for_job, write_slide
 
 from foveation.config import load_config
 from foveation.io import storage
@@ -209,12 +209,7 @@ def _serve(checkpoint: str, tmp: Path, port: int) -> None:
         r = c.post("/v1/jobs", json={"slide_uri": str(slides / "one.tif")})
         assert r.status_code == 202, r.text
         job = r.json()["id"]
-
-        def final():
-            rec = c.get(f"/v1/jobs/{job}").json()
-            return rec if rec["state"] in ("succeeded", "failed", "cancelled") else None
-
-        assert wait_for(final, 120, 0.5, f"slide job {job}")["state"] == "succeeded"
+        assert wait_for_job(c, job, 120)["state"] == "succeeded"
 
 
 def test_every_dashboard_panel_returns_series(prometheus, workload):

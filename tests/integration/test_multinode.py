@@ -307,14 +307,20 @@ def test_losing_the_node_of_either_rank_resumes_from_a_checkpoint_like_an_unkill
     )
 
 
-def _assert_helpers_on_head(multinode) -> None:
-    head = multinode.cluster.nodes[HEAD]
+def _alive_actors(multinode) -> list[tuple[str, str]]:
+    """(class name, node IP) of every ALIVE actor of the cluster (Ray's state API)."""
     nodes = {n["node_id"]: n["node_ip"] for n in state(multinode.cluster, "nodes")}
     actors = state(multinode.cluster, "actors", state="ALIVE")
-    names = sorted({a["class_name"] for a in actors})
-    helpers = [a for a in actors if a["class_name"].split(".")[-1] in ("EpochClock", "_ReadLog")]
-    assert {a["class_name"].split(".")[-1] for a in helpers} == {"EpochClock", "_ReadLog"}, names
-    assert {nodes[a["node_id"]] for a in helpers} == {head.ip}, helpers
+    return [(a["class_name"], nodes[a["node_id"]]) for a in actors]
+
+
+def _assert_helpers_on_head(multinode) -> None:
+    head = multinode.cluster.nodes[HEAD]
+    actors = _alive_actors(multinode)
+    names = sorted({name for name, _ in actors})
+    helpers = [(n, ip) for n, ip in actors if n.split(".")[-1] in ("EpochClock", "_ReadLog")]
+    assert {n.split(".")[-1] for n, _ in helpers} == {"EpochClock", "_ReadLog"}, names
+    assert {ip for _, ip in helpers} == {head.ip}, helpers
 
 
 def _sweep_config(root) -> Config:
@@ -432,10 +438,8 @@ def served_across(multinode, unkilled, store):
 
 def _replica_nodes(multinode, deployment: str) -> list[str]:
     """The IPs of the ALIVE replicas of ``deployment`` of the app (one entry per replica)."""
-    nodes = {n["node_id"]: n["node_ip"] for n in state(multinode.cluster, "nodes")}
-    actors = state(multinode.cluster, "actors", state="ALIVE")
     name = f"ServeReplica:{SERVE_APP}:{deployment}"
-    return sorted(nodes[a["node_id"]] for a in actors if a["class_name"] == name)
+    return sorted(ip for n, ip in _alive_actors(multinode) if n == name)
 
 
 def test_serve_across_nodes_runs_a_slide_job_through_s3_and_loses_no_request_with_a_node(
@@ -445,7 +449,7 @@ def test_serve_across_nodes_runs_a_slide_job_through_s3_and_loses_no_request_wit
     clients while the node of one model replica (not the ingress's) is killed by its PIDs
     and a replacement joins: no 500, at least 99% 200 or 503, none hangs."""
     import httpx
-    from serve_helpers import segment_load, wait_for
+    from serve_helpers import segment_load, wait_for, wait_for_job
 
     port = served_across["port"]
     models = _replica_nodes(multinode, "ModelServer")
@@ -454,12 +458,7 @@ def test_serve_across_nodes_runs_a_slide_job_through_s3_and_loses_no_request_wit
         r = c.post("/v1/jobs", json={"slide_uri": f"s3://{BUCKET}/slides/one.tif"})
         assert r.status_code == 202, r.text
         job = r.json()["id"]
-
-        def final():
-            rec = c.get(f"/v1/jobs/{job}").json()
-            return rec if rec["state"] in ("succeeded", "failed", "cancelled") else None
-
-        assert wait_for(final, 180, 0.5, f"slide job {job}")["state"] == "succeeded"
+        assert wait_for_job(c, job, 180)["state"] == "succeeded"
     assert storage.list_files(f"s3://{BUCKET}/serve/jobs/{job}")
     (ingress,) = _replica_nodes(multinode, "Ingress")
     victim_ip = next(ip for ip in models if ip != ingress)

@@ -22,6 +22,7 @@ from serve_helpers import (
     tiff_declaring,
     tissue,
     wait_for,
+    wait_for_job,
     write_checkpoint,
     write_slide,
 )
@@ -228,14 +229,6 @@ def test_every_bad_input_is_a_clear_4xx_and_the_server_stays_healthy(served):
     assert r.status_code == 200 and decode_mask(r.content).shape == (64, 64)
 
 
-def _wait_final(c: httpx.Client, job_id: str, timeout: float = 90) -> dict:
-    def final():
-        j = c.get(f"/v1/jobs/{job_id}").json()
-        return j if j["state"] in ("succeeded", "failed", "cancelled") else None
-
-    return wait_for(final, timeout, 0.3, f"job {job_id}")
-
-
 def _raw_request(port: int, head: str, body: bytes = b"") -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     s.sendall(head.encode() + b"\r\n" + body)
@@ -379,7 +372,7 @@ def test_whole_slide_job_from_s3(served, reference):
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["state"] in ("queued", "running") and r.headers["location"].endswith(job["id"])
-    done = _wait_final(c, job["id"])
+    done = wait_for_job(c, job["id"])
     assert done["state"] == "succeeded", done
     assert done["progress"] == 1.0 and done["attempts"] == 1
     res = done["results"]
@@ -446,7 +439,7 @@ def test_cancel_a_running_and_a_queued_job(served):
     assert r.status_code == 202 and r.json()["state"] == "cancelled", r.text
     r = c.delete(f"/v1/jobs/{first['id']}")
     assert r.status_code == 202 and r.json()["cancel_requested"], r.text
-    assert _wait_final(c, first["id"])["state"] == "cancelled"
+    assert wait_for_job(c, first["id"])["state"] == "cancelled"
     assert c.get(f"/v1/jobs/{second['id']}").json()["state"] == "cancelled"
     err = _error_of(c.delete(f"/v1/jobs/{second['id']}"), 409, "job_finished")
     assert "cancelled" in err["message"]
@@ -463,12 +456,12 @@ def test_a_job_survives_a_restart_of_the_job_runner(served):
     # progress is 0.95 x the rows done: kill the replica at 60% of the rows
     wait_for(lambda: c.get(f"/v1/jobs/{job['id']}").json()["progress"] >= 0.57, 90, 0.05, "60%")
     os.kill(pid, signal.SIGKILL)  # the replica dies mid-job; Serve starts a new one
-    done = _wait_final(c, job["id"], timeout=120)
+    done = wait_for_job(c, job["id"], timeout=120)
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 2, done
     assert runner.pid.remote().result(timeout_s=60) != pid
     # it continued from the rows saved in the store, not from the start
-    again = _wait_final(c, c.post("/v1/jobs", json={"slide_uri": big}).json()["id"])
+    again = wait_for_job(c, c.post("/v1/jobs", json={"slide_uri": big}).json()["id"])
     resumed, whole = done["summary"], again["summary"]
     # the slide ran as a Ray task, not in the runner replica that was killed
     assert resumed["worker"]["pid"] != pid, resumed["worker"]

@@ -278,16 +278,15 @@ class ReplicaConfig:
             f"must be a table of resource names to amounts >= 0, got {self.resources!r}",
         )
 
-    def surge_percent(self, default: int) -> int:
-        return default if self.max_surge_percent is None else self.max_surge_percent
-
     def deployment_options(self, surge_default: int) -> dict[str, Any]:
-        """The Serve deployment options these settings give (``.options(**...)``)."""
+        """The Serve deployment options these settings give (``.options(**...)``);
+        ``surge_default`` stands where ``max_surge_percent`` is None."""
+        surge = self.max_surge_percent
         opts: dict[str, Any] = {
             "ray_actor_options": self.actor_options(),
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "max_surge_percent": self.surge_percent(surge_default),
+            "max_surge_percent": surge_default if surge is None else surge,
         }
         if self.max_replicas_per_node is not None:
             opts["max_replicas_per_node"] = self.max_replicas_per_node
