@@ -26,7 +26,7 @@ from ray import serve
 
 from foveation import monitoring
 from foveation.serving.errors import RequestError
-from foveation.serving.settings import ServeConfig, serve_config_from_dict
+from foveation.serving.settings import ServeConfig, device_here, serve_config_from_dict
 
 log = logging.getLogger("ray.serve")
 
@@ -36,7 +36,7 @@ def _load(checkpoint: str, settings: ServeConfig, threads: int | None):
 
     if threads:
         torch.set_num_threads(threads)
-    model, cfg, meta = load_checkpoint(checkpoint, settings.device)
+    model, cfg, meta = load_checkpoint(checkpoint, device_here(settings))
     return model, cfg, meta
 
 
@@ -53,6 +53,14 @@ class ModelServer:
     def __init__(self, checkpoint: str, settings: dict[str, Any]) -> None:
         self.settings = serve_config_from_dict(settings)
         self.checkpoint = checkpoint
+        self.device = device_here(self.settings)
+        if self.device == "cpu" and ray.get_gpu_ids():
+            log.warning(
+                "serve.device %r: this replica holds GPU %s, but no CUDA device is usable "
+                "here; serving on CPU",
+                self.settings.device,
+                ray.get_gpu_ids(),
+            )
         self.model, self.cfg, self.meta = _load(
             checkpoint, self.settings, self.settings.model.torch_threads
         )
@@ -78,6 +86,7 @@ class ModelServer:
             "xr_scale": self.cfg.patches.xr_scale,
             "fovs": list(self.cfg.patches.fovs),
             "backbone": self.cfg.model.backbone,
+            "device": self.device,
             "batching": self.settings.batching.enabled,
             "meta": {k: self.meta.get(k) for k in ("step", "epoch") if k in self.meta},
         }
@@ -96,7 +105,7 @@ class ModelServer:
 
         def run():
             t = time.perf_counter()
-            out = segment_image(self.model, self.cfg, image, forward, self.settings.device)
+            out = segment_image(self.model, self.cfg, image, forward, self.device)
             return out, time.perf_counter() - t
 
         if forward is None and image.shape[0] * image.shape[1] <= INLINE_MAX_PIXELS:
@@ -150,7 +159,7 @@ def predict_slide_task(
     from foveation.io import storage
 
     cfg_s = serve_config_from_dict(settings)
-    key = (checkpoint, cfg_s.device)
+    key = (checkpoint, device_here(cfg_s))
     if key not in _TASK_MODELS:
         threads = max(1, int(cfg_s.jobs.task_cpus))
         _TASK_MODELS.clear()
@@ -165,7 +174,7 @@ def predict_slide_task(
             storage.write_bytes(target, json.dumps({"done": done, "total": total}).encode())
 
     results, summary = predict_slide(
-        model, cfg, slide_uri, prefix, device=cfg_s.device, progress=progress, **kwargs
+        model, cfg, slide_uri, prefix, device=key[1], progress=progress, **kwargs
     )
     summary["worker"] = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
     return results, summary

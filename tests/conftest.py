@@ -49,7 +49,7 @@ def prometheus_binary() -> str:
 
 def _stage(module_items: list) -> int:
     """When a test module runs: 0 unit tests (no Ray process exists yet); 1 the multi-node
-    modules, before the session's Ray head starts; 2 the integration modules on that head;
+    modules (fixed or autoscaled clusters), before the session's Ray head starts; 2 the integration modules on that head;
     3 the ones using the session's Serve, last, since Serve is never stopped before the
     session ends. Each later stage's processes take cycles from an earlier one's: with the
     session head and Serve running beside it, the multi-node module took 370 s instead of
@@ -57,7 +57,7 @@ def _stage(module_items: list) -> int:
     names = set().union(*(item.fixturenames for item in module_items))
     if "integration" not in module_items[0].path.parts:
         return 0
-    if "multinode" in names:
+    if names & {"multinode", "autoscaled"}:
         return 1
     return 3 if "serve_port" in names else 2
 

@@ -48,6 +48,28 @@ TOKEN_FILE = "auth_token"
 WORKER_PORTS = 1000  # each node's own range of worker ports
 FIRST_WORKER_PORT = 20000
 START_TIMEOUT_S = 180
+AUTOSCALING_FILE = "autoscaling.json"
+FAKE_HEAD_TYPE = "ray.head.default"
+FAKE_HEAD_ID = "f" * 51 + "00000"  # the id Ray's fake provider gives the head
+FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+AUTOSCALER_ENV = {
+    # Ray's fake multi-node provider refuses to run without it (a guard against test-only
+    # providers on real clusters).
+    "RAY_FAKE_CLUSTER": "1",
+    # The autoscaler's loop every second instead of every 5 s.
+    "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+    # The autoscaler starts its nodes in-process at "this machine's address", which on Linux is
+    # the routable one (not loopback); this makes it 127.0.0.1, so its nodes listen only there
+    # as every other node does. It changes nothing else on Linux: only `ray start` of a worker
+    # node reads it, and no node is started by `ray start` in the head's environment.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Autoscaler v2 (KubeRay's): it publishes the node types to the GCS, where the platform's
+    # resource check reads what the autoscaler can add (``raycluster.autoscaler_maxima``). It
+    # knows the head by the fake provider's fixed id.
+    "RAY_enable_autoscaler_v2": "1",
+    "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
+    "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID,
+}
 
 
 class ClusterError(FoveationError, RuntimeError):
@@ -73,6 +95,31 @@ class Node:
         return os.path.join(root, self.name, "r")
 
 
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of worker node the head's autoscaler adds on demand and removes when idle (Ray's
+    fake multi-node provider: each node a real raylet started on this machine, as a cloud
+    provider would start a machine). ``gpus`` are declared, not real: a node of this type
+    advertises ``GPU: 1`` without CUDA, so what asks for a GPU is scheduled there and must
+    still run on its CPU."""
+
+    name: str
+    cpus: float
+    gpus: float = 0.0
+    resources: dict = field(default_factory=dict)
+    min_workers: int = 0
+    max_workers: int = 1
+
+    def autoscaler_entry(self) -> dict:
+        resources = {"CPU": self.cpus, "GPU": self.gpus, self.name: 1.0, **self.resources}
+        return {
+            "resources": {k: v for k, v in resources.items() if v},
+            "node_config": {},
+            "min_workers": self.min_workers,
+            "max_workers": self.max_workers,
+        }
+
+
 @dataclass
 class LocalCluster:
     """The cluster under ``root``: its head's ports and its nodes (``create`` or ``load``)."""
@@ -83,6 +130,10 @@ class LocalCluster:
     client_port: int
     nodes: dict[str, Node] = field(default_factory=dict)
     next_index: int = 1
+    node_types: list[NodeType] = field(default_factory=list)
+    """What the head's autoscaler may add (empty: a fixed cluster, nodes added by hand)."""
+    idle_timeout_s: float = 10.0
+    """How long an autoscaled node stays idle before the autoscaler removes it."""
 
     @classmethod
     def create(cls, root: str) -> LocalCluster:
@@ -114,7 +165,8 @@ class LocalCluster:
                 f"{path}: no local cluster there; start one with `python -m jobs.cluster up`"
             ) from None
         nodes = {n["name"]: Node(**n) for n in state.pop("nodes")}
-        return cls(**state, nodes=nodes)
+        types = [NodeType(**t) for t in state.pop("node_types", [])]
+        return cls(**state, nodes=nodes, node_types=types)
 
     @property
     def address(self) -> str:
@@ -141,14 +193,19 @@ class LocalCluster:
     def save(self) -> None:
         state = dataclasses.asdict(self)
         state["nodes"] = [dataclasses.asdict(n) for n in self.nodes.values()]
+        state["node_types"] = [dataclasses.asdict(t) for t in self.node_types]
         path = os.path.join(self.root, STATE_FILE)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(state, f, indent=2)
         os.replace(tmp, path)  # never a half-written description
 
-    def start_head(self, cpus: float = 0, env: dict | None = None) -> Node:
-        """The head node with its dashboard (the job server) on 127.0.0.1."""
+    def start_head(
+        self, cpus: float = 0, env: dict | None = None, node_types: list[NodeType] | None = None
+    ) -> Node:
+        """The head node with its dashboard (the job server) on 127.0.0.1; with ``node_types``,
+        also Ray's autoscaler, which adds nodes of those types when work waits for their
+        resources and removes them after ``idle_timeout_s`` idle."""
         node = Node(HEAD, 0, HEAD_IP, cpus)
         args = [
             "--head",
@@ -158,7 +215,57 @@ class LocalCluster:
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
         ]
+        if node_types:
+            self.node_types = list(node_types)
+            args.append(f"--autoscaling-config={self._write_autoscaling_config(cpus)}")
+            env = {**(env or {}), **AUTOSCALER_ENV}
         return self._start(node, args, env)
+
+    def _write_autoscaling_config(self, head_cpus: float) -> str:
+        """The autoscaler's cluster config (Ray's fake multi-node provider) for the node types:
+        its nodes join this head's GCS."""
+        types = {t.name: t.autoscaler_entry() for t in self.node_types}
+        types[FAKE_HEAD_TYPE] = {
+            "resources": {"CPU": head_cpus, HEAD: 1.0},
+            "node_config": {},
+            "max_workers": 0,
+        }
+        config = {
+            "cluster_name": os.path.basename(self.root),
+            "max_workers": sum(t.max_workers for t in self.node_types),
+            "provider": {
+                # Ray's fake provider by its module: as "fake_multinode" the autoscaler would
+                # read defaults from an example file the wheel does not ship.
+                "type": "external",
+                "module": FAKE_PROVIDER,
+                "gcs_address": self.address,
+                "head_node_id": FAKE_HEAD_ID,
+                "launch_multiple": True,
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+            },
+            "available_node_types": types,
+            "head_node_type": FAKE_HEAD_TYPE,
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": self.idle_timeout_s / 60,
+            "auth": {},
+            "docker": {},
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "initialization_commands": [],
+            "setup_commands": [],
+            "head_setup_commands": [],
+            "worker_setup_commands": [],
+            "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }
+        path = os.path.join(self.root, AUTOSCALING_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(tmp, path)
+        return path
 
     def add_node(
         self,

@@ -274,6 +274,36 @@ def multinode(s3_endpoint, root) -> Iterator[MultiNode]:
         shutil.rmtree(cluster.root, ignore_errors=True)
 
 
+GPU_TYPE = "gpu"
+"""The autoscaled cluster's worker node type: 1 CPU and 1 declared GPU (no CUDA here)."""
+
+
+@pytest.fixture(scope="module")
+def autoscaled(s3_endpoint, root) -> Iterator[MultiNode]:
+    """A local cluster grown and shrunk by Ray's autoscaler (its fake multi-node provider, the
+    one ``ray.cluster_utils.AutoscalingCluster`` drives; that class is not used because its
+    ``start`` runs ``ray stop --force``, which would stop every Ray on the machine): a head of
+    1 CPU (the Serve controller, proxy, ingress and runner) and up to two nodes of type
+    ``gpu`` (1 CPU, ``GPU: 1`` declared, no CUDA), one kept at all times; an idle one is removed
+    after 10 s. Same guard, token and S3 as ``multinode``."""
+    from foveation.localcluster import LocalCluster, NodeType, wait_for_nodes
+
+    cluster = LocalCluster.create(tempfile.mkdtemp(prefix="fova-", dir="/tmp"))
+    cluster.idle_timeout_s = 10
+    mn = MultiNode(cluster, root)
+    os.makedirs(mn.driver_dir)
+    gpu = NodeType(GPU_TYPE, cpus=1, gpus=1, min_workers=1, max_workers=2)
+    try:
+        cluster.start_head(cpus=1, env=mn.node_env(), node_types=[gpu])
+        wait_for_nodes(cluster, 2, timeout_s=120)  # the head and the kept gpu node
+        yield mn
+    finally:
+        cluster.down()
+        import shutil
+
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
 @dataclasses.dataclass
 class MultiNode:
     """The module's local cluster, the driver's directory and the guard's record."""

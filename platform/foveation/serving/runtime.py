@@ -40,7 +40,7 @@ from foveation.serving.jobstore import (
     JobRecord,
     JobStore,
 )
-from foveation.serving.settings import ServeConfig
+from foveation.serving.settings import ServeConfig, device_here
 from foveation.serving.uris import check_slide_uri
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class JobRunner:
     # -- internals -----------------------------------------------------------------------
     def _predict_here(self, slide_uri: str, prefix: str, **kw) -> tuple[dict, dict]:
         return predict_slide(
-            self.model, self.cfg, slide_uri, prefix, device=self.settings.device, **kw
+            self.model, self.cfg, slide_uri, prefix, device=device_here(self.settings), **kw
         )
 
     def _latest(self, job_id: str) -> JobRecord:

@@ -304,7 +304,10 @@ class ReplicaConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     device: str = "cpu"
-    """"cpu", "cuda" or "cuda:N" (give the model deployment ``num_gpus``)."""
+    """"cpu", "cuda" or "cuda:N" (give the model deployment ``num_gpus``), or "auto": CUDA
+    where the process sees a device, else CPU (``device_here``). "auto" is the setting for an
+    autoscaled cluster: a replica placed on a GPU node serves there on its GPU, and one whose
+    node advertises a GPU without a working CUDA still serves, on CPU."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
@@ -335,9 +338,9 @@ class ServeConfig:
             "must be 0 (a second runner would resume the jobs the first still runs)",
         )
         require(
-            self.device == "cpu" or self.device.startswith("cuda"),
+            self.device in ("cpu", "auto") or self.device.startswith("cuda"),
             "serve.device",
-            f"must be 'cpu' or 'cuda[:N]', got {self.device!r}",
+            f"must be 'cpu', 'auto' or 'cuda[:N]', got {self.device!r}",
         )
         if self.device.startswith("cuda"):
             slide_gpus = (
@@ -349,6 +352,15 @@ class ServeConfig:
                 "'cuda' needs serve.model.num_gpus > 0, and serve.jobs.task_gpus > 0 (or "
                 "serve.runner.num_gpus > 0 with jobs.run_as = 'runner')",
             )
+
+
+def device_here(settings: ServeConfig) -> str:
+    """The torch device this process serves on: ``serve.device``, "auto" resolved here."""
+    if settings.device != "auto":
+        return settings.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def serve_config_from_dict(data: dict[str, Any] | None) -> ServeConfig:
