@@ -611,7 +611,8 @@ class DistributedConfig:
     num_workers: int = 1
     """Ray Train workers (data-parallel ranks)."""
     use_gpu: bool = False
-    """One or more GPUs per worker (``gpus_per_worker``); the job fails at once without them."""
+    """One or more GPUs per worker (``gpus_per_worker``); the job fails at once without them,
+    unless the cluster's autoscaler may add them (then it says so and waits)."""
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
     """Logical CPUs per worker: fractional on a laptop (docs/architecture.md, "Ray on 2 cores")."""

@@ -63,9 +63,9 @@ AUTOSCALER_ENV = {
     # as every other node does. It changes nothing else on Linux: only `ray start` of a worker
     # node reads it, and no node is started by `ray start` in the head's environment.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    # Autoscaler v2 (KubeRay's): it publishes the node types to the GCS, where the platform's
-    # resource check reads what the autoscaler can add (``raycluster.autoscaler_maxima``). It
-    # knows the head by the fake provider's fixed id.
+    # Autoscaler v2 (KubeRay's), which reports its version to the GCS: the platform's resource
+    # checks see an autoscaler there (``raycluster.cluster_growth``). It knows the head by the
+    # fake provider's fixed id.
     "RAY_enable_autoscaler_v2": "1",
     "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
     "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID,

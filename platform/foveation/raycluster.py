@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_LOGICAL_CPUS = 4
@@ -101,15 +102,73 @@ def cluster_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def autoscaler_maxima() -> dict[str, float] | None:
-    """The most of each resource the cluster's autoscaler can provide (its node types' maxima),
-    or None on a cluster without one (a laptop, a fixed cluster) or when Ray does not say."""
+@dataclass(frozen=True)
+class Growth:
+    """What the cluster's autoscaler can add to it, as far as Ray says."""
+
+    autoscaled: bool = False
+    """An autoscaler with node types runs: resources missing now may come."""
+    maxima: dict[str, float] | None = None
+    """The most of each resource its node types give, where Ray publishes them (None: it
+    does not; Ray 2.60 publishes them only where the platform reports the cluster's config,
+    not on `ray up` or KubeRay clusters)."""
+
+
+def cluster_growth() -> Growth:
+    """What the autoscaler of the cluster this process has joined can add. A laptop's local
+    Ray (started by this process) has none; a joined cluster has one when Ray publishes its
+    node types' maxima, when its autoscaler is v2 (KubeRay's; a v2 started by hand without a
+    config counts too: then a shortfall waits, said, instead of failing), or when v1's status
+    names node types of a cluster config (a cluster without one names each ``node_<id>``)."""
+    import ray
+
     try:  # Ray Train v2 reads the same (a private API: a missing one means "do not know")
         from ray._private.state import state
 
-        return state.get_max_resources_from_cluster_config()
+        maxima = state.get_max_resources_from_cluster_config()
+    except Exception:
+        maxima = None
+    if maxima is not None:
+        return Growth(True, maxima)
+    node = ray._private.worker._global_node
+    if node is not None and getattr(node, "ray_init_cluster", False):
+        return Growth()  # a local Ray this process started: nothing adds nodes to it
+    return Growth(_autoscaler_v2() or v1_names_node_types(_v1_status()))
+
+
+def _autoscaler_v2() -> bool:
+    """Whether the cluster runs Ray's autoscaler v2 (the GCS's flag): KubeRay's, which
+    reports no node types Ray exposes, so its presence is what says the cluster may grow."""
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return bool(is_autoscaler_v2(fetch_from_server=True))
+    except Exception:
+        return False
+
+
+def _v1_status() -> dict | None:
+    try:
+        import json
+
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get("__autoscaling_status")
+        return json.loads(raw) if raw else None
     except Exception:
         return None
+
+
+def v1_names_node_types(status: dict | None) -> bool:
+    """Whether the v1 autoscaler's status (the GCS's ``__autoscaling_status``) names node
+    types of a cluster config: its read-only provider (no config: `ray start` by hand) names
+    each node ``node_<node id>``; a launcher or KubeRay config names them ("ray.head.default",
+    "gpu")."""
+    report = (status or {}).get("autoscaler_report") or {}
+    types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
+    types |= set(report.get("pending_launches") or {})
+    types |= {entry[1] for entry in report.get("pending_nodes") or [] if len(entry) > 1}
+    return any(not str(t).startswith("node_") for t in types)
 
 
 def local_paths_problem(paths: list[tuple[str, str]], shared: str) -> str | None:
@@ -122,8 +181,8 @@ def local_paths_problem(paths: list[tuple[str, str]], shared: str) -> str | None
     local = [(what, uri) for what, uri in paths if uri and not storage.is_remote(uri)]
     if not local:
         return None
-    nodes, maxima = cluster_nodes(), autoscaler_maxima()
-    if nodes == 1 and maxima is None:
+    nodes = cluster_nodes()
+    if nodes == 1 and not cluster_growth().autoscaled:
         return None
     return describe_local_paths(local, nodes, shared)
 

@@ -135,3 +135,25 @@ def test_load_adds_a_gpu_node_and_a_replica_and_idle_takes_both_back(autoscaled,
         f"replica serving at {replica_s:.1f} s; requests {counts}; idle: one replica after "
         f"{replica_down_s:.1f} s, one gpu node after {node_down_s:.1f} s"
     )
+
+
+def test_a_run_asking_for_more_gpus_than_the_cluster_has_waits_for_its_autoscaler(autoscaled):
+    """Two GPU workers on a cluster with one GPU now: Ray 2.60 does not publish what the
+    autoscaler can add, but the check sees the autoscaler and waits instead of refusing."""
+    code = (
+        "import dataclasses\n"
+        "from foveation.config import DistributedConfig, load_config\n"
+        "from foveation.raycluster import cluster_growth, init_ray\n"
+        "from foveation.training.trainer import check_resources\n"
+        "init_ray()\n"
+        "print('growth', cluster_growth())\n"
+        f"cfg = load_config({str(autoscaled.root / 'jobs/configs/tiny.toml')!r})\n"
+        "dc = DistributedConfig(use_gpu=True, num_workers=2, gpus_per_worker=1)\n"
+        "check_resources(dataclasses.replace(cfg, distributed=dc), 'memory')\n"
+        "print('checked')\n"
+    )
+    proc = autoscaled.python("-c", code)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "checked" in output, output[-3000:]
+    assert "Growth(autoscaled=True, maxima=None)" in output, output[-3000:]
+    assert "needs 2 GPU; the cluster has 1 now" in output and "waiting" in output, output

@@ -28,25 +28,25 @@ def _cfg(**distributed) -> Config:
 
 
 def test_one_node_without_an_autoscaler_takes_local_paths():
-    assert path_problem(_cfg(), "runs/m", "runs/out", SPLITS, 1, None) is None
+    assert path_problem(_cfg(), "runs/m", "runs/out", SPLITS, 1, False) is None
 
 
 def test_several_nodes_refuse_a_local_output_and_say_what_is_expected():
-    problem = path_problem(_cfg(), "s3://b/store", "runs/out", SPLITS, 3, None)
+    problem = path_problem(_cfg(), "s3://b/store", "runs/out", SPLITS, 3, False)
     assert problem.startswith("--out: 'runs/out' is a local path")
     assert "3 nodes" in problem and "s3://" in problem and "shared_filesystem" in problem
 
 
 def test_a_local_slide_is_refused_on_a_cluster_an_autoscaler_can_grow():
     splits = {"train": [{"slide_id": "a", "image_uri": "/data/a.tif"}], "val": []}
-    problem = path_problem(_cfg(), "s3://b/m", "s3://b/out", splits, 1, {"GPU": 8})
+    problem = path_problem(_cfg(), "s3://b/m", "s3://b/out", splits, 1, True)
     assert problem.startswith("slide a: '/data/a.tif'") and "autoscaler can add" in problem
 
 
 def test_object_storage_or_a_shared_filesystem_pass():
-    assert path_problem(_cfg(), "s3://b/m", "s3://b/out", SPLITS, 3, None) is None
+    assert path_problem(_cfg(), "s3://b/m", "s3://b/out", SPLITS, 3, False) is None
     shared = _cfg(shared_filesystem=True)
-    assert path_problem(shared, "runs/m", "runs/out", SPLITS, 3, None) is None
+    assert path_problem(shared, "runs/m", "runs/out", SPLITS, 3, False) is None
 
 
 def test_placement_is_checked_against_its_registry():

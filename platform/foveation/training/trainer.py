@@ -32,6 +32,7 @@ from foveation.checkpoint import (
 from foveation.config import PLACEMENTS, Config, what_it_trains
 from foveation.errors import FoveationError
 from foveation.io import storage
+from foveation.raycluster import Growth
 from foveation.training.plan import FAULT_ENV, HistoryTarget, WorkerPlan, fault_steps
 
 RUN_NAME = "train"
@@ -211,31 +212,34 @@ def run_resources(cfg: Config, loader: str | None = None) -> dict[str, float]:
 @dataclass(frozen=True)
 class Shortfall:
     """A resource the run needs more of than the cluster has now. ``most``: what the cluster's
-    autoscaler can grow it to (None: no autoscaler, or Ray does not say)."""
+    autoscaler can grow it to (None: no autoscaler, or one that does not say how far)."""
 
     name: str
     need: float
     have: float
     most: float | None
+    autoscaled: bool = False
 
     @property
     def fatal(self) -> bool:
-        """No autoscaler can close it: the run would wait for ever."""
-        return self.most is None or self.most < self.need
+        """No autoscaler can close it: the run would wait for ever. Where an autoscaler runs
+        but Ray does not say what it can add, the run waits for it (and says so)."""
+        if self.most is None:
+            return not self.autoscaled
+        return self.most < self.need
 
 
-def shortfalls(
-    needs: dict[str, float], have: dict[str, float], most: dict[str, float] | None
-) -> list[Shortfall]:
-    """What ``needs`` lacks in ``have``, with what the autoscaler can add (``most``: the node
-    types' maxima, None without an autoscaler). An autoscaled cluster with GPU workers at
-    ``min_workers = 0`` has no GPU until a run asks: that is a wait, not an error."""
+def shortfalls(needs: dict[str, float], have: dict[str, float], growth: Growth) -> list[Shortfall]:
+    """What ``needs`` lacks in ``have``, with what the autoscaler can add (``growth``). An
+    autoscaled cluster with GPU workers at ``min_workers = 0`` has no GPU until a run asks:
+    that is a wait, not an error."""
     out = []
     for name, need in needs.items():
         now = have.get(name, 0.0)
         if now < need:
+            most = growth.maxima
             cap = None if most is None else max(float(most.get(name, 0)), now)
-            out.append(Shortfall(name, need, now, cap))
+            out.append(Shortfall(name, need, now, cap, growth.autoscaled))
     return out
 
 
@@ -244,16 +248,14 @@ def check_resources(cfg: Config, loader: str, log: Callable[[str], None] = print
     autoscaler can close is an error before any worker starts; one it can close is said."""
     import ray
 
-    from foveation.raycluster import autoscaler_maxima
+    from foveation.raycluster import cluster_growth
 
     dc, pc = cfg.distributed, cfg.data.pipeline
-    for short in shortfalls(
-        run_resources(cfg, loader), ray.cluster_resources(), autoscaler_maxima()
-    ):
+    for short in shortfalls(run_resources(cfg, loader), ray.cluster_resources(), cluster_growth()):
         if not short.fatal:
             log(
                 f"distributed: the run needs {short.need:g} {short.name}; the cluster has "
-                f"{short.have:g} now and its autoscaler can add up to {short.most:g}: waiting"
+                f"{short.have:g} now and {_can_add(short)}: waiting for it"
             )
         elif short.name == "GPU":
             raise TrainingError(
@@ -270,25 +272,34 @@ def check_resources(cfg: Config, loader: str, log: Callable[[str], None] = print
             )
 
 
+def _can_add(short: Shortfall) -> str:
+    if short.most is None:
+        return (
+            "its autoscaler does not say what it can add (if it cannot, the run waits until "
+            "it is stopped)"
+        )
+    return f"its autoscaler can add up to {short.most:g}"
+
+
 def check_paths(cfg: Config, manifest: str, out: str, splits: dict) -> None:
     """On a cluster of more than one node (or one an autoscaler can grow), every path a worker
     opens must reach it from any node (``path_problem``); refused before any worker starts."""
-    from foveation.raycluster import autoscaler_maxima, cluster_nodes
+    from foveation.raycluster import cluster_growth, cluster_nodes
 
-    problem = path_problem(cfg, manifest, out, splits, cluster_nodes(), autoscaler_maxima())
+    problem = path_problem(cfg, manifest, out, splits, cluster_nodes(), cluster_growth().autoscaled)
     if problem:
         raise TrainingError(problem)
 
 
 def path_problem(
-    cfg: Config, manifest: str, out: str, splits: dict, nodes: int, maxima: dict | None
+    cfg: Config, manifest: str, out: str, splits: dict, nodes: int, autoscaled: bool
 ) -> str | None:
-    """Why a run on ``nodes`` nodes (``maxima``: what the autoscaler can add, None without one)
-    cannot use these paths, or None. The run's output, the manifest and every slide must be
+    """Why a run on ``nodes`` nodes (``autoscaled``: an autoscaler may add more) cannot use
+    these paths, or None. The run's output, the manifest and every slide must be
     object-storage URIs, unless ``distributed.shared_filesystem`` says every node mounts the same
     disk. A local path would be read or written on whichever node a worker landed on: files
     written that no other node sees, slides not found on another machine."""
-    if cfg.distributed.shared_filesystem or (nodes == 1 and maxima is None):
+    if cfg.distributed.shared_filesystem or (nodes == 1 and not autoscaled):
         return None
     local = [("--out", out), ("--manifest", manifest)]
     local += [(f"slide {r['slide_id']}", r["image_uri"]) for rows in splits.values() for r in rows]
