@@ -2,11 +2,15 @@
 one: a head with no CPUs and worker nodes, each a real raylet at its own 127.0.0.x address, in
 its own directory, with token authentication (``foveation.localcluster``).
 
-python -m jobs.cluster up [--nodes 2] [--cpus 2] [--root DIR]
+python -m jobs.cluster up [--nodes 2] [--cpus 2] [--gpu-nodes 0] [--root DIR]
 python -m jobs.cluster status | add [--cpus 2] | kill NODE | down   [--root DIR]
 
 ``up`` prints the two variables a driver or ``ray job submit`` needs; the platform's jobs then
-run unchanged on the cluster (with s3:// URIs: each node has its own disk).
+run unchanged on the cluster (with s3:// URIs: each node has its own disk). ``--gpu-nodes N``
+also starts Ray's autoscaler with a node type ``gpu`` (``--cpus`` CPUs and one declared GPU,
+no CUDA): it adds up to N of them when work asks for a GPU and removes each after
+``--idle-s`` idle, as a cloud autoscaler would (a Serve app with ``serve.device = "auto"``
+and ``serve.model.num_gpus = 1`` scales onto them and serves there on CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import argparse
 import os
 import sys
 
-from foveation.localcluster import HEAD, LocalCluster, wait_for_nodes
+from foveation.localcluster import HEAD, LocalCluster, NodeType, live_nodes, wait_for_nodes
 from jobs._cli import job
 
 DEFAULT_ROOT = f"/tmp/foveation-cluster-{os.getuid()}"
@@ -33,8 +37,14 @@ def _print_access(cluster: LocalCluster) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     cluster = LocalCluster.create(args.root)
+    cluster.idle_timeout_s = args.idle_s
+    gpu = NodeType("gpu", cpus=args.cpus, gpus=1, max_workers=args.gpu_nodes)
     try:
-        cluster.start_head(cpus=0)
+        cluster.start_head(cpus=0, node_types=[gpu] if args.gpu_nodes else None)
+        if args.gpu_nodes:
+            print(
+                f"autoscaler on: up to {args.gpu_nodes} gpu nodes, each removed {args.idle_s:g} s idle"
+            )
         for _ in range(args.nodes):
             node = cluster.add_node(cpus=args.cpus)
             print(f"started {node.name} at {node.ip} ({node.cpus:g} CPUs)")
@@ -51,6 +61,10 @@ def _status(args: argparse.Namespace) -> int:
     for node, processes in cluster.status():
         state = f"{processes} processes" if processes else "LOST (no process left)"
         print(f"{node.name:8} {node.ip:12} {node.cpus:g} CPUs {node.gpus:g} GPUs  {state}")
+    if cluster.node_types:
+        added = live_nodes(cluster) - sum(1 for _, processes in cluster.status() if processes)
+        kinds = ", ".join(f"{t.name} (at most {t.max_workers})" for t in cluster.node_types)
+        print(f"autoscaled: {added} nodes now, of the types {kinds}")
     _print_access(cluster)
     return 0
 
@@ -84,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a head and --nodes worker nodes")
     up.add_argument("--nodes", type=int, default=2, help="worker nodes (%(default)s)")
     up.add_argument("--cpus", type=float, default=2, help="logical CPUs per node (%(default)s)")
+    up.add_argument(
+        "--gpu-nodes",
+        type=int,
+        default=0,
+        help="most autoscaled nodes of one declared GPU (%(default)s: no autoscaler)",
+    )
+    up.add_argument(
+        "--idle-s", type=float, default=30, help="idle seconds before one goes (%(default)s)"
+    )
     up.set_defaults(run=_up)
     sub.add_parser("status", help="the nodes and whether each is alive").set_defaults(run=_status)
     add = sub.add_parser("add", help="one more worker node (a machine joining)")
@@ -101,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "nodes", 1) < 1:
         raise SystemExit("error: --nodes: expected at least 1 worker node")
+    if getattr(args, "gpu_nodes", 0) < 0 or getattr(args, "idle_s", 1) <= 0:
+        raise SystemExit("error: --gpu-nodes: expected >= 0; --idle-s: expected > 0")
     return args.run(args)
 
 
