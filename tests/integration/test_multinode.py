@@ -86,9 +86,10 @@ def config(multinode, root) -> str:
 
 @pytest.fixture(scope="module")
 def streamed(multinode, root, store) -> dict:
-    """The same on 2 epochs with the batches streamed from S3 by Ray Data's reader actors, out
-    of core (slower on 2 cores: its reads compete with the trainers)."""
-    config = _write(multinode, _spread_config(root, "streamed", 2, "stream"))
+    """The same on 1 epoch with the batches streamed from S3 by Ray Data's reader actors, out
+    of core (slower on 2 cores: its reads compete with the trainers; whether the model learns
+    is the memory-loader runs' question, so one epoch is enough here)."""
+    config = _write(multinode, _spread_config(root, "streamed", 1, "stream"))
     out = f"s3://{BUCKET}/runs/streamed"
     output = _finish(_train(multinode, config, store, out))
     multinode.assert_no_violations()
@@ -221,15 +222,14 @@ def test_the_streamed_batches_are_read_on_the_worker_nodes(streamed):
     """Ray Data's reader actors ran on worker nodes (never the CPU-less head), and the run says
     what each node read."""
     meta = streamed["meta"]
-    assert meta["epoch"] == 2 and len(set(meta["hosts"])) == 2
-    losses = [h["loss"] for h in meta["history"]]
-    assert losses[-1] < losses[0], losses
+    assert meta["epoch"] == 1 and len(set(meta["hosts"])) == 2
+    assert all(h["loss"] > 0 for h in meta["history"]), meta["history"]
     (line,) = [x for x in streamed["output"].splitlines() if "training reads by node:" in x]
     nodes = re.findall(r"(127\.0\.0\.\d+): (\d+) slide reads, (\d+) locations", line)
     assert nodes and all(ip != "127.0.0.10" for ip, _, _ in nodes), line
-    # 2 epochs of the 4 training slides (16 locations each), every read counted once.
-    assert sum(int(s) for _, s, _ in nodes) == 2 * 4, line
-    assert sum(int(n) for _, _, n in nodes) == 2 * 4 * 16, line
+    # 1 epoch of the 4 training slides (16 locations each), every read counted once.
+    assert sum(int(s) for _, s, _ in nodes) == 4, line
+    assert sum(int(n) for _, _, n in nodes) == 4 * 16, line
     print(line)
 
 
