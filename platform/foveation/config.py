@@ -75,8 +75,9 @@ class PatchSetConfig:
     """The model's resolution in microns per pixel: FoVs, x_r and labels are in pixels of this
     size. Whole-slide prediction (``jobs.predict``, Serve's slide jobs) reads a slide that
     declares another mpp resampled to it (``io.slides.ScaledSource``), so a 20x and a 40x scan
-    give the same prediction; a slide that declares none is taken to be at this mpp, and its
-    summary says so. None: every slide is read at its own resolution."""
+    give the same prediction; a slide whose metadata gives no trustworthy mpp
+    (``io.slides.tiff_mpp``) is refused, naming how to give it (a slide list's ``mpp``
+    column), never resampled by a guess. None: every slide is read at its own resolution."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fovs", tuple(int(f) for f in self.fovs))

@@ -31,6 +31,7 @@ SUMMARY_FILE = "predict-summary.json"
 class SlideItem:
     slide_id: str
     uri: str
+    mpp: float | None = None  # the slide list's (or manifest's) mpp, over the file's
 
 
 @dataclass
@@ -68,12 +69,15 @@ def list_slides(source: str, split: str | None = None) -> list[SlideItem]:
 
             rows = read_manifest(source).to_pylist()
             rows = [r for r in rows if split is None or r["split"] == split]
-            items = [SlideItem(r["slide_id"], storage.absolute(r["image_uri"])) for r in rows]
+            items = [
+                SlideItem(r["slide_id"], storage.absolute(r["image_uri"]), r.get("mpp"))
+                for r in rows
+            ]
             if not items:
                 raise DataError(f"{source}: no slides in split {split!r}")
             return sorted(items, key=lambda s: s.slide_id)
     if is_slide_list(source):
-        return [SlideItem(s.slide_id, s.image_uri) for s in scan_list(source)]
+        return [SlideItem(s.slide_id, s.image_uri, s.mpp) for s in scan_list(source)]
     try:
         files = storage.list_files(source, SLIDE_SUFFIXES)
     except storage.StorageError as exc:
@@ -109,12 +113,20 @@ class SlidePredictor:
         from foveation.inference.outputs import predict_slide
 
         status, errors, seconds = [], [], []
-        for sid, uri in zip(batch["slide_id"], batch["uri"], strict=True):
+        mpps = batch.get("mpp", [None] * len(batch["uri"]))
+        for sid, uri, mpp in zip(batch["slide_id"], batch["uri"], mpps, strict=True):
             t0 = time.perf_counter()
             prefix = storage.join(self.out, str(sid))
+            given = None if mpp is None or mpp != mpp else float(mpp)  # NaN: none given
             try:
                 results, summary = predict_slide(
-                    self.model, self.cfg, str(uri), prefix, device=self.device, **self.outputs
+                    self.model,
+                    self.cfg,
+                    str(uri),
+                    prefix,
+                    device=self.device,
+                    slide_mpp=given,
+                    **self.outputs,
                 )
                 record = {"slide_id": str(sid), "slide_uri": str(uri), "results": results}
                 record["summary"] = summary

@@ -187,8 +187,9 @@ def test_whole_slide_images_ingest_out_of_core_with_their_mpp_and_polygons(tmp_p
         tile=True,
         pyramid=True,
         compression="deflate",
-        xres=2000.0,
+        xres=2000.0,  # px per mm: 0.5 µm/px, in centimetres (a resolution in inches is no mpp)
         yres=2000.0,
+        resunit="cm",
     )
     write_ome_tiff(str(tmp_path / "c.ome.tif"), tissue[:520, :640], mpp=0.3)
     write_svs(str(tmp_path / "blank.svs"), np.full((300, 300, 3), 250, np.uint8))

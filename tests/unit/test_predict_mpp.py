@@ -5,6 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import pyvips
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from foveation.checkpoint import load_checkpoint
 from foveation.data.synthetic import TissueScales, generate_slide
 from foveation.inference.outputs import predict_slide
 from foveation.io import storage
+from foveation.io.slides import SlideError
 from tests.vendor_slides import write_svs
 
 CHECKPOINT = str(Path(__file__).parent.parent / "fixtures" / "checkpoint-48f8459")
@@ -41,7 +43,14 @@ def test_a_40x_and_a_20x_scan_predict_alike_at_the_models_mpp(tmp_path):
     assert l40.shape == l20.shape == (384, 320)  # both at the model's 0.5 um/px
     assert (l40 == l20).mean() >= 0.95
     assert a40 == 768 * 640 and a20 == 384 * 320  # GeoJSON in each slide's level-0 px
-    # A slide that declares no mpp is taken to be at the model's, and the summary says so.
+    # A slide that gives no mpp is refused with how to give it, never resampled by a guess;
+    # given (a slide list's mpp column), it predicts as the 20x scan does.
     pyvips.Image.new_from_array(half).pngsave(str(tmp_path / "nompp.png"))
-    _, s = predict_slide(model, cfg, str(tmp_path / "nompp.png"), str(tmp_path / "nompp"))
-    assert s["slide_mpp"] is None and s["model_mpp"] == 0.5 and s["scale"] == 1.0
+    with pytest.raises(SlideError, match=r"nompp.png: the slide gives no mpp.*mpp"):
+        predict_slide(model, cfg, str(tmp_path / "nompp.png"), str(tmp_path / "nompp"))
+    res, s = predict_slide(
+        model, cfg, str(tmp_path / "nompp.png"), str(tmp_path / "nompp"), slide_mpp=0.5
+    )
+    assert s["slide_mpp"] == 0.5 and s["model_mpp"] == 0.5 and s["scale"] == 1.0
+    labels = pyvips.Image.new_from_file(res["labels"].removeprefix("file://"), page=0).numpy()
+    assert (labels == l20).all()

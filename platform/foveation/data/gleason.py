@@ -57,6 +57,9 @@ class RawSlide:
     label_kind: str = "gleason"
     """How the annotator files read: "gleason" (the challenge's raw values), "mask" (class
     ids, 255 unlabelled) or "qupath" (GeoJSON, ``data.annotations``)."""
+    mpp: float | None = None
+    """µm per pixel given by the slide list, over what the slide's metadata says (None: the
+    metadata's, ``io.slides.tiff_mpp``)."""
 
 
 def map_labels(raw: np.ndarray, name: str) -> np.ndarray:

@@ -7,6 +7,8 @@ URI) with one row per slide, for data that is not in the Gleason2019 layout.
                      label mask of class ids (PNG/TIFF; 255 = unlabelled); several annotators'
                      files separated by ";" are fused by STAPLE
     patient          optional: keeps a patient's slides in one split (``assign_splits``)
+    mpp              optional: µm per pixel, for a slide whose metadata gives none (a plain
+                     TIFF's resolution in inches, a PNG) or a wrong one; 0.05 to 50
 
 Relative URIs are taken relative to the list's folder. Errors name the list, the line and
 what was expected. Whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF, OME-TIFF) are ingested
@@ -48,7 +50,7 @@ def _rows(uri: str) -> list[dict]:
     if "image_uri" not in table.column_names:
         raise DataError(
             f"{uri}: the slide list has no 'image_uri' column (columns: {table.column_names}); "
-            "expected image_uri[, slide_id, annotation_uri, patient]"
+            "expected image_uri[, slide_id, annotation_uri, patient, mpp]"
         )
     return table.to_pylist()
 
@@ -67,6 +69,20 @@ def slide_id_of(uri: str) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return posixpath.splitext(name)[0]
+
+
+def _mpp(value, where: str) -> float | None:
+    """The list's ``mpp`` cell: empty, or µm per pixel in the range a scanner gives."""
+    from foveation.io.slides import MPP_RANGE, plausible_mpp
+
+    if value is None or str(value).strip() == "":
+        return None
+    mpp = plausible_mpp(value)
+    if mpp is None:
+        raise DataError(
+            f"{where}: mpp {value!r}: expected µm per pixel from {MPP_RANGE[0]} to {MPP_RANGE[1]}"
+        )
+    return mpp
 
 
 def scan_list(uri: str) -> list[RawSlide]:
@@ -88,6 +104,7 @@ def scan_list(uri: str) -> list[RawSlide]:
         if len(kinds) > 1:
             raise DataError(f"{where}: annotators mix QuPath GeoJSON and masks; expected one kind")
         patient = r.get("patient")
+        mpp = _mpp(r.get("mpp"), where)
         out[sid] = RawSlide(
             sid,
             _resolve(image, base),
@@ -95,6 +112,7 @@ def scan_list(uri: str) -> list[RawSlide]:
             tuple(range(1, len(anns) + 1)),
             patient=str(patient) if patient not in (None, "") else None,
             label_kind=kinds.pop() if kinds else "mask",
+            mpp=mpp,
         )
     if not out:
         raise DataError(f"{uri}: the slide list has no rows")

@@ -322,6 +322,8 @@ def _write_slide(
     from foveation.io.tilepyramid import write_tile_pyramid
 
     reader = _open_slide(local, raw.image_uri)
+    if raw.mpp is not None:
+        reader.mpp = raw.mpp  # the slide list's, over the file's metadata
     side = cfg.tile_size
     slide_path = os.path.join(tmp, "slide.tif")
     level0 = os.path.join(tmp, "level0.tif")

@@ -32,8 +32,17 @@ class JobCancelled(Exception):
     """Raised from inside the inference loop when the job was cancelled."""
 
 
-def ome_xml(width: int, height: int, channels: Sequence[str], pixel_type: str, name: str) -> str:
-    """A minimal OME-XML header for a single image (XYCZT, one TIFF page per channel)."""
+def ome_xml(
+    width: int,
+    height: int,
+    channels: Sequence[str],
+    pixel_type: str,
+    name: str,
+    mpp: float | None = None,
+) -> str:
+    """A minimal OME-XML header for a single image (XYCZT, one TIFF page per channel), with
+    its physical pixel size (``mpp``, µm: OME's default unit) where it is known: what
+    Bio-Formats (QuPath) lines a layer up with its slide by."""
     chans = "".join(
         f'<Channel ID="Channel:0:{i}" Name="{escape(c)}" SamplesPerPixel="1"/>'
         for i, c in enumerate(channels)
@@ -46,30 +55,43 @@ def ome_xml(width: int, height: int, channels: Sequence[str], pixel_type: str, n
         'http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd">'
         f'<Image ID="Image:0" Name="{escape(name)}">'
         f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="{pixel_type}" '
-        f'SizeX="{width}" SizeY="{height}" SizeC="{len(channels)}" SizeZ="1" SizeT="1">'
+        f'SizeX="{width}" SizeY="{height}" SizeC="{len(channels)}" SizeZ="1" SizeT="1"'
+        + (f' PhysicalSizeX="{mpp:.6g}" PhysicalSizeY="{mpp:.6g}"' if mpp else "")
+        + ">"
         f"{chans}<TiffData/></Pixels></Image></OME>"
     )
 
 
 def write_ome_tiff(
-    image, path: str, channels: Sequence[str], name: str, shrink: str, tile: int = 256
+    image,
+    path: str,
+    channels: Sequence[str],
+    name: str,
+    shrink: str,
+    tile: int = 256,
+    mpp: float | None = None,
 ) -> None:
     """A pyvips image (bands = channels) -> a pyramidal OME-TIFF at the local ``path``: each
     channel a page, each page's lower levels in SubIFDs, shrunk by ``shrink`` ("mode" for
-    labels, "mean" for maps)."""
+    labels, "mean" for maps). ``mpp`` (µm per pixel of this image, where known) goes into the
+    OME header and the TIFF resolution tags in centimetres (libvips scales them per level),
+    which OpenSlide, pyvips and tifffile read back; unknown, both stay out."""
     import pyvips
 
     w, h = image.width, image.height
     pixel_type = {"uchar": "uint8", "ushort": "uint16", "float": "float"}[image.format]
     if image.bands > 1:
         image = pyvips.Image.arrayjoin(image.bandsplit(), across=1)
-    image = image.copy()
+    image = image.copy(xres=1000 / mpp, yres=1000 / mpp) if mpp else image.copy()
     image.set_type(pyvips.GValue.gint_type, "page-height", h)
     image.set_type(
-        pyvips.GValue.gstr_type, "image-description", ome_xml(w, h, channels, pixel_type, name)
+        pyvips.GValue.gstr_type,
+        "image-description",
+        ome_xml(w, h, channels, pixel_type, name, mpp),
     )
     image.tiffsave(
         path,
+        resunit="cm",
         tile=True,
         tile_width=tile,
         tile_height=tile,
@@ -79,6 +101,26 @@ def write_ome_tiff(
         compression="deflate",
         bigtiff=True,
     )
+    if mpp:
+        scale_level_resolutions(path)
+
+
+def scale_level_resolutions(path: str) -> None:
+    """Rewrite, in place, each reduced level's resolution tags to its own pixel size: libvips
+    copies level 0's to every SubIFD, so a reader taking a lower level's scale from its tags
+    would place it at the wrong size. The tags keep their size (RATIONAL), so nothing moves."""
+    import tifffile
+
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        for page in tif.pages:
+            x, y = (page.tags.get(t) for t in ("XResolution", "YResolution"))
+            if x is None or y is None:
+                continue
+            for level in page.pages or []:
+                down = page.imagewidth / level.imagewidth
+                for tag, full in (("XResolution", x), ("YResolution", y)):
+                    per_cm = full.value[0] / full.value[1] / down
+                    level.tags[tag].overwrite((max(1, round(per_cm * 1000)), 1000))
 
 
 class JobSink:
@@ -259,8 +301,10 @@ class JobSink:
         geojson_tile: int = 1024,
         geojson_simplify_px: float = 0.0,
         level0_per_px: float = 1.0,
+        mpp: float | None = None,
     ) -> dict[str, str]:
-        """Write every result under the storage ``prefix``; returns name -> URI."""
+        """Write every result under the storage ``prefix``; returns name -> URI. ``mpp``: µm
+        per label pixel (None: unknown); the probability map and the APSM are at 1/s of it."""
         import pyvips
 
         out = {}
@@ -273,17 +317,23 @@ class JobSink:
             out[name] = uri
 
         labels = _vips_from_memmap(self.labels, self.width, self.height, 1)
-        write_ome_tiff(labels, local, ["labels"], "labels", "mode")
+        coarse = mpp * self.s if mpp else None
+        write_ome_tiff(labels, local, ["labels"], "labels", "mode", mpp=mpp)
         publish("labels", "labels.ome.tif")
 
         heat = _vips_from_memmap(self.heat, self.hw, self.hh, self.k)
-        write_ome_tiff(heat, local, list(class_names), "class probabilities x255", "mean")
+        write_ome_tiff(
+            heat, local, list(class_names), "class probabilities x255", "mean", mpp=coarse
+        )
         publish("probabilities", "probabilities.ome.tif")
 
         if self.apsm is not None:
             a = np.ascontiguousarray(self.apsm.astype(np.float32))
             im = pyvips.Image.new_from_memory(a.data, a.shape[1], a.shape[0], 1, "float")
-            write_ome_tiff(im, local, ["apsm_px"], "average patch size map (px)", "mean")
+            # On x_r's grid, as the heat map: a pixel per s output px (the last one partial).
+            write_ome_tiff(
+                im, local, ["apsm_px"], "average patch size map (px)", "mean", mpp=coarse
+            )
             publish("apsm", "apsm.ome.tif")
 
         uri = storage.join(prefix, "annotations.geojson")
@@ -352,8 +402,15 @@ def model_resolution_source(reader, model_mpp: float | None):
     declare an mpp and they differ by more than 0.1%, else level 0 as it is."""
     if model_mpp is None:
         return reader.as_source(0), 1.0, reader.mpp
-    if reader.mpp is None:  # the summary records that the slide declared none
-        return reader.as_source(0), 1.0, model_mpp
+    if reader.mpp is None:
+        from foveation.io.slides import MPP_RANGE, SlideError
+
+        raise SlideError(
+            f"{reader.uri}: the slide gives no mpp the model can trust (no OME PhysicalSizeX, "
+            f"Aperio MPP, or resolution in centimetres from {MPP_RANGE[0]} to {MPP_RANGE[1]} "
+            f"µm/px), and the model was trained at {model_mpp:g} µm/px; expected the slide's "
+            "mpp: predict from a slide list (CSV image_uri,mpp) that gives it"
+        )
     scale = reader.mpp / model_mpp
     if abs(scale - 1.0) <= 1e-3:
         return reader.as_source(0), 1.0, model_mpp
@@ -377,6 +434,7 @@ def predict_slide(
     skip_background: bool = True,
     checkpoint_interval_s: float | None = None,
     resume_key: str = "",
+    slide_mpp: float | None = None,
 ) -> tuple[dict[str, str], dict]:
     """Segment one slide read out of core from ``slide_uri`` and write its results under the
     storage ``prefix`` (``JobSink.write_results``): (name -> URI, summary). What a Serve slide
@@ -385,7 +443,8 @@ def predict_slide(
     labels are ``NO_TISSUE`` (255), its probabilities 0, and no GeoJSON covers it.
     ``checkpoint_interval_s``: the rows done are saved under ``<prefix>/partial/`` this often
     and a rerun with the same ``resume_key`` (the model) continues from them (``JobSink``);
-    the partial state is removed once the results are written. None: no checkpoints."""
+    the partial state is removed once the results are written. None: no checkpoints.
+    ``slide_mpp``: the slide's µm per pixel as its slide list gives it, over its metadata."""
     import tempfile
     import time
 
@@ -395,6 +454,8 @@ def predict_slide(
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="foveation-slide-") as tmp:
         reader = SlideReader(slide_uri)
+        if slide_mpp is not None:
+            reader.mpp = slide_mpp  # the slide list's, over the file's metadata
         try:
             source, scale, mpp = model_resolution_source(reader, cfg.patches.mpp)
             partial = storage.join(prefix, "partial") if checkpoint_interval_s is not None else None
@@ -413,7 +474,7 @@ def predict_slide(
             reader.close()
         names = cfg.evaluation.class_names
         results = sink.write_results(
-            prefix, names, geojson_max_side, geojson_tile, geojson_simplify_px, 1.0 / scale
+            prefix, names, geojson_max_side, geojson_tile, geojson_simplify_px, 1.0 / scale, mpp
         )
         if partial is not None:
             storage.remove_tree(partial)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -35,6 +36,47 @@ from foveation.io.formats import OPENSLIDE, SLIDE_SUFFIXES, slide_format, suffix
 
 class SlideError(InputError):
     """A slide that cannot be opened or read: names the slide (and region) and why."""
+
+
+MPP_RANGE = (0.05, 50.0)
+"""µm per pixel a slide can be scanned at; a value outside is no mpp (a 72-dpi PNG made into
+a TIFF says 352.8, and a model at 0.5 µm/px would resample it 700x)."""
+
+_OME_SIZE = re.compile(r'PhysicalSizeX="([^"]+)"')
+_OME_UNIT = re.compile(r'PhysicalSizeXUnit="([^"]+)"')
+_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
+_IN_UM = {"µm": 1.0, "\u03bcm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def plausible_mpp(value) -> float | None:
+    """``value`` as µm per pixel when it is a number in ``MPP_RANGE``, else None."""
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        return None
+    return mpp if MPP_RANGE[0] <= mpp <= MPP_RANGE[1] else None
+
+
+def tiff_mpp(description: str | None, px_per_mm: float | None, unit: str | None) -> float | None:
+    """The µm per pixel a TIFF's own metadata means, or None (unknown): OME's ``PhysicalSizeX``
+    (in its unit, µm by default), Aperio's ``MPP``, else the resolution tag when its unit is
+    the centimetre (libvips gives it in pixels per mm, 1.0 when absent). A resolution in inches
+    is a display density (72 dpi), not a scan's; any value must fall in ``MPP_RANGE``."""
+    text = description or ""
+    ome = _OME_SIZE.search(text) if "<OME" in text else None
+    if ome:
+        unit_m = _OME_UNIT.search(text)
+        factor = _IN_UM.get(unit_m.group(1) if unit_m else "µm")
+        try:
+            return plausible_mpp(float(ome.group(1)) * factor) if factor else None
+        except ValueError:
+            return None
+    aperio = _APERIO_MPP.search(text) if text.startswith("Aperio") else None
+    if aperio:
+        return plausible_mpp(aperio.group(1))
+    if unit != "cm" or not px_per_mm or abs(px_per_mm - 1.0) < 1e-6:
+        return None
+    return plausible_mpp(1000.0 / px_per_mm)
 
 
 @dataclass(frozen=True)
@@ -108,9 +150,11 @@ class SlideReader:
         self._pages = [_as_rgb(im) if self.rgb else im for im, _ in pyramid]
         self.levels = [Level(im.width, im.height, w0 / im.width, _tile_of(im)) for im, _ in pyramid]
         first = pyramid[0][0]
-        xres = first.get("xres") if first.get_typeof("xres") else 0.0
-        # libvips stores pixels per mm; 1.0 is its "unknown" default.
-        self.mpp = 1000.0 / xres if xres and abs(xres - 1.0) > 1e-6 else None
+
+        def meta(name: str):
+            return first.get(name) if first.get_typeof(name) else None
+
+        self.mpp = tiff_mpp(meta("image-description"), meta("xres"), meta("resolution-unit"))
         self.bands = self._pages[0].bands
 
     @staticmethod
@@ -180,8 +224,7 @@ class SlideReader:
         th = self._osr.properties.get("openslide.level[0].tile-height")
         tile = (int(th), int(tw)) if tw and th else None
         self.levels = [Level(w, h, float(d), tile) for (w, h), d in zip(dims, downs, strict=True)]
-        mpp = self._osr.properties.get("openslide.mpp-x")
-        self.mpp = float(mpp) if mpp else None
+        self.mpp = plausible_mpp(self._osr.properties.get("openslide.mpp-x"))
         self.bands = 3
 
     @staticmethod
