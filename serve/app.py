@@ -178,9 +178,44 @@ def _refused(status: int, reason: str) -> None:
 
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
+    """A job record as clients see it: its options out, the slide's size and each result's
+    download route in."""
+    routes = {name: f"/v1/jobs/{rec['id']}/results/{name}" for name in rec.get("results", {})}
     return {k: v for k, v in rec.items() if k != "options"} | {
-        "slide": {k: rec.get("options", {}).get(k) for k in ("width", "height")}
+        "slide": {k: rec.get("options", {}).get(k) for k in ("width", "height")},
+        "downloads": routes,
     }
+
+
+RESULT_TYPES = {"geojson": "application/geo+json"}
+"""Content types of a job's results by name; the rest are OME-TIFFs."""
+
+
+def _result_response(rec, name: str):
+    """A succeeded job's result ``name`` streamed from the job store (local or S3), or a
+    JSON error: 409 while the job has none yet, 404 for a name it does not have."""
+    from fastapi.responses import StreamingResponse
+
+    from foveation.io import storage
+
+    if not rec.results:
+        raise RequestError(
+            409, "no_results", f"job {rec.id} is {rec.state}: results exist once it succeeded"
+        )
+    if name not in rec.results:
+        raise RequestError(
+            404, "unknown_result", f"{name!r}: expected one of {sorted(rec.results)}"
+        )
+    uri = rec.results[name]
+    filename = uri.rsplit("/", 1)[-1]
+    return StreamingResponse(
+        storage.read_chunks(uri),
+        media_type=RESULT_TYPES.get(name, "image/tiff"),
+        headers={
+            "Content-Length": str(storage.size(uri)),
+            "Content-Disposition": f'attachment; filename="{rec.id}-{filename}"',
+        },
+    )
 
 
 def _segment_response(res: dict[str, Any], fmt: str) -> Response:
@@ -397,6 +432,16 @@ class Ingress:
         self._authorize(request)
         check_job_id(job_id)
         return JSONResponse(_public(self.store.get(job_id).to_dict()))
+
+    @api.get(
+        "/v1/jobs/{job_id}/results/{name}",
+        summary="Download one result of a succeeded job (labels, probabilities, apsm, geojson)",
+        responses={200: {"content": {"image/tiff": {}, "application/geo+json": {}}}},
+    )
+    async def get_result(self, request: Request, job_id: str, name: str):
+        self._authorize(request)
+        check_job_id(job_id)
+        return _result_response(self.store.get(job_id), name)
 
     @api.delete("/v1/jobs/{job_id}", summary="Cancel a queued or running job")
     async def cancel_job(self, request: Request, job_id: str) -> JSONResponse:

@@ -388,6 +388,11 @@ class IngestConfig:
     unannotated: str = "ignore"
     """QuPath GeoJSON sources: the label of pixels no polygon covers, "ignore" (255: the loss
     and the metrics skip them) or a class name of ``evaluation.class_names``."""
+    class_map: dict[str, str] = field(default_factory=dict)
+    """QuPath GeoJSON sources: a project's class names to the platform's, e.g. ``{Tumor =
+    "grade3", Stroma = "benign", Other = "ignore"}`` (several names may map to one class;
+    "ignore": 255, skipped by the loss and the metrics). A name not in it must be a class of
+    ``evaluation.class_names`` itself. A slide list's ``class_map`` column adds to it."""
     mpp: float | None = None
     """Microns per pixel of the store: a whole slide that declares another mpp is resampled to
     it as it is ingested (libvips, streamed: the image by area, the labels by nearest), so a
@@ -416,6 +421,12 @@ class IngestConfig:
         )
         require(self.task_cpus > 0, f"{w}.task_cpus", "must be > 0")
         require(0 <= self.max_error_fraction <= 1, f"{w}.max_error_fraction", "must be in [0, 1]")
+        require(
+            isinstance(self.class_map, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.class_map.items()),
+            f"{w}.class_map",
+            f"must be a table of QuPath class names to class names, got {self.class_map!r}",
+        )
 
 
 LOADERS = ("auto", "stream", "memory")

@@ -424,6 +424,18 @@ def test_whole_slide_job_from_s3(served, reference):
     heat = pyvips.Image.new_from_file(heat_local, n=-1)
     assert heat.get("page-height") * 4 == heat.height
 
+    # every result over HTTP, behind the token, byte for byte what the store holds
+    assert set(done["downloads"]) == set(res)
+    for name, route in done["downloads"].items():
+        got = c.get(route)
+        assert got.status_code == 200, (name, got.text[:300])
+        assert got.content == storage.read_bytes(res[name]), name
+        want_type = "application/geo+json" if name == "geojson" else "image/tiff"
+        assert got.headers["content-type"] == want_type, name
+    missing = _error_of(c.get(f"/v1/jobs/{job['id']}/results/nothing"), 404, "unknown_result")
+    assert "labels" in missing["message"]
+    _error_of(httpx.get(f"{c.base_url}{done['downloads']['labels']}"), 401, "unauthorized")
+
 
 def test_cancel_a_running_and_a_queued_job(served):
     c, big = served["client"], str(served["slides"] / "big.tif")

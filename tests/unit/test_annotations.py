@@ -81,7 +81,8 @@ def test_bad_annotations_are_errors_that_name_the_file_and_the_feature():
         (json.dumps({"features": [{"geometry": good, "properties": {}}]}), r"feature 0: no prop"),
         (
             json.dumps([{"geometry": good, "properties": {"classification": {"name": "Tumor"}}}]),
-            r"a\.geojson: feature 0: class 'Tumor' is not in the class table",
+            r"a\.geojson: classes \['Tumor'\] are not in the class table .* the file names "
+            r"\['Tumor'\]\. Map them with data\.ingest\.class_map",
         ),
         (
             json.dumps([{"geometry": {"type": "Point", "coordinates": [1, 2]}}]),
@@ -94,6 +95,38 @@ def test_bad_annotations_are_errors_that_name_the_file_and_the_feature():
     assert unannotated_value("ignore", NAMES) == 255 and unannotated_value("benign", NAMES) == 0
     with pytest.raises(DataError, match=r"data\.ingest\.unannotated: 'stroma'"):
         unannotated_value("stroma", NAMES)
+
+
+def test_a_class_map_sends_a_projects_names_to_the_platforms_or_to_ignore(tmp_path):
+    """A QuPath project says Tumor, Stroma, Other: several names to one class, one to
+    "ignore" (255), the training class names untouched; through the config and through a
+    slide list's class_map column, which wins over it."""
+    lab = blobs(120, 140, 3)
+    project = {"benign": "Stroma", "grade3": "Tumor", "grade4": "Tumor", "grade5": "Other"}
+    data = export(lab, names=[project[n] for n in NAMES])
+    cmap = {"Tumor": "grade3", "Stroma": "benign", "Other": "ignore"}
+    got = rasterize(parse_qupath(data, "p.geojson", NAMES, cmap), 120, 140, fill=255)
+    want = np.select([lab == 0, (lab == 1) | (lab == 2)], [0, 1], 255).astype(np.uint8)
+    assert np.array_equal(got, want)
+    with pytest.raises(DataError, match=r"p\.geojson: class_map maps 'Tumor' to 'cancer'"):
+        parse_qupath(data, "p.geojson", NAMES, {"Tumor": "cancer"})
+    with pytest.raises(DataError, match=r"classes \['Other', 'Stroma'\] .* names \['Other', "):
+        parse_qupath(data, "p.geojson", NAMES, {"Tumor": "grade3"})
+    (tmp_path / "s.png").write_bytes(encode_png(np.full((120, 140, 3), 120, np.uint8)))
+    (tmp_path / "s.geojson").write_bytes(data)
+    row = 's.png,s.geojson,"{""Other"": ""grade5""}"'
+    (tmp_path / "l.csv").write_text(f"image_uri,annotation_uri,class_map\n{row}\n")
+    (slide,) = scan_list(str(tmp_path / "l.csv"))
+    assert dict(slide.class_map) == {"Other": "grade5"}
+    cfg = IngestConfig(crop_size=None, tile_size=128, compression="deflate", class_map=cmap)
+    cfg = replace(cfg, val_fraction=0.0, test_fraction=0.0)
+    summary = ingest(str(tmp_path / "l.csv"), str(tmp_path / "store"), cfg, log=lambda s: None)
+    (r,) = read_manifest(summary.manifest_uri).to_pylist()
+    stored = pyvips.Image.new_from_file(r["label_uri"], page=0).numpy().reshape(120, 140)
+    assert np.array_equal(stored, np.where(lab == 3, 3, want))  # the list's Other -> grade5
+    (tmp_path / "bad.csv").write_text('image_uri,class_map\ns.png,"[1, 2]"\n')
+    with pytest.raises(DataError, match=r"bad\.csv, line 2: class_map .*expected a JSON object"):
+        scan_list(str(tmp_path / "bad.csv"))
 
 
 def test_a_slide_list_with_qupath_and_mask_annotations_ingests(tmp_path):

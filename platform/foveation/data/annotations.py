@@ -33,9 +33,33 @@ class Annotation:
     class_id: int
 
 
-def parse_qupath(data: bytes, uri: str, class_names: Sequence[str]) -> list[Annotation]:
-    """The annotations of a QuPath GeoJSON file, in file order; errors name ``uri``, the
-    feature and what was expected."""
+def class_ids(
+    class_names: Sequence[str], class_map: dict[str, str] | None, uri: str
+) -> dict[str, int]:
+    """A file's class name -> class id: the table's names, and each ``class_map`` entry to
+    its class (or 255 for "ignore"). A map to a class the table lacks names the entry."""
+    ids = {name: i for i, name in enumerate(class_names)}
+    out = dict(ids)
+    for name, target in (class_map or {}).items():
+        if target == "ignore":
+            out[name] = IGNORE_INDEX
+        elif target in ids:
+            out[name] = ids[target]
+        else:
+            raise DataError(
+                f"{uri}: class_map maps {name!r} to {target!r}, which is neither 'ignore' nor a "
+                f"class of {list(class_names)} (evaluation.class_names)"
+            )
+    return out
+
+
+def parse_qupath(
+    data: bytes, uri: str, class_names: Sequence[str], class_map: dict[str, str] | None = None
+) -> list[Annotation]:
+    """The annotations of a QuPath GeoJSON file, in file order; ``class_map`` sends the
+    file's class names to the table's (``class_ids``). Errors name ``uri``, the feature and
+    what was expected; names that map to no class are listed all at once, with the names the
+    file holds and the classes there are."""
     import shapely
     from shapely.geometry import shape
 
@@ -48,7 +72,8 @@ def parse_qupath(data: bytes, uri: str, class_names: Sequence[str]) -> list[Anno
         feats = [doc]
     if not isinstance(feats, list):
         raise DataError(f"{uri}: expected a GeoJSON FeatureCollection or a list of features")
-    ids = {name: i for i, name in enumerate(class_names)}
+    ids = class_ids(class_names, class_map, uri)
+    _check_names(feats, ids, uri, class_names)
     out = []
     for i, f in enumerate(feats):
         where = f"{uri}: feature {i}"
@@ -62,11 +87,6 @@ def parse_qupath(data: bytes, uri: str, class_names: Sequence[str]) -> list[Anno
         cls = ((f.get("properties") or {}).get("classification") or {}).get("name")
         if not cls:
             raise DataError(f"{where}: no properties.classification.name")
-        if cls not in ids:
-            raise DataError(
-                f"{where}: class {cls!r} is not in the class table {list(class_names)} "
-                "(evaluation.class_names)"
-            )
         try:
             geom = shape(g)
         except (ValueError, TypeError, AttributeError) as exc:
@@ -76,6 +96,22 @@ def parse_qupath(data: bytes, uri: str, class_names: Sequence[str]) -> list[Anno
         if not geom.is_empty:
             out.append(Annotation(geom, ids[cls]))
     return out
+
+
+def _check_names(feats: list, ids: dict[str, int], uri: str, class_names: Sequence[str]) -> None:
+    found = {
+        ((f.get("properties") or {}).get("classification") or {}).get("name")
+        for f in feats
+        if isinstance(f, dict)
+    } - {None, ""}
+    unknown = sorted(n for n in found if n not in ids)
+    if unknown:
+        raise DataError(
+            f"{uri}: classes {unknown} are not in the class table {list(class_names)} "
+            f"(evaluation.class_names); the file names {sorted(found)}. Map them with "
+            'data.ingest.class_map or the slide list\'s class_map column, e.g. {"Tumor": '
+            '"grade3", "Other": "ignore"}'
+        )
 
 
 def unannotated_value(unannotated: str, class_names: Sequence[str]) -> int:

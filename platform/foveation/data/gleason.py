@@ -57,6 +57,8 @@ class RawSlide:
     label_kind: str = "gleason"
     """How the annotator files read: "gleason" (the challenge's raw values), "mask" (class
     ids, 255 unlabelled) or "qupath" (GeoJSON, ``data.annotations``)."""
+    class_map: tuple[tuple[str, str], ...] = ()
+    """The slide list's QuPath class names to the platform's, over ``data.ingest.class_map``."""
     mpp: float | None = None
     """µm per pixel given by the slide list, over what the slide's metadata says (None: the
     metadata's, ``io.slides.tiff_mpp``)."""

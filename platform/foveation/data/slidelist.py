@@ -7,6 +7,8 @@ URI) with one row per slide, for data that is not in the Gleason2019 layout.
                      label mask of class ids (PNG/TIFF; 255 = unlabelled); several annotators'
                      files separated by ";" are fused by STAPLE
     patient          optional: keeps a patient's slides in one split (``assign_splits``)
+    class_map        optional: a JSON object of QuPath class names to classes or "ignore",
+                     over ``data.ingest.class_map`` (``{"Tumor": "grade3", "Other": "ignore"}``)
     mpp              optional: µm per pixel, for a slide whose metadata gives none (a plain
                      TIFF's resolution in inches, a PNG) or a wrong one; 0.05 to 50
 
@@ -50,7 +52,7 @@ def _rows(uri: str) -> list[dict]:
     if "image_uri" not in table.column_names:
         raise DataError(
             f"{uri}: the slide list has no 'image_uri' column (columns: {table.column_names}); "
-            "expected image_uri[, slide_id, annotation_uri, patient, mpp]"
+            "expected image_uri[, slide_id, annotation_uri, patient, class_map, mpp]"
         )
     return table.to_pylist()
 
@@ -69,6 +71,26 @@ def slide_id_of(uri: str) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return posixpath.splitext(name)[0]
+
+
+def _class_map(value, where: str) -> tuple[tuple[str, str], ...]:
+    """The list's ``class_map`` cell: empty, or a JSON object of names to names."""
+    import json
+
+    if value is None or str(value).strip() == "":
+        return ()
+    try:
+        data = json.loads(str(value))
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise DataError(
+            f"{where}: class_map {str(value)[:80]!r}: expected a JSON object of QuPath class "
+            'names to classes or "ignore", e.g. {"Tumor": "grade3", "Other": "ignore"}'
+        )
+    return tuple(sorted(data.items()))
 
 
 def _mpp(value, where: str) -> float | None:
@@ -105,6 +127,7 @@ def scan_list(uri: str) -> list[RawSlide]:
             raise DataError(f"{where}: annotators mix QuPath GeoJSON and masks; expected one kind")
         patient = r.get("patient")
         mpp = _mpp(r.get("mpp"), where)
+        class_map = _class_map(r.get("class_map"), where)
         out[sid] = RawSlide(
             sid,
             _resolve(image, base),
@@ -113,6 +136,7 @@ def scan_list(uri: str) -> list[RawSlide]:
             patient=str(patient) if patient not in (None, "") else None,
             label_kind=kinds.pop() if kinds else "mask",
             mpp=mpp,
+            class_map=class_map,
         )
     if not out:
         raise DataError(f"{uri}: the slide list has no rows")

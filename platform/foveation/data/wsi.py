@@ -143,6 +143,11 @@ def check_tissue(reader, uri: str) -> None:
     raise DataError(f"{uri}: no tissue (every pixel of level {k} is background)")
 
 
+def class_map_of(raw: RawSlide, cfg: IngestConfig) -> dict[str, str]:
+    """The slide's class map: the config's, with the slide list's entries over it."""
+    return {**cfg.class_map, **dict(raw.class_map)}
+
+
 def read_annotator_map(
     raw: RawSlide, uri: str, data: bytes, shape: tuple[int, int], cfg: IngestConfig, class_names
 ) -> np.ndarray:
@@ -154,7 +159,8 @@ def read_annotator_map(
         from foveation.data.annotations import parse_qupath, rasterize, unannotated_value
 
         fill = unannotated_value(cfg.unannotated, class_names)
-        return rasterize(parse_qupath(data, uri, class_names), H, W, fill=fill)
+        anns = parse_qupath(data, uri, class_names, class_map_of(raw, cfg))
+        return rasterize(anns, H, W, fill=fill)
     m = decode_label(data, uri)
     if raw.label_kind == "gleason":
         m = map_labels(m, uri)
@@ -182,7 +188,7 @@ def annotator_bands(
     H, W = shape
     if raw.label_kind == "qupath":
         fill = unannotated_value(cfg.unannotated, class_names)
-        anns = parse_qupath(data, uri, class_names)
+        anns = parse_qupath(data, uri, class_names, class_map_of(raw, cfg))
         for top in range(0, H, rows):
             yield rasterize(anns, min(rows, H - top), W, fill=fill, origin=(top, 0))
         return

@@ -606,6 +606,21 @@ def download_file(uri: str, local_path: str | os.PathLike[str]) -> None:
     _run(loc, "download", "an existing file", download)
 
 
+def read_chunks(uri: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The file or object at ``uri`` in chunks of at most ``chunk`` bytes, for streaming it
+    (an HTTP download) without holding it whole. Opening it fails as ``read_bytes`` does
+    (a clear ``StorageError``), before the first chunk."""
+    loc = _locate(uri)
+    stream = _run(loc, "read", "an existing file", lambda: loc.fs.open_input_stream(loc.path))
+
+    def chunks() -> Iterator[bytes]:
+        with stream:
+            while data := stream.read(chunk):
+                yield data
+
+    return chunks()
+
+
 def _copy_stream(src: Any, dst: BinaryIO) -> None:
     while chunk := src.read(_COPY_CHUNK):
         dst.write(chunk)
