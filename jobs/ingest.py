@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         kept_classes=cfg.evaluation.kept_classes,
         class_names=cfg.evaluation.class_names,
     )
-    print(summary.text())
+    print(summary.text(reasons=False))
     return 0
 
 

@@ -35,10 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.cpus_per_worker <= 0:
         print("error: --workers must be >= 1 and --cpus-per-worker > 0", file=sys.stderr)
         return 2
-    from foveation.prediction import predict
-    from foveation.raycluster import init_ray
+    from foveation.prediction import plan_prediction, predict
+    from foveation.raycluster import init_ray, ray_logs_dir
 
-    init_ray()
+    # Every input checked, and the finished slides found, before Ray starts: a bad input
+    # answers in seconds, and a rerun with nothing left to do never starts Ray.
+    plan = plan_prediction(args.checkpoint, args.input, args.out, args.split)
+    if plan.todo:
+        init_ray(quiet=True)  # Ray's own output to its log files, as the demo does
+        print(f"predicting with {args.workers} worker(s); Ray's logs: {ray_logs_dir()}")
     res = predict(
         args.checkpoint,
         args.input,
@@ -48,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_worker=args.cpus_per_worker,
         device=args.device,
         outputs={"geojson_simplify_px": args.geojson_simplify_px},
+        plan=plan,
     )
-    print(res.text())
+    print(res.text(reasons=False))
     return 1 if res.failed else 0
 
 

@@ -42,13 +42,21 @@ class PredictSummary:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def text(self) -> str:
+    def text(self, reasons: bool = True) -> str:
+        """The summary; ``reasons=False`` (the job, whose log printed each slide's line)
+        names the failed slides without repeating why."""
         lines = [
             f"predict into {self.out}: {len(self.predicted)} predicted, "
             f"{len(self.already_done)} already done, {len(self.failed)} failed "
             f"({self.seconds:.1f}s)"
         ]
-        lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
+        if reasons:
+            lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
+        elif self.failed:
+            lines.append(
+                f"  failed (each said above, and in {SUMMARY_FILE}): "
+                f"{', '.join(sorted(self.failed))}"
+            )
         return "\n".join(lines)
 
 
@@ -148,20 +156,25 @@ class SlidePredictor:
         }
 
 
-def predict(
+@dataclass
+class PredictPlan:
+    """What a prediction will do, decided without Ray: the slides still to predict, and the
+    summary so far (those already done, those whose file is missing)."""
+
+    todo: list[SlideItem]
+    summary: PredictSummary
+    started: float
+
+
+def plan_prediction(
     checkpoint: str,
     source: str,
     out: str,
     split: str | None = None,
-    workers: int = 1,
-    cpus_per_worker: float = 1.0,
-    device: str = "auto",
-    outputs: dict | None = None,
     log: Callable[[str], None] = print,
-) -> PredictSummary:
-    """Predict every slide of ``source`` not yet finished under ``out``; see the module."""
-    import ray
-
+) -> PredictPlan:
+    """Every check that needs no Ray, first (a bad input answers in seconds, not after Ray's
+    start): the checkpoint's config, the source's slides, which are done, which are missing."""
     from foveation.checkpoint import read_config
 
     read_config(checkpoint)  # a missing or bad checkpoint fails here, named, before any work
@@ -172,13 +185,40 @@ def predict(
     for s in slides:
         if storage.exists(storage.join(out, s.slide_id, DONE_FILE)):
             res.already_done.append(s.slide_id)
+        elif not storage.exists(s.uri):
+            res.failed[s.slide_id] = f"{s.uri}: no such slide file"
+            log(f"  {s.slide_id}: FAILED {s.uri}: no such slide file")
         else:
             todo.append(s)
     log(
         f"predict: {len(slides)} slides from {source}: {len(res.already_done)} already done, "
-        f"{len(todo)} to predict with {workers} worker(s)"
+        f"{len(todo)} to predict"
     )
+    return PredictPlan(todo, res, t0)
+
+
+def predict(
+    checkpoint: str,
+    source: str,
+    out: str,
+    split: str | None = None,
+    workers: int = 1,
+    cpus_per_worker: float = 1.0,
+    device: str = "auto",
+    outputs: dict | None = None,
+    log: Callable[[str], None] = print,
+    plan: PredictPlan | None = None,
+) -> PredictSummary:
+    """Predict every slide of ``source`` not yet finished under ``out``; see the module.
+    ``plan``: ``plan_prediction``'s, when the caller made it first (to start Ray only if
+    there is work)."""
+    plan = plan or plan_prediction(checkpoint, source, out, split, log)
+    res, todo, t0 = plan.summary, plan.todo, plan.started
     if todo:
+        import ray
+
+        # The per-slide lines below say the progress; Ray Data's bars would print hundreds.
+        ray.data.DataContext.get_current().enable_progress_bars = False
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = device != "cpu" and gpus >= 1
         ds = ray.data.from_items([asdict(s) for s in todo]).map_batches(

@@ -76,12 +76,20 @@ class IngestSummary:
     megapixels: float = 0.0
     average_expert: dict | None = None  # the paper's last Table-1 row, over every slide that landed
 
-    def text(self) -> str:
+    def text(self, reasons: bool = True) -> str:
+        """The summary; ``reasons=False`` (the job, whose log printed each failure as it
+        came) names the failed slides without repeating why."""
         lines = [
             f"ingest into {self.dest}: {len(self.ingested)} ingested, {len(self.unchanged)} unchanged, "
             f"{len(self.failed)} failed ({self.megapixels:.1f} MP in {self.seconds:.1f}s)"
         ]
-        lines += [f"  skipped {sid}: {why}" for sid, why in sorted(self.failed.items())]
+        if reasons:
+            lines += [f"  skipped {sid}: {why}" for sid, why in sorted(self.failed.items())]
+        elif self.failed:
+            lines.append(
+                f"  failed (each said above, and in ingest-summary.json): "
+                f"{', '.join(sorted(self.failed))}"
+            )
         if self.average_expert:
             ious = ", ".join(f"{k} {v:.3f}" for k, v in self.average_expert["iou"].items())
             lines.append(
