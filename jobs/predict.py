@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, help="manifest, slide list, folder or s3:// prefix")
     p.add_argument("--out", required=True, help="where each slide's outputs go (path or s3://)")
     p.add_argument("--split", help="with a manifest: only this split")
-    p.add_argument("--workers", type=int, default=1, help="predictor actors (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="slides predicted at once (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--geojson-simplify-px", type=float, default=0.0)

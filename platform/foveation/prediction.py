@@ -2,8 +2,8 @@
 
 Input: an ingest manifest (``manifest.parquet``, optionally one split), a slide list (CSV or
 Parquet: ``data.slidelist``) or a folder / ``s3://`` prefix of slide files. Slides are rows of a
-Ray Data dataset mapped by a pool of ``SlidePredictor`` actors (``workers`` of them, each with
-the model loaded once, a GPU each when the cluster has GPUs): each actor reads its slide out of
+Ray Data dataset mapped by ``predict_batch`` tasks (at most ``workers`` at once, each worker
+process loading the model once, a GPU each when the cluster has GPUs): each reads its slide out of
 core (``io.slides.SlideReader``: pyramid levels, S3 range reads, OpenSlide for vendor formats)
 and writes what a Serve slide job writes (``inference.outputs.predict_slide``: the pyramidal
 OME-TIFF label map, the class probabilities, the APSM, QuPath GeoJSON) under
@@ -102,8 +102,25 @@ def list_slides(source: str, split: str | None = None) -> list[SlideItem]:
     return [items[k] for k in sorted(items)]
 
 
+_PREDICTORS: dict[tuple, SlidePredictor] = {}
+"""Predictors loaded by ``predict_batch`` tasks, per worker process (Ray reuses a task's
+worker, so the model is loaded once per process, not per slide)."""
+
+
+def predict_batch(batch: dict, **settings) -> dict:
+    """One Ray Data task's slides (``batch``), by this process's predictor for ``settings``.
+    Tasks rather than an actor pool: a Ray Data actor holds its constructor arguments in the
+    object store and restarts (Ray warns on every run that a lost argument would fail the
+    restart); a task is retried with its arguments, and the model stays cached here."""
+    key = tuple(sorted((k, repr(v)) for k, v in settings.items()))
+    if key not in _PREDICTORS:
+        _PREDICTORS.clear()
+        _PREDICTORS[key] = SlidePredictor(**settings)
+    return _PREDICTORS[key](batch)
+
+
 class SlidePredictor:
-    """A Ray Data actor: the model loaded once, then one slide per row."""
+    """The model loaded once, then one slide per row (``predict_batch``)."""
 
     def __init__(self, checkpoint: str, out: str, device: str, threads: int, outputs: dict):
         import torch
@@ -222,12 +239,12 @@ def predict(
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = device != "cpu" and gpus >= 1
         ds = ray.data.from_items([asdict(s) for s in todo]).map_batches(
-            SlidePredictor,
+            predict_batch,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            compute=ray.data.TaskPoolStrategy(size=workers),
             num_cpus=cpus_per_worker,
             num_gpus=1 if use_gpu else 0,
-            fn_constructor_kwargs={
+            fn_kwargs={
                 "checkpoint": checkpoint,
                 "out": out,
                 "device": ("cuda" if use_gpu else "cpu") if device == "auto" else device,

@@ -149,13 +149,14 @@ def test_the_predict_job_says_a_line_per_slide_and_answers_at_once_when_it_can(
     import time
 
     rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
     for i in range(2):
         img = rng.integers(0, 255, (200, 180, 3), np.uint8)
-        (tmp_path / f"s{i}.png").write_bytes(encode_png(img))
+        (tmp_path / "in" / f"s{i}.png").write_bytes(encode_png(img))
     env = dict(__import__("os").environ, RAY_ADDRESS=ray_ready)
     env["PYTHONPATH"] = f"{root / 'platform'}:{root}"
     args = [sys.executable, "-m", "jobs.predict", "--checkpoint", CHECKPOINT,
-            "--input", str(tmp_path), "--out", str(tmp_path / "out")]  # fmt: skip
+            "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")]  # fmt: skip
 
     def run(*extra: str) -> tuple[subprocess.CompletedProcess, float]:
         t0 = time.monotonic()
@@ -174,15 +175,15 @@ def test_the_predict_job_says_a_line_per_slide_and_answers_at_once_when_it_can(
     again, again_s = run()
     assert again.returncode == 0 and "2 already done" in again.stdout, again.stdout
     assert again_s < 10 and "Ray's logs" not in again.stdout, (again_s, again.stdout)
-    (tmp_path / "list.csv").write_text("image_uri,mpp\ns0.png,900\n")
+    (tmp_path / "list.csv").write_text("image_uri,mpp\nin/s0.png,900\n")
     bad = subprocess.run(
-        [*args[:5], str(tmp_path / "list.csv"), *args[6:]],
+        [*args[:6], str(tmp_path / "list.csv"), *args[7:]],
         env=env, cwd=root, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 1 and "list.csv, line 2: mpp" in bad.stderr + bad.stdout
     t0 = time.monotonic()
     missing = subprocess.run(
-        [*args[:3], str(tmp_path / "nowhere"), *args[4:]],
+        [*args[:4], str(tmp_path / "nowhere"), *args[5:]],
         env=env, cwd=root, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert missing.returncode != 0 and "nowhere" in missing.stderr + missing.stdout
