@@ -215,6 +215,7 @@ SUITES: dict[str, str] = {
     "serve": "benchmarks.serve:run",
     "monitoring": "benchmarks.metrics_overhead:run",
     "seams": "benchmarks.seams:run",
+    "geojson": "benchmarks.geojson_area:run",
     "wsi": "benchmarks.wsi:run",
     "predict": "benchmarks.predict:run",
     "threads": "benchmarks.threads:run",

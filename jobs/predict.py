@@ -31,9 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--geojson-simplify-px", type=float, default=0.0)
+    p.add_argument(
+        "--geojson-max-side",
+        type=int,
+        default=4096,
+        help="polygons traced on the labels shrunk by mode to this side at most (%(default)s)",
+    )
     args = p.parse_args(argv)
-    if args.workers < 1 or args.cpus_per_worker <= 0:
-        print("error: --workers must be >= 1 and --cpus-per-worker > 0", file=sys.stderr)
+    if args.workers < 1 or args.cpus_per_worker <= 0 or args.geojson_max_side < 16:
+        print(
+            "error: --workers must be >= 1, --cpus-per-worker > 0, --geojson-max-side >= 16",
+            file=sys.stderr,
+        )
         return 2
     from foveation.prediction import plan_prediction, predict
     from foveation.raycluster import init_ray, ray_logs_dir
@@ -52,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
         device=args.device,
-        outputs={"geojson_simplify_px": args.geojson_simplify_px},
+        outputs={
+            "geojson_simplify_px": args.geojson_simplify_px,
+            "geojson_max_side": args.geojson_max_side,
+        },
         plan=plan,
     )
     print(res.text(reasons=False))
