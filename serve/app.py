@@ -191,10 +191,11 @@ RESULT_TYPES = {"geojson": "application/geo+json"}
 """Content types of a job's results by name; the rest are OME-TIFFs."""
 
 
-def _result_response(rec, name: str):
+def _result_response(rec, name: str, presign_s: int | None = None):
     """A succeeded job's result ``name`` streamed from the job store (local or S3), or a
-    JSON error: 409 while the job has none yet, 404 for a name it does not have."""
-    from fastapi.responses import StreamingResponse
+    JSON error: 409 while the job has none yet, 404 for a name it does not have. With
+    ``presign_s`` and an S3 store, a 307 to a presigned URL instead."""
+    from fastapi.responses import RedirectResponse, StreamingResponse
 
     from foveation.io import storage
 
@@ -207,6 +208,9 @@ def _result_response(rec, name: str):
             404, "unknown_result", f"{name!r}: expected one of {sorted(rec.results)}"
         )
     uri = rec.results[name]
+    signed = storage.presigned_url(uri, presign_s) if presign_s else None
+    if signed:
+        return RedirectResponse(signed, status_code=307)
     filename = uri.rsplit("/", 1)[-1]
     return StreamingResponse(
         storage.read_chunks(uri),
@@ -438,10 +442,17 @@ class Ingress:
         summary="Download one result of a succeeded job (labels, probabilities, apsm, geojson)",
         responses={200: {"content": {"image/tiff": {}, "application/geo+json": {}}}},
     )
-    async def get_result(self, request: Request, job_id: str, name: str):
+    async def get_result(
+        self,
+        request: Request,
+        job_id: str,
+        name: str,
+        redirect: bool = Query(False, description="S3 store: 307 to a presigned URL"),
+    ):
         self._authorize(request)
         check_job_id(job_id)
-        return _result_response(self.store.get(job_id), name)
+        presign = self.settings.jobs.presign_s if redirect else None
+        return _result_response(self.store.get(job_id), name, presign)
 
     @api.delete("/v1/jobs/{job_id}", summary="Cancel a queued or running job")
     async def cancel_job(self, request: Request, job_id: str) -> JSONResponse:

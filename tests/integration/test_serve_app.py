@@ -432,6 +432,11 @@ def test_whole_slide_job_from_s3(served, reference):
         assert got.content == storage.read_bytes(res[name]), name
         want_type = "application/geo+json" if name == "geojson" else "image/tiff"
         assert got.headers["content-type"] == want_type, name
+    # or, asked for, a 307 to a presigned URL: the download goes to S3 without the token
+    moved = c.get(done["downloads"]["geojson"], params={"redirect": "true"})
+    assert moved.status_code == 307, moved.text[:300]
+    signed = httpx.get(moved.headers["location"])
+    assert signed.status_code == 200 and signed.content == storage.read_bytes(res["geojson"])
     missing = _error_of(c.get(f"/v1/jobs/{job['id']}/results/nothing"), 404, "unknown_result")
     assert "labels" in missing["message"]
     _error_of(httpx.get(f"{c.base_url}{done['downloads']['labels']}"), 401, "unauthorized")

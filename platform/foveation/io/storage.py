@@ -621,6 +621,24 @@ def read_chunks(uri: str, chunk: int = 1 << 20) -> Iterator[bytes]:
     return chunks()
 
 
+def presigned_url(uri: str, expires_s: int) -> str | None:
+    """A URL that reads the S3 object at ``uri`` without credentials for ``expires_s``
+    seconds (signed with this process's), or None for a local path (nothing to sign)."""
+    loc = _locate(uri)
+    if not loc.remote:
+        return None
+    assert loc.target is not None
+    client = _s3_client(loc.target)
+    return _run(
+        loc,
+        "sign",
+        "an S3 object",
+        lambda: client.generate_presigned_url(
+            "get_object", Params={"Bucket": loc.bucket, "Key": loc.key}, ExpiresIn=expires_s
+        ),
+    )
+
+
 def _copy_stream(src: Any, dst: BinaryIO) -> None:
     while chunk := src.read(_COPY_CHUNK):
         dst.write(chunk)

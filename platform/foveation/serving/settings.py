@@ -121,6 +121,10 @@ class JobsConfig:
     heatmap: str = "probabilities"
     """"probabilities": K-channel class probabilities at 1/s resolution; "apsm": F's average
     patch size map (the x_r grid). Both are written; this one is ``results.heatmap``."""
+    presign_s: int = 300
+    """``GET /v1/jobs/{id}/results/{name}?redirect=true`` on an S3 store answers 307 to a
+    presigned URL valid this long (the download then goes straight to S3, not through the
+    ingress)."""
     geojson_max_side: int = 4096
     """Polygons are traced on the label map shrunk (by mode) by the least power of 2 that
     brings its longer side to at most this; coordinates are level-0 pixels."""
@@ -145,6 +149,7 @@ class JobsConfig:
         require(self.progress_interval_s >= 0, f"{w}.progress_interval_s", "must be >= 0")
         require(self.heatmap in HEATMAPS, f"{w}.heatmap", f"must be one of {HEATMAPS}")
         require(self.geojson_max_side >= 16, f"{w}.geojson_max_side", "must be >= 16")
+        require(1 <= self.presign_s <= 604800, f"{w}.presign_s", "must be in [1, 604800]")
         require(self.geojson_tile >= 16, f"{w}.geojson_tile", "must be >= 16")
         require(self.geojson_simplify_px >= 0, f"{w}.geojson_simplify_px", "must be >= 0")
         for p in self.allowed_prefixes:
