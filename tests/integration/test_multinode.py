@@ -209,8 +209,10 @@ def test_two_workers_on_two_nodes_train_across_machines(unkilled):
     hosts = meta["hosts"]
     # Two ranks at two node IPs: Ray Train (and so DeepSpeed's process group) sees two machines,
     # local rank 0 on each; neither rank on the head, which has no CPUs.
+    # The IPs were gathered through the process group (gloo over TCP): it spans both nodes.
     assert len(hosts) == 2 and len(set(hosts)) == 2, hosts
     assert all(h.startswith("127.0.0.1") and h != "127.0.0.10" for h in hosts), hosts
+    assert meta["local_world_sizes"] == [1, 1], meta  # no shared-memory path assumed
     assert all(h["nodes"] == 2 and h["world_size"] == 2 for h in meta["history"])
     losses = [h["loss"] for h in meta["history"]]
     assert losses[-1] < losses[0], losses

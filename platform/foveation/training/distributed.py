@@ -12,6 +12,7 @@ DeepSpeed joins it instead of starting its own launcher.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -184,14 +185,20 @@ def world_size() -> int:
 
 def rank_hosts(host: str) -> list[str]:
     """Every rank's host (``host`` is this rank's), by rank: the machines the process group
-    spans, as the checkpoint's metadata records them ([host] outside a process group)."""
+    spans, as the checkpoint's metadata records them ([host] outside a process group).
+    Gathered through the process group itself, so two hosts here mean it crosses them."""
+    return [str(h) for h in gather_all(host)]
+
+
+def gather_all(value: Any) -> list:
+    """Every rank's ``value``, by rank, through the process group ([value] outside one)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return [host]
-    hosts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, host)
-    return [str(h) for h in hosts]
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def barrier() -> None:

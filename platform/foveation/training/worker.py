@@ -123,6 +123,9 @@ class Worker:
     engine: Any  # a DeepSpeed engine (``distributed.init_engine``)
     recorder: Recorder
     hosts: tuple[str, ...] = ()  # every rank's node IP, by rank (``distributed.rank_hosts``)
+    local_sizes: tuple[int, ...] = ()
+    """Every rank's local world size, by rank (ranks on its node, as Ray Train and DeepSpeed's
+    shared-memory paths see it: 1 on each of two nodes)."""
     pos: Position = field(default_factory=Position)
     train_batches: Callable[[int], Iterable[dict]] | None = None  # epoch -> its batches
     val_batches: Callable[[], Iterable[dict]] | None = None  # None: no validation split
@@ -188,7 +191,9 @@ def set_up(plan: WorkerPlan) -> Worker:
     torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
     engine = distributed.init_engine(build_model(cfg), cfg, plan.total_steps, device)
     hosts = tuple(distributed.rank_hosts(ray.util.get_node_ip_address()))
-    return Worker(plan, rank, device, engine, Recorder(plan.run or cfg.name, rank), hosts)
+    local = tuple(int(n) for n in distributed.gather_all(ctx.get_local_world_size()))
+    recorder = Recorder(plan.run or cfg.name, rank)
+    return Worker(plan, rank, device, engine, recorder, hosts, local)
 
 
 def training_batches(plan: WorkerPlan, rank: int) -> Callable[[int], Iterable[dict]]:
@@ -281,6 +286,7 @@ def finish_epoch(w: Worker, stats: EpochStats, val: dict | None) -> None:
         "resumed_from_step": pos.resumed_from,
         "run": w.cfg.model.mix.label,
         "hosts": list(w.hosts),  # which node each rank ran on, by rank (this attempt's)
+        "local_world_sizes": list(w.local_sizes),
         "history": pos.history,  # every epoch's metrics so far, resumed runs included
     }
     report(w.engine, w.cfg, metrics, meta, w.rank)
