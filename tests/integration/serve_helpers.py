@@ -20,6 +20,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def finish(proc, timeout: float) -> str:
+    """The output of a driver process (``MultiNode.python``), which must exit 0 in time."""
+    import subprocess
+
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(
+            f"the driver did not finish in {timeout} s:\n{output[-5000:]}"
+        ) from None
+    assert proc.returncode == 0, output[-5000:]
+    return output
+
+
+def deploy_across(cluster, checkpoint: str, settings: dict, app: str, port: int) -> None:
+    """The Serve app deployed on a multi-node ``cluster`` (``MultiNode``) by a driver that then
+    exits, as ``serve deploy`` does: the HTTP proxy on the head only (every node shares
+    127.0.0.1 here), on ``port``."""
+    code = (
+        "import ray\n"
+        "from ray import serve\n"
+        "from serve.app import AppArgs, build_app\n"
+        "ray.init()\n"
+        f"serve.start(proxy_location='HeadOnly', http_options={{'host': '127.0.0.1', "
+        f"'port': {port}}})\n"
+        f"app = build_app(AppArgs(checkpoint={checkpoint!r}, settings={settings!r}))\n"
+        f"serve.run(app, name={app!r}, route_prefix='/')\n"
+        "print('deployed')\n"
+    )
+    output = finish(cluster.python("-c", code), timeout=300)
+    assert "deployed" in output, output[-3000:]
+
+
 def write_checkpoint(uri: str, root) -> str:
     import torch
 

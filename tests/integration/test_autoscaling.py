@@ -7,7 +7,6 @@ node for it. Idle, Serve drops the replica and the autoscaler the node. The repl
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.request
 
@@ -53,7 +52,7 @@ def served(autoscaled, s3_endpoint, root) -> dict:
     Serve-autoscaled on 1 request in flight per replica), the HTTP proxy and the ingress on
     the head, the checkpoint and the job store in S3."""
     import boto3
-    from serve_helpers import free_port, write_checkpoint
+    from serve_helpers import deploy_across, free_port, write_checkpoint
 
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
         Bucket=BUCKET
@@ -73,24 +72,7 @@ def served(autoscaled, s3_endpoint, root) -> dict:
         },
         "model": {"num_cpus": 0.5, "num_gpus": 1},
     }
-    code = (
-        "import ray\n"
-        "from ray import serve\n"
-        "from serve.app import AppArgs, build_app\n"
-        "ray.init()\n"
-        f"serve.start(proxy_location='HeadOnly', http_options={{'host': '127.0.0.1', "
-        f"'port': {port}}})\n"
-        f"app = build_app(AppArgs(checkpoint={checkpoint!r}, settings={settings!r}))\n"
-        f"serve.run(app, name={APP!r}, route_prefix='/')\n"
-        "print('deployed')\n"
-    )
-    proc = autoscaled.python("-c", code)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-    assert proc.returncode == 0 and "deployed" in output, output[-3000:]
+    deploy_across(autoscaled, checkpoint, settings, APP, port)
     return {"port": port}
 
 

@@ -17,6 +17,7 @@ import time
 
 import pytest
 import tomli_w
+from serve_helpers import finish
 
 from foveation.config import Config, load_config
 from foveation.data.ingest import ingest
@@ -103,16 +104,7 @@ def _train(multinode, config: str, store: str, out: str):
 
 
 def _finish(proc, timeout: float = RUN_TIMEOUT_S) -> str:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        raise AssertionError(
-            f"the driver did not finish in {timeout} s:\n{output[-5000:]}"
-        ) from None
-    assert proc.returncode == 0, output[-5000:]
-    return output
+    return finish(proc, timeout)
 
 
 def _latest_meta(out: str) -> dict | None:
@@ -405,7 +397,7 @@ def served_across(multinode, unkilled, store):
     """The Serve app on the cluster, deployed by a driver that then exits (as ``serve deploy``
     does): two model replicas on two nodes (``max_replicas_per_node = 1``), the job store and
     the slides in S3, the HTTP proxy on the head only (every node shares 127.0.0.1 here)."""
-    from serve_helpers import free_port, tissue, write_slide
+    from serve_helpers import deploy_across, free_port, tissue, write_slide
 
     port = free_port()
     slide = os.path.join(multinode.cluster.root, "slide.tif")
@@ -421,20 +413,7 @@ def served_across(multinode, unkilled, store):
         "autoscaling": {"min_replicas": 2, "max_replicas": 2},
         "model": {"num_cpus": 0.5, "max_replicas_per_node": 1},
     }
-    code = (
-        "import ray\n"
-        "from ray import serve\n"
-        "from serve.app import AppArgs, build_app\n"
-        "ray.init()\n"
-        f"serve.start(proxy_location='HeadOnly', http_options={{'host': '127.0.0.1', "
-        f"'port': {port}}})\n"
-        f"app = build_app(AppArgs(checkpoint={unkilled['out'] + '/model'!r}, "
-        f"settings={settings!r}))\n"
-        f"serve.run(app, name={SERVE_APP!r}, route_prefix='/')\n"
-        "print('deployed')\n"
-    )
-    output = _finish(multinode.python("-c", code), timeout=300)
-    assert "deployed" in output, output[-3000:]
+    deploy_across(multinode, unkilled["out"] + "/model", settings, SERVE_APP, port)
     return {"port": port}
 
 
