@@ -28,3 +28,14 @@ class DataError(InputError):
     """Bad input data (a raw slide set, a slide list, an annotation, a manifest, a folder of
     slides): names the file (or prefix) and what was expected. Here rather than in ``data``
     because ingest, training, evaluation and prediction all raise or catch it."""
+
+
+def failure_lines(failed: dict[str, str], verb: str, reasons: bool, record: str) -> list[str]:
+    """A batch job's summary lines for the items that ``failed`` (id -> why): one per item,
+    ``"  <verb> <id>: <why>"``, or, where the job's log already said each as it came
+    (``reasons=False``), one line naming them and where the reasons are kept (``record``)."""
+    if reasons:
+        return [f"  {verb} {key}: {why}" for key, why in sorted(failed.items())]
+    if not failed:
+        return []
+    return [f"  failed (each said above, and in {record}): {', '.join(sorted(failed))}"]

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from foveation.errors import failure_lines
 from foveation.io import storage
 from foveation.io.formats import SLIDE_SUFFIXES
 
@@ -50,13 +51,7 @@ class PredictSummary:
             f"{len(self.already_done)} already done, {len(self.failed)} failed "
             f"({self.seconds:.1f}s)"
         ]
-        if reasons:
-            lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
-        elif self.failed:
-            lines.append(
-                f"  failed (each said above, and in {SUMMARY_FILE}): "
-                f"{', '.join(sorted(self.failed))}"
-            )
+        lines += failure_lines(self.failed, "FAILED", reasons, SUMMARY_FILE)
         return "\n".join(lines)
 
 

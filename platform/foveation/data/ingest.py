@@ -40,12 +40,15 @@ from foveation.data.manifest import (
     write_row,
 )
 from foveation.data.staple import annotator_confusions, average_expert, staple
-from foveation.errors import DataError, FoveationError
+from foveation.errors import DataError, FoveationError, failure_lines
 from foveation.io import storage
 from foveation.io.formats import is_whole_slide
 from foveation.io.images import ImageError, decode_image, decode_label, encode_png
 from foveation.io.slides import companion_uri
 from foveation.metrics import ConfusionMatrix
+
+SUMMARY_FILE = "ingest-summary.json"
+"""What landed, what was skipped and why, beside the manifest."""
 
 
 class IngestError(FoveationError, RuntimeError):
@@ -83,13 +86,7 @@ class IngestSummary:
             f"ingest into {self.dest}: {len(self.ingested)} ingested, {len(self.unchanged)} unchanged, "
             f"{len(self.failed)} failed ({self.megapixels:.1f} MP in {self.seconds:.1f}s)"
         ]
-        if reasons:
-            lines += [f"  skipped {sid}: {why}" for sid, why in sorted(self.failed.items())]
-        elif self.failed:
-            lines.append(
-                f"  failed (each said above, and in ingest-summary.json): "
-                f"{', '.join(sorted(self.failed))}"
-            )
+        lines += failure_lines(self.failed, "skipped", reasons, SUMMARY_FILE)
         if self.average_expert:
             ious = ", ".join(f"{k} {v:.3f}" for k, v in self.average_expert["iou"].items())
             lines.append(
@@ -395,6 +392,6 @@ def ingest(
         summary.average_expert = average_expert(per_annotator, kept_classes, class_names)
     summary.manifest_uri = write_manifest(dest, rows)
     storage.write_bytes(
-        storage.join(dest, "ingest-summary.json"), json.dumps(asdict(summary), indent=1).encode()
+        storage.join(dest, SUMMARY_FILE), json.dumps(asdict(summary), indent=1).encode()
     )
     return summary
