@@ -188,16 +188,18 @@ def plan_prediction(
     """Every check that needs no Ray, first (a bad input answers in seconds, not after Ray's
     start): the checkpoint's config, the source's slides, which are done, which are missing."""
     from foveation.checkpoint import read_config
+    from foveation.data.slidelist import is_slide_list
 
     read_config(checkpoint)  # a missing or bad checkpoint fails here, named, before any work
     t0 = time.perf_counter()
     res = PredictSummary(out)
     slides = list_slides(source, split)
+    named = is_slide_list(source)  # a list or manifest names files; a listed folder found them
     todo = []
     for s in slides:
         if storage.exists(storage.join(out, s.slide_id, DONE_FILE)):
             res.already_done.append(s.slide_id)
-        elif not storage.exists(s.uri):
+        elif named and not storage.exists(s.uri):
             res.failed[s.slide_id] = f"{s.uri}: no such slide file"
             log(f"  {s.slide_id}: FAILED {s.uri}: no such slide file")
         else:
