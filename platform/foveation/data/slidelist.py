@@ -73,11 +73,16 @@ def slide_id_of(uri: str) -> str:
     return posixpath.splitext(name)[0]
 
 
+def _blank(value) -> bool:
+    """An empty cell: missing, null, or only spaces."""
+    return value is None or str(value).strip() == ""
+
+
 def _class_map(value, where: str) -> tuple[tuple[str, str], ...]:
     """The list's ``class_map`` cell: empty, or a JSON object of names to names."""
     import json
 
-    if value is None or str(value).strip() == "":
+    if _blank(value):
         return ()
     try:
         data = json.loads(str(value))
@@ -97,7 +102,7 @@ def _mpp(value, where: str) -> float | None:
     """The list's ``mpp`` cell: empty, or µm per pixel in the range a scanner gives."""
     from foveation.io.slides import MPP_RANGE, plausible_mpp
 
-    if value is None or str(value).strip() == "":
+    if _blank(value):
         return None
     mpp = plausible_mpp(value)
     if mpp is None:

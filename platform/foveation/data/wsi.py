@@ -298,11 +298,11 @@ def ingest_wsi(
     return WholeSlide(row, conf, H * W / 1e6, key)
 
 
-def _open_slide(local: str, uri: str):
+def _open_slide(local: str, uri: str, mpp: float | None = None):
     from foveation.io.slides import SlideError, SlideReader
 
     try:
-        return SlideReader(local)
+        return SlideReader(local, mpp=mpp)
     except SlideError as exc:
         raise DataError(str(exc).replace(local, uri)) from None
 
@@ -327,9 +327,7 @@ def _write_slide(
 
     from foveation.io.tilepyramid import write_tile_pyramid
 
-    reader = _open_slide(local, raw.image_uri)
-    if raw.mpp is not None:
-        reader.mpp = raw.mpp  # the slide list's, over the file's metadata
+    reader = _open_slide(local, raw.image_uri, raw.mpp)
     side = cfg.tile_size
     slide_path = os.path.join(tmp, "slide.tif")
     level0 = os.path.join(tmp, "level0.tif")

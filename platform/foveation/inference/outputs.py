@@ -74,8 +74,9 @@ def write_ome_tiff(
     """A pyvips image (bands = channels) -> a pyramidal OME-TIFF at the local ``path``: each
     channel a page, each page's lower levels in SubIFDs, shrunk by ``shrink`` ("mode" for
     labels, "mean" for maps). ``mpp`` (µm per pixel of this image, where known) goes into the
-    OME header and the TIFF resolution tags in centimetres (libvips scales them per level),
-    which OpenSlide, pyvips and tifffile read back; unknown, both stay out."""
+    OME header and the TIFF resolution tags in centimetres, each level's its own
+    (``scale_level_resolutions``), which OpenSlide, pyvips and tifffile read back; unknown,
+    both stay out."""
     import pyvips
 
     w, h = image.width, image.height
@@ -453,9 +454,7 @@ def predict_slide(
 
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="foveation-slide-") as tmp:
-        reader = SlideReader(slide_uri)
-        if slide_mpp is not None:
-            reader.mpp = slide_mpp  # the slide list's, over the file's metadata
+        reader = SlideReader(slide_uri, mpp=slide_mpp)
         try:
             source, scale, mpp = model_resolution_source(reader, cfg.patches.mpp)
             partial = storage.join(prefix, "partial") if checkpoint_interval_s is not None else None

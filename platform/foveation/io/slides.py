@@ -110,9 +110,11 @@ class SlideReader:
         max_blocks: int = 64,
         cache_dir: str | None = None,
         rgb: bool = True,
+        mpp: float | None = None,
     ):
         """``rgb``: present every slide as 3-band RGB (grey expanded, alpha flattened onto
-        white); label maps pass False to keep their single band of class ids."""
+        white); label maps pass False to keep their single band of class ids. ``mpp``: the
+        slide's µm per pixel as its slide list gives it, over what its metadata says."""
         self.uri = uri
         self.rgb = rgb
         self.counters = ReadCounters()
@@ -132,6 +134,8 @@ class SlideReader:
             self._open_pyvips(uri, block_size, max_blocks)
         self.width, self.height = self.levels[0].width, self.levels[0].height
         self._locks = [threading.Lock() for _ in self.levels]
+        if mpp is not None:
+            self.mpp = mpp
 
     # -- opening ------------------------------------------------------------------------------
     def _open_pyvips(self, uri: str, block_size: int, max_blocks: int) -> None:
